@@ -1,0 +1,32 @@
+# Set-up is two commands: `make demo` (runs the main job) and `make test` (runs the tests).
+# Both create .venv and install what they need on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch; a plain `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup setup-torch demo test parity bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[torch,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/ddim-jax demo --workdir outputs/demo
+
+test: setup
+	$(PY) -m pytest -q -n 2 tests
+
+parity: setup
+	$(PY) scripts/parity_report.py
+	$(PY) scripts/parity_report.py --variant r
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

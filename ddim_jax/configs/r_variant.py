@@ -1,0 +1,19 @@
+"""The R blog model (dfalbel/denoising-diffusion): 4 down levels, 128->256->128 middle, no EMA.
+
+  ddim-jax train --config r_variant --workdir runs/flowers64_r
+"""
+
+import ml_collections
+
+from ddim_jax.configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The R configuration: the r U-Net, R's data split and resize, 50 epochs of batch 64."""
+  config = default.get_config()
+  config.model.variant = "r"
+  config.data.split = "r"
+  config.data.antialias = False
+  config.train.ema_decay = 0.0  # R has no EMA: sampling uses the raw weights
+  config.train.num_steps = 25_600
+  return config

@@ -1,0 +1,183 @@
+"""DDIM sampling: one step for any eta, reverse diffusion under one ``jit`` (``lax.scan``).
+
+Notation (Keras names; DDIM paper, Song et al. 2021, with alpha_t = signal_rate^2):
+
+  noisy_images       x_t                     noise_rates        n = sqrt(1 - alpha_t)
+  pred_noises        eps_theta(x_t)          signal_rates       s = sqrt(alpha_t)
+  pred_images        x0_hat = (x_t - n eps) / s                 next_*  rates at the next time
+  sigma              eta * (n'/n) * sqrt(1 - s^2/s'^2)          (eq. 16)
+  next noisy image   x' = s' x0_hat + sqrt(n'^2 - sigma^2) eps + sigma z   (eq. 12)
+
+eta = 0 is deterministic DDIM (the Keras sampler), eta = 1 is DDPM-like. ``steps`` counts network
+evaluations (Keras semantics: times 1, 1 - 1/S, ..., 1/S; R's ``diffusion_steps`` = S + 1). The
+output is the pred_images of the LAST evaluation (the final re-mix at t = 0 is discarded). The
+twin is ``ddim_torch_ref/sampling.py``.
+"""
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddim_jax import schedules
+
+TARGETS = ("noise", "image")
+
+
+def normalize(images, normalizer: Mapping[str, Any]):
+  """(x - mean) / max(sqrt(variance), 1e-7), per channel (channels last), as Keras' Normalization."""
+  mean = jnp.asarray(normalizer["mean"], jnp.float32)
+  std = jnp.maximum(jnp.sqrt(jnp.asarray(normalizer["variance"], jnp.float32)), 1e-7)
+  return (images - mean) / std
+
+
+def denormalize(images, normalizer: Mapping[str, Any]):
+  """clip(mean + x * sqrt(variance), 0, 1), per channel (channels last)."""
+  mean = jnp.asarray(normalizer["mean"], jnp.float32)
+  std = jnp.sqrt(jnp.asarray(normalizer["variance"], jnp.float32))
+  return jnp.clip(mean + images * std, 0.0, 1.0)
+
+
+def network_variances(noise_rates, signal_rates, target: str = "noise"):
+  """What the network is conditioned on: n^2 for a noise target, s^2 for R's image target."""
+  return jnp.square(noise_rates) if target == "noise" else jnp.square(signal_rates)
+
+
+def denoise(network_output, noisy_images, noise_rates, signal_rates, target: str = "noise"):
+  """Splits ``noisy_images`` into (pred_noises, pred_images) given the network's prediction."""
+  if target == "noise":
+    pred_noises = network_output
+    pred_images = (noisy_images - noise_rates * pred_noises) / signal_rates
+  elif target == "image":
+    pred_images = network_output
+    pred_noises = (noisy_images - signal_rates * pred_images) / noise_rates
+  else:
+    raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+  return pred_noises, pred_images
+
+
+def ddim_sigmas(noise_rates, signal_rates, next_noise_rates, next_signal_rates, eta: float):
+  """sigma_t(eta) of DDIM eq. 16 in rate form: eta * (n'/n) * sqrt(1 - s^2/s'^2)."""
+  ratio = jnp.square(signal_rates / next_signal_rates)
+  return eta * (next_noise_rates / noise_rates) * jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0))
+
+
+def ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates, next_signal_rates,
+              eta: float = 0.0, step_noises=None):
+  """One DDIM update (eq. 12): x' = s' x0_hat + sqrt(n'^2 - sigma^2) eps_hat + sigma z.
+
+  Args:
+    pred_noises, pred_images: (B, H, W, C) predictions at the current time.
+    noise_rates, signal_rates: (B, 1, 1, 1) rates at the current time.
+    next_noise_rates, next_signal_rates: (B, 1, 1, 1) rates at the next (smaller) time.
+    eta: a Python float; 0 is deterministic DDIM (exactly the Keras update), 1 is DDPM-like.
+    step_noises: (B, H, W, C) standard normal draws z; required when eta > 0.
+
+  Returns:
+    The next noisy images, (B, H, W, C).
+  """
+  if eta == 0.0:
+    return next_signal_rates * pred_images + next_noise_rates * pred_noises
+  if step_noises is None:
+    raise ValueError("ddim_step with eta > 0 needs step_noises (standard normal draws)")
+  sigmas = ddim_sigmas(noise_rates, signal_rates, next_noise_rates, next_signal_rates, eta)
+  direction = jnp.sqrt(jnp.maximum(jnp.square(next_noise_rates) - jnp.square(sigmas), 0.0))
+  return next_signal_rates * pred_images + direction * pred_noises + sigmas * step_noises
+
+
+def time_grid(steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """(diffusion_times, next_diffusion_times) of the S network evaluations: 1 - i/S and 1 - (i+1)/S.
+
+  Formed in float64 NumPy and rounded to float32 so that both twins use the same times.
+  """
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1 (network evaluations), got {steps}")
+  i = np.arange(steps, dtype=np.float64)
+  return (1.0 - i / steps).astype(np.float32), (1.0 - (i + 1) / steps).astype(np.float32)
+
+
+def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, schedule_fn: Callable, *, eta: float = 0.0,
+                      step_noises=None, key=None, target: str = "noise", return_trajectory: bool = False):
+  """Runs ``steps`` DDIM steps from ``initial_noise`` (t = 1) with ``lax.scan``.
+
+  Call it inside ``jit`` (``generate`` does). Random draws for eta > 0 come from ``step_noises``
+  if given (parity tests feed the same NumPy draws to both twins), otherwise from ``key``.
+
+  Args:
+    network_fn: (noisy_images, variances) -> network output.
+    initial_noise: (B, H, W, C) standard normal.
+    steps: number of network evaluations S.
+    schedule_fn: diffusion_times -> (noise_rates, signal_rates).
+    eta: DDIM eta (a Python float).
+    step_noises: optional (S, B, H, W, C) draws z for eta > 0.
+    key: PRNG key used when eta > 0 and step_noises is None.
+    target: what the network predicts, 'noise' (Keras) or 'image' (R option).
+    return_trajectory: also return every noisy image and every predicted image.
+
+  Returns:
+    dict with 'pred_images' (B, H, W, C) of the last evaluation (normalised space) and, if asked,
+    'noisy_trajectory' (S + 1, B, H, W, C: the initial noise, then the state after each step) and
+    'pred_trajectory' (S, B, H, W, C).
+  """
+  if eta < 0:
+    raise ValueError(f"eta must be >= 0, got {eta}")
+  if eta > 0 and step_noises is None and key is None:
+    raise ValueError("eta > 0 needs step_noises or a PRNG key")
+  batch = initial_noise.shape[0]
+  times, next_times = time_grid(steps)
+  if eta > 0 and step_noises is None:
+    step_noises = jax.random.normal(key, (steps,) + initial_noise.shape, initial_noise.dtype)
+  xs = (jnp.asarray(times), jnp.asarray(next_times), step_noises if eta > 0 else jnp.zeros((steps,)))
+
+  def rates_at(t):
+    return schedule_fn(jnp.full((batch, 1, 1, 1), t, jnp.float32))
+
+  def body(carry, x):
+    noisy_images, _ = carry
+    t, t_next, z = x
+    noise_rates, signal_rates = rates_at(t)
+    next_noise_rates, next_signal_rates = rates_at(t_next)
+    output = network_fn(noisy_images, network_variances(noise_rates, signal_rates, target))
+    pred_noises, pred_images = denoise(output, noisy_images, noise_rates, signal_rates, target)
+    next_noisy_images = ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates,
+                                  next_signal_rates, eta, z if eta > 0 else None)
+    trajectory = (next_noisy_images, pred_images) if return_trajectory else None
+    return (next_noisy_images, pred_images), trajectory
+
+  (_, pred_images), trajectory = jax.lax.scan(body, (initial_noise, jnp.zeros_like(initial_noise)), xs)
+  out = {"pred_images": pred_images}
+  if return_trajectory:
+    noisy_trajectory, pred_trajectory = trajectory
+    out["noisy_trajectory"] = jnp.concatenate([initial_noise[None], noisy_trajectory], axis=0)
+    out["pred_trajectory"] = pred_trajectory
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "schedule", "min_signal_rate", "max_signal_rate",
+                                             "eta", "target", "return_trajectory"))
+def generate(model, variables, initial_noise, normalizer=None, step_noises=None, key=None, *, steps: int = 20,
+             schedule: str = "cosine", min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
+             max_signal_rate: float = schedules.MAX_SIGNAL_RATE, eta: float = 0.0, target: str = "noise",
+             return_trajectory: bool = False):
+  """Samples images with a ddim_jax UNet (BatchNorm in inference mode), all under one jit.
+
+  Args:
+    model: the UNet (static).
+    variables: its {'params', 'batch_stats'} (usually the EMA ones).
+    initial_noise: (B, H, W, C) standard normal.
+    normalizer: {'mean', 'variance'}; when given, 'images' holds denormalised, clipped images.
+    step_noises, key, steps, eta, target, return_trajectory: see ``reverse_diffusion``.
+    schedule, min_signal_rate, max_signal_rate: the diffusion schedule.
+
+  Returns:
+    ``reverse_diffusion``'s dict, plus 'images' in [0, 1] when ``normalizer`` is given.
+  """
+  schedule_fn = schedules.get_schedule(schedule, min_signal_rate, max_signal_rate)
+  network_fn = lambda x, v: model.apply(variables, x, v, train=False)
+  out = reverse_diffusion(network_fn, initial_noise, steps, schedule_fn, eta=eta, step_noises=step_noises, key=key,
+                          target=target, return_trajectory=return_trajectory)
+  if normalizer is not None:
+    out["images"] = denormalize(out["pred_images"], normalizer)
+  return out

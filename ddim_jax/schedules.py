@@ -1,0 +1,81 @@
+"""Diffusion schedules: pure functions ``diffusion_times -> (noise_rates, signal_rates)``.
+
+Notation (Keras example): ``signal_rates`` s(t) = sqrt(alpha_bar), ``noise_rates`` n(t) =
+sqrt(1 - alpha_bar); a noisy image is ``s * images + n * noises``. Times run from 0 (clean) to
+1 (noise). Every function here has a line-for-line twin in ``ddim_torch_ref/schedules.py``; the
+constants are formed once in float64 NumPy so that both twins see the same float32 numbers.
+"""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+MIN_SIGNAL_RATE = 0.02
+MAX_SIGNAL_RATE = 0.95
+SCHEDULES = ("cosine", "linear")
+
+
+def offset_cosine_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+  """The Keras offset cosine schedule.
+
+  angle(t) = acos(max_signal_rate) + t * (acos(min_signal_rate) - acos(max_signal_rate)),
+  signal = cos(angle), noise = sin(angle); so s(0) = max_signal_rate, s(1) = min_signal_rate and
+  s^2 + n^2 = 1.
+
+  Args:
+    diffusion_times: float array of times in [0, 1], any shape (usually (B, 1, 1, 1)).
+    min_signal_rate: signal rate at t = 1.
+    max_signal_rate: signal rate at t = 0.
+
+  Returns:
+    (noise_rates, signal_rates), each shaped like ``diffusion_times``.
+  """
+  start_angle = math.acos(max_signal_rate)
+  end_angle = math.acos(min_signal_rate)
+  diffusion_angles = start_angle + diffusion_times * (end_angle - start_angle)
+  return jnp.sin(diffusion_angles), jnp.cos(diffusion_angles)
+
+
+def linear_rate_tables(min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE, num_timesteps=1000):
+  """Signal and noise rates of the R ``linear`` (DDPM) schedule at its 1000 discrete times.
+
+  beta = linspace(1e-4, 0.02, 1000) (float32, as R's torch_linspace), alpha_bar = cumprod(1 -
+  beta), and, as in R, alpha_bar itself (not the rate) is clipped to [min, max]_signal_rate.
+
+  Returns:
+    (noise_rate_table, signal_rate_table): float32 NumPy arrays of length ``num_timesteps``.
+  """
+  betas = np.linspace(1e-4, 0.02, num_timesteps, dtype=np.float32).astype(np.float64)
+  alpha_bars = np.clip(np.cumprod(1.0 - betas), min_signal_rate, max_signal_rate)
+  return np.sqrt(1.0 - alpha_bars).astype(np.float32), np.sqrt(alpha_bars).astype(np.float32)
+
+
+def linear_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+  """The R ``linear`` schedule: a table lookup at index floor(t * 999).
+
+  Args:
+    diffusion_times: float array of times in [0, 1], any shape.
+
+  Returns:
+    (noise_rates, signal_rates), each shaped like ``diffusion_times``.
+  """
+  noise_table, signal_table = linear_rate_tables(min_signal_rate, max_signal_rate)
+  num_timesteps = noise_table.shape[0]
+  indices = jnp.clip(jnp.floor(diffusion_times * (num_timesteps - 1)).astype(jnp.int32), 0, num_timesteps - 1)
+  return jnp.asarray(noise_table)[indices], jnp.asarray(signal_table)[indices]
+
+
+def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+  """Returns the schedule ``diffusion_times -> (noise_rates, signal_rates)`` called ``name``."""
+  if not 0.0 < min_signal_rate < max_signal_rate < 1.0:
+    raise ValueError(
+        f"signal rates must satisfy 0 < min_signal_rate < max_signal_rate < 1, got min={min_signal_rate}, "
+        f"max={max_signal_rate}")
+  if name == "cosine":
+    fn = offset_cosine_schedule
+  elif name == "linear":
+    fn = linear_schedule
+  else:
+    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
+  return lambda diffusion_times: fn(diffusion_times, min_signal_rate, max_signal_rate)

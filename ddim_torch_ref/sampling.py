@@ -1,0 +1,135 @@
+"""DDIM sampling in PyTorch, the twin of ``ddim_jax/sampling.py`` (same names, same formulas, NCHW).
+
+See the JAX module for the notation block. Random draws are passed in (``step_noises``) or come
+from an explicit ``torch.Generator``; nothing here touches the global RNG.
+"""
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ddim_torch_ref import schedules
+
+TARGETS = ("noise", "image")
+
+
+def _channel(value, like):
+  return torch.as_tensor(np.asarray(value, np.float32), device=like.device).reshape(1, -1, 1, 1)
+
+
+def normalize(images, normalizer: Mapping[str, Any]):
+  """(x - mean) / max(sqrt(variance), 1e-7), per channel (NCHW)."""
+  mean = _channel(normalizer["mean"], images)
+  std = torch.clamp(torch.sqrt(_channel(normalizer["variance"], images)), min=1e-7)
+  return (images - mean) / std
+
+
+def denormalize(images, normalizer: Mapping[str, Any]):
+  """clip(mean + x * sqrt(variance), 0, 1), per channel (NCHW)."""
+  mean = _channel(normalizer["mean"], images)
+  std = torch.sqrt(_channel(normalizer["variance"], images))
+  return torch.clamp(mean + images * std, 0.0, 1.0)
+
+
+def network_variances(noise_rates, signal_rates, target="noise"):
+  """n^2 for a noise target, s^2 for R's image target."""
+  return torch.square(noise_rates) if target == "noise" else torch.square(signal_rates)
+
+
+def denoise(network_output, noisy_images, noise_rates, signal_rates, target="noise"):
+  """Splits ``noisy_images`` into (pred_noises, pred_images) given the network's prediction."""
+  if target == "noise":
+    pred_noises = network_output
+    pred_images = (noisy_images - noise_rates * pred_noises) / signal_rates
+  elif target == "image":
+    pred_images = network_output
+    pred_noises = (noisy_images - signal_rates * pred_images) / noise_rates
+  else:
+    raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+  return pred_noises, pred_images
+
+
+def ddim_sigmas(noise_rates, signal_rates, next_noise_rates, next_signal_rates, eta: float):
+  """sigma_t(eta) of DDIM eq. 16 in rate form: eta * (n'/n) * sqrt(1 - s^2/s'^2)."""
+  ratio = torch.square(signal_rates / next_signal_rates)
+  return eta * (next_noise_rates / noise_rates) * torch.sqrt(torch.clamp(1.0 - ratio, min=0.0))
+
+
+def ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates, next_signal_rates,
+              eta: float = 0.0, step_noises=None):
+  """One DDIM update (eq. 12): x' = s' x0_hat + sqrt(n'^2 - sigma^2) eps_hat + sigma z."""
+  if eta == 0.0:
+    return next_signal_rates * pred_images + next_noise_rates * pred_noises
+  if step_noises is None:
+    raise ValueError("ddim_step with eta > 0 needs step_noises (standard normal draws)")
+  sigmas = ddim_sigmas(noise_rates, signal_rates, next_noise_rates, next_signal_rates, eta)
+  direction = torch.sqrt(torch.clamp(torch.square(next_noise_rates) - torch.square(sigmas), min=0.0))
+  return next_signal_rates * pred_images + direction * pred_noises + sigmas * step_noises
+
+
+def time_grid(steps: int):
+  """(diffusion_times, next_diffusion_times): 1 - i/S and 1 - (i+1)/S, float64 rounded to float32."""
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1 (network evaluations), got {steps}")
+  i = np.arange(steps, dtype=np.float64)
+  return (1.0 - i / steps).astype(np.float32), (1.0 - (i + 1) / steps).astype(np.float32)
+
+
+@torch.no_grad()
+def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, schedule_fn: Callable, *, eta: float = 0.0,
+                      step_noises=None, generator=None, target="noise", return_trajectory=False):
+  """Runs ``steps`` DDIM steps from ``initial_noise`` (t = 1); see the JAX twin for the arguments.
+
+  ``step_noises`` is (S, B, C, H, W); without it, eta > 0 draws from ``generator``.
+  Returns the same dict as the JAX twin (NCHW arrays).
+  """
+  if eta < 0:
+    raise ValueError(f"eta must be >= 0, got {eta}")
+  if eta > 0 and step_noises is None and generator is None:
+    raise ValueError("eta > 0 needs step_noises or a torch.Generator")
+  batch = initial_noise.shape[0]
+  times, next_times = time_grid(steps)
+  noisy_images = initial_noise
+  noisy_trajectory, pred_trajectory = [initial_noise], []
+
+  def rates_at(t):
+    return schedule_fn(torch.full((batch, 1, 1, 1), float(t), dtype=torch.float32, device=initial_noise.device))
+
+  for i in range(steps):
+    noise_rates, signal_rates = rates_at(times[i])
+    next_noise_rates, next_signal_rates = rates_at(next_times[i])
+    output = network_fn(noisy_images, network_variances(noise_rates, signal_rates, target))
+    pred_noises, pred_images = denoise(output, noisy_images, noise_rates, signal_rates, target)
+    z = None
+    if eta > 0:
+      z = step_noises[i] if step_noises is not None else torch.randn(
+          initial_noise.shape, generator=generator, device=initial_noise.device)
+    noisy_images = ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates,
+                             next_signal_rates, eta, z)
+    if return_trajectory:
+      noisy_trajectory.append(noisy_images)
+      pred_trajectory.append(pred_images)
+  out = {"pred_images": pred_images}
+  if return_trajectory:
+    out["noisy_trajectory"] = torch.stack(noisy_trajectory)
+    out["pred_trajectory"] = torch.stack(pred_trajectory)
+  return out
+
+
+@torch.no_grad()
+def generate(model, initial_noise, normalizer=None, step_noises=None, generator=None, *, steps=20,
+             schedule="cosine", min_signal_rate=schedules.MIN_SIGNAL_RATE, max_signal_rate=schedules.MAX_SIGNAL_RATE,
+             eta=0.0, target="noise", return_trajectory=False):
+  """Samples with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.sampling.generate``."""
+  schedule_fn = schedules.get_schedule(schedule, min_signal_rate, max_signal_rate)
+  was_training = model.training
+  model.eval()
+  try:
+    out = reverse_diffusion(model, initial_noise, steps, schedule_fn, eta=eta, step_noises=step_noises,
+                            generator=generator, target=target, return_trajectory=return_trajectory)
+  finally:
+    model.train(was_training)
+  if normalizer is not None:
+    out["images"] = denormalize(out["pred_images"], normalizer)
+  return out

@@ -1,0 +1,49 @@
+"""Diffusion schedules, the twin of ``ddim_jax/schedules.py`` (read them side by side)."""
+
+import math
+
+import numpy as np
+import torch
+
+MIN_SIGNAL_RATE = 0.02
+MAX_SIGNAL_RATE = 0.95
+SCHEDULES = ("cosine", "linear")
+
+
+def offset_cosine_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+  """The Keras offset cosine schedule; returns (noise_rates, signal_rates)."""
+  start_angle = math.acos(max_signal_rate)
+  end_angle = math.acos(min_signal_rate)
+  diffusion_angles = start_angle + diffusion_times * (end_angle - start_angle)
+  return torch.sin(diffusion_angles), torch.cos(diffusion_angles)
+
+
+def linear_rate_tables(min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE, num_timesteps=1000):
+  """Noise and signal rate tables of the R ``linear`` schedule (float32 NumPy)."""
+  betas = np.linspace(1e-4, 0.02, num_timesteps, dtype=np.float32).astype(np.float64)
+  alpha_bars = np.clip(np.cumprod(1.0 - betas), min_signal_rate, max_signal_rate)
+  return np.sqrt(1.0 - alpha_bars).astype(np.float32), np.sqrt(alpha_bars).astype(np.float32)
+
+
+def linear_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+  """The R ``linear`` schedule: a table lookup at index floor(t * 999)."""
+  noise_table, signal_table = linear_rate_tables(min_signal_rate, max_signal_rate)
+  num_timesteps = noise_table.shape[0]
+  indices = torch.floor(diffusion_times * (num_timesteps - 1)).long().clamp(0, num_timesteps - 1)
+  device = diffusion_times.device
+  return torch.from_numpy(noise_table).to(device)[indices], torch.from_numpy(signal_table).to(device)[indices]
+
+
+def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+  """Returns the schedule ``diffusion_times -> (noise_rates, signal_rates)`` called ``name``."""
+  if not 0.0 < min_signal_rate < max_signal_rate < 1.0:
+    raise ValueError(
+        f"signal rates must satisfy 0 < min_signal_rate < max_signal_rate < 1, got min={min_signal_rate}, "
+        f"max={max_signal_rate}")
+  if name == "cosine":
+    fn = offset_cosine_schedule
+  elif name == "linear":
+    fn = linear_schedule
+  else:
+    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
+  return lambda diffusion_times: fn(diffusion_times, min_signal_rate, max_signal_rate)
