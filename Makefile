@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch; a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup setup-torch demo test parity bench clean
+.PHONY: setup setup-tfds demo test parity bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[torch,dev]"
 	touch $@
 
+# TensorFlow + TFDS: only needed to PREPARE TFDS datasets (and by the tests of that path).
+$(VENV)/.installed-tfds: $(VENV)/.installed
+	$(PIP) install -q -e ".[torch,tfds,dev]"
+	touch $@
+
 setup: $(VENV)/.installed
+setup-tfds: $(VENV)/.installed-tfds
 
 demo: setup
 	$(VENV)/bin/ddim-jax demo --workdir outputs/demo
 
-test: setup
+test: setup-tfds
 	$(PY) -m pytest -q -n 2 tests
 
 parity: setup

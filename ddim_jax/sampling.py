@@ -26,18 +26,21 @@ from ddim_jax import schedules
 TARGETS = ("noise", "image")
 
 
+def _channel_stats(normalizer):
+  """(mean, variance) of a normaliser, shaped (1, 1, 1, C) for NHWC images."""
+  return tuple(jnp.asarray(normalizer[k], jnp.float32).reshape(1, 1, 1, -1) for k in ("mean", "variance"))
+
+
 def normalize(images, normalizer: Mapping[str, Any]):
   """(x - mean) / max(sqrt(variance), 1e-7), per channel (channels last), as Keras' Normalization."""
-  mean = jnp.asarray(normalizer["mean"], jnp.float32)
-  std = jnp.maximum(jnp.sqrt(jnp.asarray(normalizer["variance"], jnp.float32)), 1e-7)
-  return (images - mean) / std
+  mean, variance = _channel_stats(normalizer)
+  return (images - mean) / jnp.maximum(jnp.sqrt(variance), 1e-7)
 
 
 def denormalize(images, normalizer: Mapping[str, Any]):
   """clip(mean + x * sqrt(variance), 0, 1), per channel (channels last)."""
-  mean = jnp.asarray(normalizer["mean"], jnp.float32)
-  std = jnp.sqrt(jnp.asarray(normalizer["variance"], jnp.float32))
-  return jnp.clip(mean + images * std, 0.0, 1.0)
+  mean, variance = _channel_stats(normalizer)
+  return jnp.clip(mean + images * jnp.sqrt(variance), 0.0, 1.0)
 
 
 def network_variances(noise_rates, signal_rates, target: str = "noise"):
@@ -98,8 +101,21 @@ def time_grid(steps: int) -> tuple[np.ndarray, np.ndarray]:
   return (1.0 - i / steps).astype(np.float32), (1.0 - (i + 1) / steps).astype(np.float32)
 
 
-def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, schedule_fn: Callable, *, eta: float = 0.0,
-                      step_noises=None, key=None, target: str = "noise", return_trajectory: bool = False):
+def step_rates(steps: int, schedule: str = "cosine", min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
+               max_signal_rate: float = schedules.MAX_SIGNAL_RATE) -> tuple[np.ndarray, ...]:
+  """(noise_rates, signal_rates, next_noise_rates, next_signal_rates), each (S,) float32, of the S steps.
+
+  Evaluated by ``schedules.rate_table`` in float64 NumPy: both twins use bit-identical rates.
+  """
+  times, next_times = time_grid(steps)
+  return (*schedules.rate_table(times, schedule, min_signal_rate, max_signal_rate),
+          *schedules.rate_table(next_times, schedule, min_signal_rate, max_signal_rate))
+
+
+def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, schedule: str = "cosine",
+                      min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
+                      max_signal_rate: float = schedules.MAX_SIGNAL_RATE, eta: float = 0.0, step_noises=None,
+                      key=None, target: str = "noise", return_trajectory: bool = False):
   """Runs ``steps`` DDIM steps from ``initial_noise`` (t = 1) with ``lax.scan``.
 
   Call it inside ``jit`` (``generate`` does). Random draws for eta > 0 come from ``step_noises``
@@ -109,7 +125,7 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, schedule_
     network_fn: (noisy_images, variances) -> network output.
     initial_noise: (B, H, W, C) standard normal.
     steps: number of network evaluations S.
-    schedule_fn: diffusion_times -> (noise_rates, signal_rates).
+    schedule, min_signal_rate, max_signal_rate: the diffusion schedule (see ``schedules``).
     eta: DDIM eta (a Python float).
     step_noises: optional (S, B, H, W, C) draws z for eta > 0.
     key: PRNG key used when eta > 0 and step_noises is None.
@@ -126,19 +142,16 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, schedule_
   if eta > 0 and step_noises is None and key is None:
     raise ValueError("eta > 0 needs step_noises or a PRNG key")
   batch = initial_noise.shape[0]
-  times, next_times = time_grid(steps)
   if eta > 0 and step_noises is None:
     step_noises = jax.random.normal(key, (steps,) + initial_noise.shape, initial_noise.dtype)
-  xs = (jnp.asarray(times), jnp.asarray(next_times), step_noises if eta > 0 else jnp.zeros((steps,)))
-
-  def rates_at(t):
-    return schedule_fn(jnp.full((batch, 1, 1, 1), t, jnp.float32))
+  rates = tuple(jnp.asarray(r) for r in step_rates(steps, schedule, min_signal_rate, max_signal_rate))
+  xs = (rates, step_noises if eta > 0 else jnp.zeros((steps,)))
 
   def body(carry, x):
     noisy_images, _ = carry
-    t, t_next, z = x
-    noise_rates, signal_rates = rates_at(t)
-    next_noise_rates, next_signal_rates = rates_at(t_next)
+    step_rate_values, z = x
+    noise_rates, signal_rates, next_noise_rates, next_signal_rates = (
+        jnp.full((batch, 1, 1, 1), r, jnp.float32) for r in step_rate_values)
     output = network_fn(noisy_images, network_variances(noise_rates, signal_rates, target))
     pred_noises, pred_images = denoise(output, noisy_images, noise_rates, signal_rates, target)
     next_noisy_images = ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates,
@@ -174,10 +187,10 @@ def generate(model, variables, initial_noise, normalizer=None, step_noises=None,
   Returns:
     ``reverse_diffusion``'s dict, plus 'images' in [0, 1] when ``normalizer`` is given.
   """
-  schedule_fn = schedules.get_schedule(schedule, min_signal_rate, max_signal_rate)
   network_fn = lambda x, v: model.apply(variables, x, v, train=False)
-  out = reverse_diffusion(network_fn, initial_noise, steps, schedule_fn, eta=eta, step_noises=step_noises, key=key,
-                          target=target, return_trajectory=return_trajectory)
+  out = reverse_diffusion(network_fn, initial_noise, steps, schedule=schedule, min_signal_rate=min_signal_rate,
+                          max_signal_rate=max_signal_rate, eta=eta, step_noises=step_noises, key=key, target=target,
+                          return_trajectory=return_trajectory)
   if normalizer is not None:
     out["images"] = denormalize(out["pred_images"], normalizer)
   return out

@@ -16,7 +16,8 @@ MAX_SIGNAL_RATE = 0.95
 SCHEDULES = ("cosine", "linear")
 
 
-def offset_cosine_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+def offset_cosine_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE,
+                           xp=jnp):
   """The Keras offset cosine schedule.
 
   angle(t) = acos(max_signal_rate) + t * (acos(min_signal_rate) - acos(max_signal_rate)),
@@ -27,6 +28,7 @@ def offset_cosine_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max
     diffusion_times: float array of times in [0, 1], any shape (usually (B, 1, 1, 1)).
     min_signal_rate: signal rate at t = 1.
     max_signal_rate: signal rate at t = 0.
+    xp: the array module, ``jax.numpy`` or ``numpy`` (``rate_table`` evaluates in float64 NumPy).
 
   Returns:
     (noise_rates, signal_rates), each shaped like ``diffusion_times``.
@@ -34,7 +36,7 @@ def offset_cosine_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max
   start_angle = math.acos(max_signal_rate)
   end_angle = math.acos(min_signal_rate)
   diffusion_angles = start_angle + diffusion_times * (end_angle - start_angle)
-  return jnp.sin(diffusion_angles), jnp.cos(diffusion_angles)
+  return xp.sin(diffusion_angles), xp.cos(diffusion_angles)
 
 
 def linear_rate_tables(min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE, num_timesteps=1000):
@@ -51,7 +53,7 @@ def linear_rate_tables(min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGN
   return np.sqrt(1.0 - alpha_bars).astype(np.float32), np.sqrt(alpha_bars).astype(np.float32)
 
 
-def linear_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+def linear_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE, xp=jnp):
   """The R ``linear`` schedule: a table lookup at index floor(t * 999).
 
   Args:
@@ -62,11 +64,11 @@ def linear_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal
   """
   noise_table, signal_table = linear_rate_tables(min_signal_rate, max_signal_rate)
   num_timesteps = noise_table.shape[0]
-  indices = jnp.clip(jnp.floor(diffusion_times * (num_timesteps - 1)).astype(jnp.int32), 0, num_timesteps - 1)
-  return jnp.asarray(noise_table)[indices], jnp.asarray(signal_table)[indices]
+  indices = xp.clip(xp.floor(diffusion_times * (num_timesteps - 1)).astype(xp.int32), 0, num_timesteps - 1)
+  return xp.asarray(noise_table)[indices], xp.asarray(signal_table)[indices]
 
 
-def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE, xp=jnp):
   """Returns the schedule ``diffusion_times -> (noise_rates, signal_rates)`` called ``name``."""
   if not 0.0 < min_signal_rate < max_signal_rate < 1.0:
     raise ValueError(
@@ -78,4 +80,16 @@ def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate
     fn = linear_schedule
   else:
     raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
-  return lambda diffusion_times: fn(diffusion_times, min_signal_rate, max_signal_rate)
+  return lambda diffusion_times: fn(diffusion_times, min_signal_rate, max_signal_rate, xp=xp)
+
+
+def rate_table(diffusion_times, name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+  """(noise_rates, signal_rates) at known times, evaluated in float64 NumPy and rounded to float32.
+
+  The sampler's times are fixed in advance, so both twins take their rates from this same table:
+  bit-identical rates matter because the embedding multiplies the noise variance by up to
+  2*pi*1000, so a 1-ulp difference between two frameworks' sin/cos moves the embedding by ~4e-4.
+  """
+  schedule_fn = get_schedule(name, min_signal_rate, max_signal_rate, xp=np)
+  noise_rates, signal_rates = schedule_fn(np.asarray(diffusion_times, np.float64))
+  return np.asarray(noise_rates, np.float32), np.asarray(signal_rates, np.float32)

@@ -76,8 +76,17 @@ def time_grid(steps: int):
   return (1.0 - i / steps).astype(np.float32), (1.0 - (i + 1) / steps).astype(np.float32)
 
 
+def step_rates(steps, schedule="cosine", min_signal_rate=schedules.MIN_SIGNAL_RATE,
+               max_signal_rate=schedules.MAX_SIGNAL_RATE):
+  """(noise_rates, signal_rates, next_noise_rates, next_signal_rates), each (S,) float32, float64-evaluated."""
+  times, next_times = time_grid(steps)
+  return (*schedules.rate_table(times, schedule, min_signal_rate, max_signal_rate),
+          *schedules.rate_table(next_times, schedule, min_signal_rate, max_signal_rate))
+
+
 @torch.no_grad()
-def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, schedule_fn: Callable, *, eta: float = 0.0,
+def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, schedule="cosine",
+                      min_signal_rate=schedules.MIN_SIGNAL_RATE, max_signal_rate=schedules.MAX_SIGNAL_RATE, eta=0.0,
                       step_noises=None, generator=None, target="noise", return_trajectory=False):
   """Runs ``steps`` DDIM steps from ``initial_noise`` (t = 1); see the JAX twin for the arguments.
 
@@ -89,16 +98,15 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, schedule_
   if eta > 0 and step_noises is None and generator is None:
     raise ValueError("eta > 0 needs step_noises or a torch.Generator")
   batch = initial_noise.shape[0]
-  times, next_times = time_grid(steps)
+  rates = step_rates(steps, schedule, min_signal_rate, max_signal_rate)
   noisy_images = initial_noise
   noisy_trajectory, pred_trajectory = [initial_noise], []
 
-  def rates_at(t):
-    return schedule_fn(torch.full((batch, 1, 1, 1), float(t), dtype=torch.float32, device=initial_noise.device))
+  def full(value):
+    return torch.full((batch, 1, 1, 1), float(value), dtype=torch.float32, device=initial_noise.device)
 
   for i in range(steps):
-    noise_rates, signal_rates = rates_at(times[i])
-    next_noise_rates, next_signal_rates = rates_at(next_times[i])
+    noise_rates, signal_rates, next_noise_rates, next_signal_rates = (full(r[i]) for r in rates)
     output = network_fn(noisy_images, network_variances(noise_rates, signal_rates, target))
     pred_noises, pred_images = denoise(output, noisy_images, noise_rates, signal_rates, target)
     z = None
@@ -122,12 +130,12 @@ def generate(model, initial_noise, normalizer=None, step_noises=None, generator=
              schedule="cosine", min_signal_rate=schedules.MIN_SIGNAL_RATE, max_signal_rate=schedules.MAX_SIGNAL_RATE,
              eta=0.0, target="noise", return_trajectory=False):
   """Samples with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.sampling.generate``."""
-  schedule_fn = schedules.get_schedule(schedule, min_signal_rate, max_signal_rate)
   was_training = model.training
   model.eval()
   try:
-    out = reverse_diffusion(model, initial_noise, steps, schedule_fn, eta=eta, step_noises=step_noises,
-                            generator=generator, target=target, return_trajectory=return_trajectory)
+    out = reverse_diffusion(model, initial_noise, steps, schedule=schedule, min_signal_rate=min_signal_rate,
+                            max_signal_rate=max_signal_rate, eta=eta, step_noises=step_noises, generator=generator,
+                            target=target, return_trajectory=return_trajectory)
   finally:
     model.train(was_training)
   if normalizer is not None:

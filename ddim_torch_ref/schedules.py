@@ -10,12 +10,13 @@ MAX_SIGNAL_RATE = 0.95
 SCHEDULES = ("cosine", "linear")
 
 
-def offset_cosine_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
-  """The Keras offset cosine schedule; returns (noise_rates, signal_rates)."""
+def offset_cosine_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE,
+                           xp=torch):
+  """The Keras offset cosine schedule; returns (noise_rates, signal_rates). ``xp``: torch or numpy."""
   start_angle = math.acos(max_signal_rate)
   end_angle = math.acos(min_signal_rate)
   diffusion_angles = start_angle + diffusion_times * (end_angle - start_angle)
-  return torch.sin(diffusion_angles), torch.cos(diffusion_angles)
+  return xp.sin(diffusion_angles), xp.cos(diffusion_angles)
 
 
 def linear_rate_tables(min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE, num_timesteps=1000):
@@ -25,16 +26,19 @@ def linear_rate_tables(min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGN
   return np.sqrt(1.0 - alpha_bars).astype(np.float32), np.sqrt(alpha_bars).astype(np.float32)
 
 
-def linear_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
-  """The R ``linear`` schedule: a table lookup at index floor(t * 999)."""
+def linear_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE, xp=torch):
+  """The R ``linear`` schedule: a table lookup at index floor(t * 999). ``xp``: torch or numpy."""
   noise_table, signal_table = linear_rate_tables(min_signal_rate, max_signal_rate)
   num_timesteps = noise_table.shape[0]
+  if xp is np:
+    indices = np.clip(np.floor(diffusion_times * (num_timesteps - 1)).astype(np.int64), 0, num_timesteps - 1)
+    return noise_table[indices], signal_table[indices]
   indices = torch.floor(diffusion_times * (num_timesteps - 1)).long().clamp(0, num_timesteps - 1)
   device = diffusion_times.device
   return torch.from_numpy(noise_table).to(device)[indices], torch.from_numpy(signal_table).to(device)[indices]
 
 
-def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE, xp=torch):
   """Returns the schedule ``diffusion_times -> (noise_rates, signal_rates)`` called ``name``."""
   if not 0.0 < min_signal_rate < max_signal_rate < 1.0:
     raise ValueError(
@@ -46,4 +50,16 @@ def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate
     fn = linear_schedule
   else:
     raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
-  return lambda diffusion_times: fn(diffusion_times, min_signal_rate, max_signal_rate)
+  return lambda diffusion_times: fn(diffusion_times, min_signal_rate, max_signal_rate, xp=xp)
+
+
+def rate_table(diffusion_times, name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE):
+  """(noise_rates, signal_rates) at known times, evaluated in float64 NumPy and rounded to float32.
+
+  The sampler's times are fixed in advance, so both twins take their rates from this same table:
+  bit-identical rates matter because the embedding multiplies the noise variance by up to
+  2*pi*1000, so a 1-ulp difference between two frameworks' sin/cos moves the embedding by ~4e-4.
+  """
+  schedule_fn = get_schedule(name, min_signal_rate, max_signal_rate, xp=np)
+  noise_rates, signal_rates = schedule_fn(np.asarray(diffusion_times, np.float64))
+  return np.asarray(noise_rates, np.float32), np.asarray(signal_rates, np.float32)

@@ -1,0 +1,137 @@
+"""Weight conversion and the safetensors weight file: round trips and corrupt-file errors."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from ddim_jax import convert, models, parity
+from ddim_torch_ref import convert as torch_convert
+from ddim_torch_ref import models as torch_models
+
+SMALL = dict(widths=(8, 16), block_depth=1)
+NORMALIZER = {"mean": np.array([0.1, 0.2, 0.3], np.float32), "variance": np.array([0.04, 0.05, 0.06], np.float32)}
+
+
+@pytest.fixture(params=["keras", "r"])
+def small(request):
+  model = models.create_model(request.param, **SMALL)
+  return model, parity.perturbed_variables(model, 16, seed=3)
+
+
+def test_flax_file_flax_is_bit_exact(small, tmp_path):
+  model, variables = small
+  path = str(tmp_path / "w.safetensors")
+  convert.save_weights(path, model, variables, NORMALIZER, 16, weights="ema", step=7)
+  loaded_model, loaded, normalizer, metadata = convert.load_weights(path)
+  assert loaded_model == model
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(loaded)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(variables) == jax.tree.structure(loaded)
+  np.testing.assert_array_equal(normalizer["mean"], NORMALIZER["mean"])
+  assert metadata["variant"] == model.variant and metadata["step"] == "7" and metadata["image_size"] == "16"
+
+
+def test_file_is_the_torch_state_dict_both_ways(small, tmp_path):
+  model, variables = small
+  path = str(tmp_path / "w.safetensors")
+  convert.save_weights(path, model, variables, NORMALIZER, 16)
+  twin, normalizer, _ = torch_convert.load_weights(path)
+  reference = parity.torch_twin(model, variables)
+  for name, value in reference.state_dict().items():
+    np.testing.assert_array_equal(twin.state_dict()[name].numpy(), value.numpy())
+  np.testing.assert_array_equal(normalizer["variance"], NORMALIZER["variance"])
+  # torch -> file -> Flax gives the original Flax variables back.
+  path2 = str(tmp_path / "w2.safetensors")
+  torch_convert.save_weights(path2, twin, NORMALIZER, 16)
+  _, loaded, _, _ = convert.load_weights(path2)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_kernel_layout_is_oihw():
+  model = models.create_model("keras", **SMALL)
+  variables = models.init_variables(model, jax.random.key(0), 16)
+  state = convert.flax_to_torch_state_dict(variables)
+  kernel = np.asarray(variables["params"]["down_blocks_0"]["residual_blocks_0"]["conv1"]["kernel"])  # HWIO
+  np.testing.assert_array_equal(state["down_blocks.0.residual_blocks.0.conv1.weight"], kernel.transpose(3, 2, 0, 1))
+  assert set(state) == set(torch_models.create_model("keras", **SMALL).state_dict())
+
+
+def _rewrite(path, out, mutate_tensors=None, mutate_meta=None):
+  from safetensors import safe_open
+  with safe_open(path, framework="numpy") as f:
+    meta = dict(f.metadata())
+  tensors = load_file(path)
+  if mutate_tensors:
+    mutate_tensors(tensors)
+  if mutate_meta:
+    mutate_meta(meta)
+  save_file(tensors, out, metadata=meta)
+  return out
+
+
+@pytest.fixture
+def weight_file(tmp_path):
+  model = models.create_model("keras", **SMALL)
+  path = str(tmp_path / "good.safetensors")
+  convert.save_weights(path, model, models.init_variables(model, jax.random.key(0), 16), NORMALIZER, 16)
+  return path
+
+
+def test_missing_tensor_is_named(weight_file, tmp_path):
+  bad = _rewrite(weight_file, str(tmp_path / "b.safetensors"),
+                 lambda t: t.pop("mid_blocks.0.conv2.weight"))
+  with pytest.raises(convert.WeightFileError, match=r"mid_blocks.0.conv2.weight.*\(16, 16, 3, 3\)"):
+    convert.load_weights(bad)
+  with pytest.raises(ValueError, match=r"mid_blocks.0.conv2.weight.*\(16, 16, 3, 3\)"):
+    torch_convert.load_weights(bad)
+
+
+def test_wrong_shape_is_named(weight_file, tmp_path):
+  def widen(t):
+    t["head.weight"] = np.zeros((3, 9, 1, 1), np.float32)
+  bad = _rewrite(weight_file, str(tmp_path / "b.safetensors"), widen)
+  with pytest.raises(convert.WeightFileError, match=r"head.weight.*\(3, 9, 1, 1\).*expected \(3, 8, 1, 1\)"):
+    convert.load_weights(bad)
+
+
+def test_wrong_variant(weight_file, tmp_path):
+  with pytest.raises(convert.WeightFileError, match="'keras' U-Net, expected 'r'"):
+    convert.load_weights(weight_file, variant="r")
+  # A keras file relabelled as r: the r model's tensors are missing.
+  bad = _rewrite(weight_file, str(tmp_path / "b.safetensors"), mutate_meta=lambda m: m.update(variant="r"))
+  with pytest.raises(convert.WeightFileError, match="missing tensor|has shape .* expected"):
+    convert.load_weights(bad)
+
+
+def test_truncated_foreign_and_absent_files(weight_file, tmp_path):
+  data = open(weight_file, "rb").read()
+  truncated = tmp_path / "t.safetensors"
+  truncated.write_bytes(data[: len(data) // 2])
+  with pytest.raises(convert.WeightFileError, match="truncated or not a safetensors"):
+    convert.load_weights(str(truncated))
+  with pytest.raises(ValueError, match="truncated or not a safetensors"):
+    torch_convert.load_weights(str(truncated))
+  foreign = str(tmp_path / "f.safetensors")
+  save_file({"x": np.zeros(3, np.float32)}, foreign)
+  with pytest.raises(convert.WeightFileError, match="not a ddim-jax weight file"):
+    convert.load_weights(foreign)
+  with pytest.raises(convert.WeightFileError, match="does not exist"):
+    convert.load_weights(str(tmp_path / "nope.safetensors"))
+
+
+def test_torch_load_of_pt_files_uses_weights_only():
+  # The twin never unpickles: a state_dict saved with torch.save loads with weights_only=True.
+  import io
+  buffer = io.BytesIO()
+  torch.save(torch_models.create_model("keras", **SMALL).state_dict(), buffer)
+  buffer.seek(0)
+  state = torch.load(buffer, weights_only=True)
+  model = models.create_model("keras", **SMALL)
+  reference = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 16))
+  variables = convert.torch_state_dict_to_flax(state, reference)
+  assert models.count_parameters(variables["params"]) == torch_models.count_parameters(
+      torch_models.create_model("keras", **SMALL))

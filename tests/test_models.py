@@ -1,0 +1,94 @@
+"""The U-Net of both twins: embedding, building blocks, parameter counts, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddim_jax import models
+from ddim_torch_ref import models as torch_models
+
+
+def test_embedding_matches_numpy_formula():
+  variances = np.array([0.0, 0.0975, 0.5, 0.9996], np.float32).reshape(4, 1, 1, 1)
+  # The spec's formula in float64: 16 log-spaced frequencies in [1, 1000], angles 2 pi f v.
+  frequencies = np.exp(np.linspace(np.log(1.0), np.log(1000.0), 16))
+  angles = 2 * np.pi * frequencies * variances.astype(np.float64)
+  expected = np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+  got = np.asarray(models.sinusoidal_embedding(jnp.asarray(variances), 32))
+  got_torch = torch_models.sinusoidal_embedding(torch.from_numpy(variances), 32).numpy()
+  assert got.shape == (4, 1, 1, 32) and got_torch.shape == (4, 32, 1, 1)
+  # float32 angles up to 6283 rad carry ~2.5e-4 rad of rounding: the twins share it exactly.
+  np.testing.assert_allclose(got, expected, atol=1e-3)
+  np.testing.assert_allclose(got, np.moveaxis(got_torch, 1, -1), atol=1e-6)
+  np.testing.assert_allclose(got[0], np.concatenate([np.zeros(16), np.ones(16)]).reshape(1, 1, 32))
+
+
+def test_upsample_matches_half_pixel_bilinear():
+  x = np.random.default_rng(0).standard_normal((2, 5, 7, 3)).astype(np.float32)
+  got = np.asarray(models.upsample2x_bilinear(jnp.asarray(x)))
+  ref_torch = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear",
+                            align_corners=False).permute(0, 2, 3, 1).numpy()
+  ref_jax = np.asarray(jax.image.resize(jnp.asarray(x), (2, 10, 14, 3), "bilinear"))
+  np.testing.assert_allclose(got, ref_torch, atol=1e-6)
+  np.testing.assert_allclose(got, ref_jax, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant,params,stats", [("keras", 1_950_627, 2_880), ("r", 3_562_211, 4_288)])
+def test_parameter_counts_at_64x64(variant, params, stats):
+  model = models.create_model(variant)
+  shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 64))
+  assert models.count_parameters(shapes["params"]) == params
+  assert models.count_parameters(shapes["batch_stats"]) == stats
+  twin = torch_models.create_model(variant)
+  assert torch_models.count_parameters(twin) == params
+  assert sum(b.numel() for b in twin.buffers()) == stats
+
+
+def test_keras_variant_structure():
+  model = models.create_model("keras")
+  params = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 64))["params"]
+  # Projections exactly where the width changes (seed spec 5.2).
+  projected = sorted(f"{a}/{b}" for a, blk in params.items() if isinstance(blk, dict)
+                     for b, sub in blk.items() if isinstance(sub, dict) and "proj" in sub)
+  assert projected == ["down_blocks_0/residual_blocks_0", "down_blocks_1/residual_blocks_0",
+                       "down_blocks_2/residual_blocks_0", "up_blocks_0/residual_blocks_0",
+                       "up_blocks_0/residual_blocks_1", "up_blocks_1/residual_blocks_0",
+                       "up_blocks_1/residual_blocks_1", "up_blocks_2/residual_blocks_0",
+                       "up_blocks_2/residual_blocks_1"]
+  assert "proj" in params["mid_blocks_0"] and "proj" not in params["mid_blocks_1"]
+  # BatchNorm(center=False, scale=False): no BN parameter anywhere.
+  assert not any("norm" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+@pytest.mark.parametrize("variant", ["keras", "r"])
+def test_fresh_model_predicts_zero_and_glorot_init(variant):
+  model = models.create_model(variant, widths=(8, 16), block_depth=1)
+  variables = models.init_variables(model, jax.random.key(0), 16)
+  x = jnp.ones((2, 16, 16, 3))
+  v = jnp.full((2, 1, 1, 1), 0.5)
+  out = model.apply(variables, x, v)
+  assert out.shape == (2, 16, 16, 3)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)  # zero-initialised head
+  kernel = np.asarray(variables["params"]["down_blocks_0"]["residual_blocks_0"]["conv1"]["kernel"])
+  fan_in, fan_out = 9 * kernel.shape[2], 9 * kernel.shape[3]
+  bound = math.sqrt(6 / (fan_in + fan_out)) if variant == "keras" else 1 / math.sqrt(fan_in)
+  assert np.abs(kernel).max() <= bound
+  assert np.abs(kernel).max() > 0.8 * bound
+
+
+def test_bad_model_config_errors():
+  with pytest.raises(ValueError, match="unknown model variant"):
+    models.create_model("unet3d")
+  with pytest.raises(ValueError, match="widths"):
+    models.create_model(widths=(32,))
+  with pytest.raises(ValueError, match="embedding_dims"):
+    models.create_model(embedding_dims=31)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    models.init_variables(models.create_model(), jax.random.key(0), 60)
+  with pytest.raises(ValueError, match="unknown model variant"):
+    torch_models.create_model("unet3d")
