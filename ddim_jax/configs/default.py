@@ -33,11 +33,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.dataset = "oxford_flowers102"  # a TFDS name, "digits" (bundled), or "folder"
   config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir
   config.data.folder = ml_collections.config_dict.placeholder(str)  # image folder for dataset="folder"
-  config.data.cache_dir = ml_collections.config_dict.placeholder(str)  # preprocessed-image cache
+  config.data.cache_dir = ml_collections.config_dict.placeholder(str)  # preprocessed cache; None: ~/.cache/ddim_jax
   config.data.split = "keras"  # "keras": 80% of each TFDS split; "r": random 80/20 over all images
+  config.data.split_seed = 1  # the "r" split (and folders, digits); R used set.seed(1)
+  config.data.validation_fraction = 0.2
+  config.data.tfds_splits = ml_collections.config_dict.placeholder(tuple)  # None: every TFDS split
+  config.data.image_key = ml_collections.config_dict.placeholder(str)  # None: found in the features
+  config.data.download = True  # let TFDS download a missing dataset (else: error with both ways)
   config.data.antialias = True  # False: the R resize (bilinear without antialiasing)
   config.data.repetitions = 5
-  config.data.shuffle_buffer = 640  # 10 * batch, as Keras
+  config.data.shuffle_buffer = 640  # Keras' 10 * batch; unused: every epoch is a full permutation
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 25_550
