@@ -1,6 +1,8 @@
 """The ``ddim-jax`` command.
 
-  ddim-jax demo    --workdir DIR                       the offline demo (writes DIR/samples.png)
+  ddim-jax demo    --workdir DIR                       the offline demo: trains on the bundled digits
+  ddim-jax train   --config PRESET_OR_FILE --workdir DIR [--config.a.b=value ...]
+  ddim-jax export  --workdir DIR --out FILE.safetensors [--raw]
   ddim-jax sample  --weights FILE.safetensors --out grid.png [--num-images N --steps S --eta E --seed K]
   ddim-jax info    --weights FILE.safetensors          what a weight file holds
   ddim-jax prepare-data --dataset NAME ...             prepare a TFDS dataset offline
@@ -66,23 +68,71 @@ def cmd_info(args) -> int:
   return 0
 
 
-def cmd_demo(args) -> int:
-  """ddim-jax demo: samples a grid from a freshly initialised demo-config model (no data, no network)."""
+def cmd_train(args, overrides) -> int:
+  """ddim-jax train: trains a config preset or file in a workdir (resuming from its checkpoints)."""
+  from ddim_jax import configs, train  # pylint: disable=import-outside-toplevel
+  config = configs.load_config(args.config, overrides)
+  try:
+    train.train_and_evaluate(config, args.workdir, distributed=True if args.distributed else None)
+  except train.NonFiniteLossError as e:
+    print(f"ddim-jax train: error: {e}", file=sys.stderr)
+    return 3
+  return 0
+
+
+def restore_for_export(workdir: str, ema: bool = True):
+  """(model, variables, normalizer, config, step) of the newest checkpoint in ``workdir`` (on one device)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from ddim_jax import configs, convert, models, visualize  # pylint: disable=import-outside-toplevel
-  config = configs.get_preset("demo")
-  os.makedirs(args.workdir, exist_ok=True)
-  model = models.create_model(**config.model)
-  variables = models.init_variables(model, jax.random.key(config.seed), config.model.image_size)
-  normalizer = {"mean": np.full((3,), 0.5, np.float32), "variance": np.full((3,), 0.25, np.float32)}
-  weights_path = os.path.join(args.workdir, "init.safetensors")
-  convert.save_weights(weights_path, model, variables, normalizer, config.model.image_size, weights="init")
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from ddim_jax import checkpointing, models, train  # pylint: disable=import-outside-toplevel
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory}); train first with "
+                            f"`ddim-jax train --workdir {workdir}`")
+  with checkpointing.Checkpointer(directory, async_save=False) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{directory} holds no complete checkpoint; train first")
+    config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
+    model = models.create_model(**config.model)
+    step_config = train.StepConfig.from_config(config)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = train._abstract_state(model, step_config, int(config.model.image_size), jax.random.key(0), sharding)  # pylint: disable=protected-access
+    step, state, meta = ckpt.restore_latest(abstract)
+  normalizer = {k: np.asarray(v, np.float32) for k, v in meta["normalizer"].items()}
+  return model, jax.device_get(state.variables(ema=ema)), normalizer, config, step
+
+
+def cmd_export(args) -> int:
+  """ddim-jax export: the newest checkpoint's EMA (or raw) weights as a safetensors weight file."""
+  from ddim_jax import convert  # pylint: disable=import-outside-toplevel
+  model, variables, normalizer, config, step = restore_for_export(args.workdir, ema=not args.raw)
+  convert.save_weights(args.out, model, variables, normalizer, int(config.model.image_size),
+                       schedule=config.diffusion.schedule, min_signal_rate=config.diffusion.min_signal_rate,
+                       max_signal_rate=config.diffusion.max_signal_rate, target=config.diffusion.target,
+                       weights="raw" if args.raw else "ema", step=step)
+  print(f"wrote {args.out} ({'raw' if args.raw else 'EMA'} weights of step {step})")
+  return 0
+
+
+def cmd_demo(args, overrides) -> int:
+  """ddim-jax demo: trains the demo preset on the bundled digits, then writes a sample grid and weights."""
+  from ddim_jax import configs, train, visualize  # pylint: disable=import-outside-toplevel
+  config = configs.load_config("demo", overrides)
   start = time.time()
-  images = _sample_images(model, variables, normalizer, config.sample.num_images, config.model.image_size,
-                          config.sample.steps, 0.0, config.seed, 64, _schedule_kwargs({}))
+  state = train.train_and_evaluate(config, args.workdir)
+  model, variables, normalizer, config, step = restore_for_export(args.workdir)
+  del state
+  weights = os.path.join(args.workdir, "demo.safetensors")
+  from ddim_jax import convert  # pylint: disable=import-outside-toplevel
+  convert.save_weights(weights, model, variables, normalizer, int(config.model.image_size), weights="ema", step=step,
+                       schedule=config.diffusion.schedule, min_signal_rate=config.diffusion.min_signal_rate,
+                       max_signal_rate=config.diffusion.max_signal_rate, target=config.diffusion.target)
+  images = _sample_images(model, variables, normalizer, int(config.sample.num_images), int(config.model.image_size),
+                          int(config.sample.steps), 0.0, config.seed, 64, _schedule_kwargs({}))
   out = visualize.save_grid(images, os.path.join(args.workdir, "samples.png"), upscale=4)
-  print(f"wrote {out} and {weights_path} in {time.time() - start:.1f}s. The model is freshly initialised "
-        f"(training arrives with `ddim-jax train`), so the samples are noise.")
+  print(f"demo done in {time.time() - start:.0f}s: {out} (EMA samples, step {step}); weights {weights}; "
+        f"metrics {os.path.join(args.workdir, 'metrics.jsonl')}")
   return 0
 
 
@@ -92,9 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("demo", help="the offline demo")
+  p = sub.add_parser("demo", help="the offline demo: train on the bundled digits, sample")
   p.add_argument("--workdir", default="outputs/demo")
-  p.set_defaults(fn=cmd_demo)
+  p.set_defaults(fn=cmd_demo, takes_overrides=True)
+
+  p = sub.add_parser("train", help="train (resumes from the newest checkpoint in --workdir)",
+                     epilog="Override any config key with --config.a.b=value, e.g. --config.train.num_steps=1000")
+  p.add_argument("--config", default="default", help="a preset (default, r_variant, demo) or a config file")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (multi-host; automatic when JAX_COORDINATOR_ADDRESS is set)")
+  p.set_defaults(fn=cmd_train, takes_overrides=True)
+
+  p = sub.add_parser("export", help="write a checkpoint's weights as a safetensors file")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
+  p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("sample", help="a grid of samples from a weight file")
   p.add_argument("--weights", required=True, help="a .safetensors file written by `ddim-jax export`")
@@ -124,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   """Entry point of the ``ddim-jax`` console script."""
-  args = build_parser().parse_args(argv)
+  args, extra = build_parser().parse_known_args(argv)
+  if extra and not getattr(args, "takes_overrides", False):
+    build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
   from ddim_jax.convert import WeightFileError  # pylint: disable=import-outside-toplevel
   try:
-    return args.fn(args)
+    return args.fn(args, extra) if getattr(args, "takes_overrides", False) else args.fn(args)
   except (WeightFileError, ValueError, FileNotFoundError) as e:
     print(f"ddim-jax {args.command}: error: {e}", file=sys.stderr)
     return 2

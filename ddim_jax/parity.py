@@ -161,11 +161,11 @@ def trained_reference(variant: str = "keras", widths=(16, 32, 48), block_depth: 
   optimizer = torch_train.make_optimizer(twin, learning_rate)
   schedule_fn = torch_schedules.get_schedule("cosine")
   rng = np.random.default_rng(seed)
-  for _ in range(num_steps):
+  for step in range(num_steps):
     idx = rng.choice(len(images), batch_size, replace=False)
     noises = torch.from_numpy(rng.standard_normal((batch_size,) + tuple(images.shape[1:])).astype(np.float32))
     times = torch.from_numpy(rng.uniform(0.0, 1.0, (batch_size, 1, 1, 1)).astype(np.float32))
-    torch_train.train_step(twin, optimizer, None, images[idx], noises, times, schedule_fn)
+    torch_train.train_step(twin, optimizer, None, step, images[idx], noises, times, schedule_fn)
   model = models.create_model(variant=variant, widths=widths, block_depth=block_depth)
   reference = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), image_size))
   variables = convert.torch_state_dict_to_flax(twin.state_dict(), reference)
@@ -203,3 +203,90 @@ def trajectory_parity(model, variables, image_size: int, steps: int, eta: float 
   final = float(np.max(np.abs(np.asarray(out["pred_images"]) - _nhwc(ref["pred_images"].numpy()))))
   return {"max_abs": float(max(diffs)), "max_rel": float(max(diffs) / max(scales)), "final_max_abs": final,
           "state_max_abs": float(max(scales))}
+
+
+def _relative_tree_diff(jax_state: dict, torch_state: dict, masks: dict | None = None) -> tuple[float, str]:
+  """max over tensors of max|a - b| / max|b| (tensor-relative), and the worst tensor's name.
+
+  ``masks`` (name -> bool array) restricts the difference to the selected elements.
+  """
+  worst, worst_name = 0.0, ""
+  for name, value in jax_state.items():
+    ref = torch_state[name]
+    diff = np.abs(value - ref)
+    if masks is not None and name in masks:
+      diff = np.where(masks[name], diff, 0.0)
+    rel = float(np.max(diff) / max(float(np.max(np.abs(ref))), 1e-30))
+    if rel > worst:
+      worst, worst_name = rel, name
+  return worst, worst_name
+
+
+def train_step_parity(model, variables, image_size: int, num_steps: int = 10, batch: int = 8, seed: int = 4,
+                      step_config=None, check_steps=(1,), min_first_grad: float = 0.0) -> dict:
+  """Runs the JAX and the torch training step side by side from the same weights and draws.
+
+  Each step's normalised images, noises and diffusion times are drawn in NumPy; the rates of the
+  times come from the shared float64 table (1-ulp sin/cos differences between the frameworks are
+  amplified ~6,000x by the embedding; the schedule itself is tested against its closed form).
+
+  Adam's first step moves every parameter by about lr * g / (|g| + eps): for the rare elements
+  whose gradient is within a few eps (1e-8) of zero, the ~1e-10 absolute float32 difference of
+  the two frameworks' gradient sums changes the step by up to lr. ``min_first_grad`` > 0 leaves
+  the parameters whose first-step gradient is smaller than it out of ``params_rel_*`` and counts
+  them in ``ill_conditioned``.
+
+  Returns:
+    dict: loss_abs_1 (the optimised loss of the first step, from identical weights), loss_max_abs
+    (over all steps, as the weights drift apart by float32 rounding), metrics_max_abs (the noise and image
+    MAE metrics), and for each step n in ``check_steps`` + (num_steps,):
+    ``params_rel_<n>``, ``batch_stats_rel_<n>``, ``ema_rel_<n>`` (max over tensors of the
+    tensor-relative difference) and ``worst_<n>`` (the tensor that attains the largest).
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  from ddim_jax import train  # pylint: disable=import-outside-toplevel
+  from ddim_torch_ref import train as torch_train  # pylint: disable=import-outside-toplevel
+  step_config = step_config or train.StepConfig()
+  state = train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
+      opt_state=train.make_optimizer(step_config).init(variables["params"]), ema_params=variables["params"],
+      ema_batch_stats=variables["batch_stats"])
+  jax_step = jax.jit(functools.partial(train.train_step_from_draws, model=model, step_config=step_config,
+                                       axis_name=None))
+  twin = torch_twin(model, variables)
+  optimizer = torch_train.make_optimizer(twin, step_config.learning_rate, step_config.weight_decay)
+  ema = torch_train.EMA(twin, step_config.ema_decay, step_config.ema_warmup)
+  rng = np.random.default_rng(seed)
+  out = {"loss_max_abs": 0.0, "metrics_max_abs": 0.0}
+  for step in range(num_steps):
+    shape = (batch, image_size, image_size, model.channels)
+    images = rng.standard_normal(shape).astype(np.float32)
+    noises = rng.standard_normal(shape).astype(np.float32)
+    noise_rates, signal_rates = schedules.rate_table(rng.uniform(0.0, 1.0, (batch, 1, 1, 1)), step_config.schedule,
+                                                     step_config.min_signal_rate, step_config.max_signal_rate)
+    state, metrics = jax_step(state, images, noises, noise_rates, signal_rates)
+    torch_metrics = torch_train.train_step_from_draws(
+        twin, optimizer, ema, step, torch.from_numpy(_nchw(images)), torch.from_numpy(_nchw(noises)),
+        torch.from_numpy(noise_rates), torch.from_numpy(signal_rates), step_config.loss, step_config.target)
+    out["loss_max_abs"] = max(out["loss_max_abs"], abs(float(metrics["loss"]) - float(torch_metrics["loss"])))
+    if step == 0:
+      out["loss_abs_1"] = out["loss_max_abs"]  # identical weights: the loss itself
+    for key in ("noise_loss", "image_loss"):
+      out["metrics_max_abs"] = max(out["metrics_max_abs"], abs(float(metrics[key]) - float(torch_metrics[key])))
+    n = step + 1
+    if n == 1:
+      masks = {k: np.abs(p.grad.numpy()) >= min_first_grad for k, p in twin.named_parameters()}
+      out["ill_conditioned"] = int(sum(np.sum(~m) for m in masks.values()))
+      out["num_parameters"] = int(sum(m.size for m in masks.values()))
+    if n in check_steps or n == num_steps:
+      raw = convert.flax_to_torch_state_dict(state.variables(ema=False))
+      ema_jax = convert.flax_to_torch_state_dict(state.variables(ema=True))
+      twin_state = {k: v.detach().numpy() for k, v in twin.state_dict().items()}
+      ema_state = {k: v.detach().numpy() for k, v in ema.model.state_dict().items()}
+      param_names = {k for k in raw if not k.endswith(("running_mean", "running_var"))}
+      out[f"params_rel_{n}"], worst = _relative_tree_diff({k: raw[k] for k in param_names}, twin_state, masks)
+      out[f"batch_stats_rel_{n}"], _ = _relative_tree_diff({k: v for k, v in raw.items() if k not in param_names},
+                                                           twin_state)
+      out[f"ema_rel_{n}"], _ = _relative_tree_diff(ema_jax, ema_state)
+      out[f"worst_{n}"] = worst
+  return out

@@ -1,7 +1,8 @@
 """The training step in PyTorch: the loss, AdamW and the EMA of the weights (twin of ddim_jax/train.py).
 
-Random draws (diffusion times and noises) are arguments, so a parity test can feed the JAX step and
-this one the same NumPy draws.
+Random draws (noises and diffusion times, or the rates of those times) are arguments, so a parity
+test can feed this step and the JAX one the same NumPy draws. BatchNorm statistics are those of
+the whole batch (the twin of the JAX step's synchronised BatchNorm on one device).
 """
 
 import copy
@@ -19,14 +20,13 @@ def make_optimizer(model, learning_rate=1e-3, weight_decay=1e-4):
                            weight_decay=weight_decay)
 
 
-def diffusion_loss(model, images, noises, diffusion_times, schedule_fn, loss="mae", target="noise"):
-  """The Keras training loss on normalised ``images`` (B, C, H, W).
+def compute_loss(model, images, noises, noise_rates, signal_rates, loss="mae", target="noise"):
+  """The Keras training loss on normalised ``images`` (B, C, H, W) at the given rates.
 
   Returns:
-    (loss, (noise_loss, image_loss)): the optimised loss (MAE or MSE on the target, mean over
-    every element) and the two MAE metrics the Keras example logs.
+    (loss, metrics): the optimised loss (MAE or MSE on the target, mean over every element) and
+    {'loss', 'noise_loss', 'image_loss'} (the two MAEs the Keras example logs), detached.
   """
-  noise_rates, signal_rates = schedule_fn(diffusion_times)
   noisy_images = signal_rates * images + noise_rates * noises
   output = model(noisy_images, sampling.network_variances(noise_rates, signal_rates, target))
   pred_noises, pred_images = sampling.denoise(output, noisy_images, noise_rates, signal_rates, target)
@@ -37,42 +37,62 @@ def diffusion_loss(model, images, noises, diffusion_times, schedule_fn, loss="ma
     value = torch.mean(torch.square(prediction - truth))
   else:
     raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
-  metrics = (torch.mean(torch.abs(pred_noises - noises)).detach(), torch.mean(torch.abs(pred_images - images)).detach())
+  metrics = {"loss": value.detach(), "noise_loss": torch.mean(torch.abs(pred_noises - noises)).detach(),
+             "image_loss": torch.mean(torch.abs(pred_images - images)).detach()}
   return value, metrics
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+  """The EMA decay of optimiser step ``step`` (0-based): constant, or min(decay, (1+n)/(10+n))."""
+  if not warmup:
+    return decay
+  n = step + 1
+  return min(decay, (1.0 + n) / (10.0 + n))
 
 
 class EMA:
   """An exponential moving average over a model's parameters AND buffers (BatchNorm statistics).
 
-  ``ema = decay * ema + (1 - decay) * value`` after every step, starting from a copy of the
-  model (not the fresh random init Keras' clone_model gives).
+  After every step: ema = s * value + (1 - s) * ema with s = 1 - decay, in float32 (the arithmetic
+  of ``optax.incremental_update``). It starts as a copy of the model (not the fresh random init
+  Keras' clone_model gives).
   """
 
-  def __init__(self, model, decay=0.999):
-    self.decay = decay
+  def __init__(self, model, decay=0.999, warmup=False):
+    self.decay, self.warmup = decay, warmup
     self.model = copy.deepcopy(model).eval()
     for p in self.model.parameters():
       p.requires_grad_(False)
 
   @torch.no_grad()
-  def update(self, model):
-    """Moves the average towards ``model``'s current weights."""
+  def update(self, model, step: int):
+    """Moves the average towards ``model``'s weights after optimiser step ``step`` (0-based)."""
+    decay = torch.tensor(ema_decay_at(step, self.decay, self.warmup), dtype=torch.float32)
+    step_size = 1.0 - decay
     ema_state = self.model.state_dict()
     for name, value in model.state_dict().items():
-      ema_state[name].copy_(self.decay * ema_state[name] + (1 - self.decay) * value)
+      ema_state[name].copy_(step_size * value + (1.0 - step_size) * ema_state[name])
 
 
-def train_step(model, optimizer, ema, images, noises, diffusion_times, schedule_fn, loss="mae", target="noise"):
-  """One optimiser step (model in train mode, BatchNorm on batch statistics) and the EMA update.
+def train_step_from_draws(model, optimizer, ema, step, images, noises, noise_rates, signal_rates, loss="mae",
+                          target="noise"):
+  """One AdamW step (model in train mode) and the EMA update, given every random quantity.
 
   Returns:
-    dict of float metrics: loss, noise_loss, image_loss.
+    dict of detached scalar metrics: loss, noise_loss, image_loss.
   """
   model.train()
   optimizer.zero_grad(set_to_none=True)
-  value, (noise_loss, image_loss) = diffusion_loss(model, images, noises, diffusion_times, schedule_fn, loss, target)
+  value, metrics = compute_loss(model, images, noises, noise_rates, signal_rates, loss, target)
   value.backward()
   optimizer.step()
   if ema is not None:
-    ema.update(model)
-  return {"loss": value.detach(), "noise_loss": noise_loss, "image_loss": image_loss}
+    ema.update(model, step)
+  return metrics
+
+
+def train_step(model, optimizer, ema, step, images, noises, diffusion_times, schedule_fn, loss="mae",
+               target="noise"):
+  """``train_step_from_draws`` at the rates ``schedule_fn(diffusion_times)``."""
+  noise_rates, signal_rates = schedule_fn(diffusion_times)
+  return train_step_from_draws(model, optimizer, ema, step, images, noises, noise_rates, signal_rates, loss, target)

@@ -1,13 +1,14 @@
 """The ``ddim-jax`` command end to end (small models)."""
 
+import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 from PIL import Image
 
-from ddim_jax import cli
+from ddim_jax import cli, convert
+from train_helpers import run, subprocess_env, tiny_overrides
 
 
 def test_sample_and_info_from_a_weight_file(tmp_path, capsys, trained_weights):
@@ -29,11 +30,29 @@ def test_bad_weight_file_is_a_clear_error(tmp_path, capsys):
   assert "truncated or not a safetensors" in capsys.readouterr().err
 
 
-def test_demo_console_script(tmp_path):
+def test_demo_train_export_sample_end_to_end(tmp_path):
+  """`ddim-jax demo` (shortened), then `export` (EMA and raw) and `sample` from the exported file."""
   workdir = tmp_path / "demo"
-  result = subprocess.run([sys.executable, "-m", "ddim_jax.cli", "demo", "--workdir", str(workdir)],
-                          capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr
-  image = Image.open(workdir / "samples.png")
-  assert image.size[0] > 100 and image.size[1] > 100
-  assert os.path.exists(workdir / "init.safetensors")
+  overrides = tiny_overrides(tmp_path / "cache", **{"train.num_steps": 4, "train.sample_every": 2})
+  result = run([sys.executable, "-m", "ddim_jax.cli", "demo", "--workdir", str(workdir), *overrides],
+               subprocess_env(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert Image.open(workdir / "samples.png").size == (2 + 2 * 66, 2 + 2 * 66)  # 4 images, 16px x4, 2px pads
+  assert (workdir / "samples" / "step_0000002.png").exists()
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl", encoding="utf-8")]
+  assert [r["step"] for r in records] == [2, 4] and all(r["loss"] > 0 for r in records)
+  assert os.listdir(workdir / "tensorboard")
+  for extra in ([], ["--raw"]):
+    out = tmp_path / f"w{len(extra)}.safetensors"
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(out), *extra]) == 0
+  ema = convert.read_weight_file(str(tmp_path / "w0.safetensors"))
+  raw = convert.read_weight_file(str(tmp_path / "w1.safetensors"))
+  assert ema[1]["weights"] == "ema" and raw[1]["weights"] == "raw" and ema[1]["step"] == "4"
+  assert any(np.any(ema[0][k] != raw[0][k]) for k in ema[0])  # the EMA is not the raw weights
+  assert cli.main(["sample", "--weights", str(tmp_path / "w0.safetensors"), "--out", str(tmp_path / "s.png"),
+                   "--num-images", "2", "--steps", "3"]) == 0
+
+
+def test_export_without_checkpoints_is_a_clear_error(tmp_path, capsys):
+  assert cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
+  assert "no checkpoints" in capsys.readouterr().err

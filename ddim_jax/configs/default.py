@@ -53,7 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.loss = "mae"  # "mae" | "mse"
   config.train.checkpoint_every = 1000
   config.train.log_every = 50
-  config.train.sample_every = 5000
+  config.train.sample_every = 5000  # 0: no sample grids during training
+  config.train.steps_per_call = 1  # optimiser steps per compiled call (lax.scan)
+  config.train.keep_checkpoints = 3  # the last N checkpoints are kept
+  config.train.ema_warmup = False  # True: decay min(ema_decay, (1+n)/(10+n)) (short runs)
 
   config.sample = ml_collections.ConfigDict()
   config.sample.steps = 20

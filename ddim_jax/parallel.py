@@ -1,0 +1,137 @@
+"""Data parallelism: the device mesh, the two launchers of the per-device step, multi-host start.
+
+One per-device step (``train.train_steps``) with collectives over axis "data", launched either by
+``jax.shard_map`` under ``jax.jit`` over a 1-D mesh (default; JAX itself now runs pmap this way)
+or by ``jax.pmap`` (``config.parallel = "pmap"``). Both take and return the state replicated
+and the batch split along its batch axis, and both must give the same numbers (tested on 1, 2 and
+4 devices, and on 2 processes x 2 devices).
+
+Multi-host: ``initialize_distributed`` calls ``jax.distributed.initialize()``; every process
+feeds its own slice of each global batch (``input_pipeline.BatchIterator`` with
+``process_index``/``process_count``), and ``shard_batch`` assembles the global array.
+"""
+
+import functools
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddim_jax import train
+
+AXIS = "data"
+PARALLEL_MODES = ("shard_map", "pmap")
+_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def initialize_distributed(enabled: bool | None = None, **kwargs) -> bool:
+  """Starts ``jax.distributed`` when asked (flag) or when the usual environment says so.
+
+  Args:
+    enabled: True: initialise; False: never; None: initialise if ``JAX_COORDINATOR_ADDRESS`` is set
+      (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``). TPU pods and SLURM/Kubernetes/MPI
+      clusters are auto-detected by ``jax.distributed.initialize()`` itself: pass enabled=True
+      (``ddim-jax train --distributed``) there.
+    **kwargs: coordinator_address, num_processes, process_id, ... for ``jax.distributed.initialize``.
+
+  Returns:
+    Whether jax.distributed was initialised by this call.
+  """
+  if enabled is None:
+    enabled = any(os.environ.get(name) for name in _DISTRIBUTED_ENV)
+  if not enabled:
+    return False
+  # jax reads JAX_COORDINATOR_ADDRESS itself; the process count and id we read here, so that a
+  # plain cluster (or a test on 127.0.0.1) needs only environment variables.
+  for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if key not in kwargs and os.environ.get(env):
+      kwargs[key] = int(os.environ[env])
+  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") and not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+def create_mesh(devices=None) -> Mesh:
+  """A 1-D mesh named "data" over ``devices`` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The sharding of state and other replicated values."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, steps_per_call: int = 1) -> NamedSharding:
+  """The sharding of a global batch (B, ...) or, with several steps per call, (K, B, ...)."""
+  return NamedSharding(mesh, P(AXIS) if steps_per_call == 1 else P(None, AXIS))
+
+
+def replicate(tree, mesh: Mesh):
+  """Puts a host pytree (identical on every process) on every device of ``mesh``."""
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def shard_batch(local_batch: np.ndarray, mesh: Mesh, steps_per_call: int = 1) -> jax.Array:
+  """This process's slice of a global batch -> the global array sharded over "data"."""
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, steps_per_call), local_batch)
+
+
+def check_batch_size(global_batch_size: int, num_devices: int) -> None:
+  """Raises a ValueError naming ``train.batch_size`` when it does not split over the devices."""
+  if global_batch_size < 1 or global_batch_size % num_devices:
+    raise ValueError(f"train.batch_size={global_batch_size} must be a positive multiple of the device count "
+                     f"({num_devices}); e.g. --config.train.batch_size={max(1, global_batch_size // num_devices) * num_devices or num_devices}")
+
+
+def make_train_fn(model, step_config: train.StepConfig, mesh: Mesh, parallel: str = "shard_map",
+                  steps_per_call: int = 1):
+  """The compiled data-parallel training function.
+
+  Args:
+    model: the UNet, built with ``bn_axis_name="data"``.
+    step_config: hyper-parameters.
+    mesh: the 1-D "data" mesh.
+    parallel: "shard_map" (jit + shard_map, default) or "pmap".
+    steps_per_call: K optimiser steps per call (``lax.scan``); batches then have a leading K axis.
+
+  Returns:
+    fn(state, images, normalizer, base_key) -> (state, metrics). ``images`` is the global batch
+    (B, H, W, C) (or (K, B, H, W, C)) as a global array sharded with ``batch_sharding`` for
+    shard_map, and this process's NumPy slice of it for pmap; state is replicated. The state and
+    the state buffers are donated (shard_map).
+  """
+  if parallel not in PARALLEL_MODES:
+    raise ValueError(f"config.parallel={parallel!r} is not one of {PARALLEL_MODES}")
+  if model.bn_axis_name != AXIS:
+    raise ValueError(f"the model must be built with bn_axis_name={AXIS!r} for synchronised BatchNorm")
+  step_fn = train.train_step if steps_per_call == 1 else train.train_steps
+  per_device = functools.partial(step_fn, model=model, step_config=step_config, axis_name=AXIS)
+  if parallel == "shard_map":
+    images_spec = P(AXIS) if steps_per_call == 1 else P(None, AXIS)
+    # check_vma=False: per-device (pmap) semantics, where the gradient of the local loss is local
+    # and the explicit pmean makes it global; with VMA typing, JAX would already psum the
+    # gradient of the replicated parameters and the pmean would not average.
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), images_spec, P(), P()),
+                            out_specs=(P(), P()), check_vma=False)
+    return jax.jit(sharded, donate_argnums=(0,))
+
+  pmapped = jax.pmap(per_device, axis_name=AXIS, in_axes=(None, 0, None, None), out_axes=(None, None),
+                     devices=mesh.devices.tolist())
+  # pmap takes this process's slice of the batch with a leading axis over its local devices.
+  num_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+  def fn(state, images, normalizer, base_key):
+    # (b, ...) -> (D, b/D, ...), or (K, b, ...) -> (D, K, b/D, ...), for the D local devices.
+    images = np.asarray(images)
+    if steps_per_call == 1:
+      images = images.reshape((num_devices, -1) + images.shape[1:])
+    else:
+      images = images.reshape((images.shape[0], num_devices, -1) + images.shape[2:]).swapaxes(0, 1)
+    return pmapped(state, images, normalizer, base_key)
+
+  return fn
