@@ -42,7 +42,7 @@ def test_train_step_parity_keras():
 
 
 def test_train_step_parity_r_variant_outside_adam_ill_conditioning():
-  """The r variant: the same bounds on every parameter whose first gradient is >= 1e-6.
+  """The r variant: the same bounds on every parameter whose first gradient is >= 1e-7.
 
   Adam's first step is lr * g / (|g| + 1e-8); for the few elements with |g| within a few 1e-8 of
   zero, the ~1e-10 float32 difference between the frameworks' gradient sums changes the step by up
@@ -50,10 +50,10 @@ def test_train_step_parity_r_variant_outside_adam_ill_conditioning():
   """
   model = models.create_model("r", widths=(8, 16))
   variables = parity.perturbed_variables(model, 16, seed=5)
-  result = parity.train_step_parity(model, variables, 16, num_steps=10, batch=8, min_first_grad=1e-6)
+  result = parity.train_step_parity(model, variables, 16, num_steps=10, batch=8, min_first_grad=1e-7)
   assert result["loss_abs_1"] <= 1e-6, result
   assert result["loss_max_abs"] <= 1e-5, result
-  assert result["ill_conditioned"] < 0.01 * result["num_parameters"], result
+  assert result["ill_conditioned"] < 0.001 * result["num_parameters"], result
   assert result["params_rel_1"] <= 1e-5 and result["batch_stats_rel_1"] <= 1e-5 and result["ema_rel_1"] <= 1e-5, result
   assert result["params_rel_10"] <= 1e-4 and result["batch_stats_rel_10"] <= 1e-4, result
 
