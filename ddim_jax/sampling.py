@@ -194,3 +194,124 @@ def generate(model, variables, initial_noise, normalizer=None, step_noises=None,
   if normalizer is not None:
     out["images"] = denormalize(out["pred_images"], normalizer)
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# DDIM inversion (image -> noise) and spherical interpolation of noises.
+
+
+def inversion_rates(steps: int, schedule: str = "cosine", min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
+                    max_signal_rate: float = schedules.MAX_SIGNAL_RATE) -> tuple[np.ndarray, ...]:
+  """(noise_rates, signal_rates, next_noise_rates, next_signal_rates), each (S,) float32, of S inversion steps.
+
+  The inversion retraces the sampler's S steps backwards. The sampler's last step maps the state
+  at t = 1/S to its output pred_images, i.e. to the clean rates (n, s) = (0, 1); so the inversion
+  starts from the clean image at (0, 1) and visits t = 1/S, 2/S, ..., 1: its step j goes from
+  time j/S (clean for j = 0) to (j + 1)/S. Evaluated in float64 NumPy like ``step_rates``.
+  """
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1 (network evaluations), got {steps}")
+  next_times = ((np.arange(steps, dtype=np.float64) + 1) / steps).astype(np.float32)
+  next_noise_rates, next_signal_rates = schedules.rate_table(next_times, schedule, min_signal_rate, max_signal_rate)
+  noise_rates = np.concatenate([[0.0], next_noise_rates[:-1]]).astype(np.float32)
+  signal_rates = np.concatenate([[1.0], next_signal_rates[:-1]]).astype(np.float32)
+  return noise_rates, signal_rates, next_noise_rates, next_signal_rates
+
+
+def ddim_inversion(network_fn: Callable, images, steps: int, *, schedule: str = "cosine",
+                   min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
+                   max_signal_rate: float = schedules.MAX_SIGNAL_RATE, target: str = "noise",
+                   return_trajectory: bool = False):
+  """Encodes normalised images into initial noises with the deterministic DDIM ODE run backwards.
+
+  Step j goes from the state x at time t_j to t_{j+1} > t_j (rates from ``inversion_rates``):
+  eps = net(x, n_{j+1}^2), x0 = (x - n_j eps) / s_j, x' = s_{j+1} x0 + n_{j+1} eps. This is the
+  sampler's step from t_{j+1} to t_j solved for its input, with the one approximation of DDIM
+  inversion: the noise is predicted from the known x_{t_j} instead of the unknown x_{t_{j+1}}
+  (the network is conditioned on t_{j+1}, the time of the sampler step it undoes; as diffusers'
+  ``DDIMInverseScheduler``). Feeding the result to ``reverse_diffusion`` with the same ``steps``
+  reconstructs the images; the error falls as the steps grow (DDIM paper, Table 2).
+
+  Args:
+    network_fn: (noisy_images, variances) -> network output.
+    images: (B, H, W, C) clean images in normalised space.
+    steps: number of network evaluations S (use the same S to reconstruct).
+    schedule, min_signal_rate, max_signal_rate: the diffusion schedule.
+    target: only 'noise': an image-predicting network gives no noise at the clean start (n = 0).
+    return_trajectory: also return every state.
+
+  Returns:
+    dict with 'noises' (B, H, W, C), the state at t = 1, and, if asked, 'noisy_trajectory'
+    (S + 1, B, H, W, C): the images, then the state after each step.
+  """
+  if target != "noise":
+    raise ValueError(f"DDIM inversion needs a noise-predicting model (target 'noise'), got target {target!r}")
+  batch = images.shape[0]
+  rates = tuple(jnp.asarray(r) for r in inversion_rates(steps, schedule, min_signal_rate, max_signal_rate))
+
+  def body(noisy_images, step_rate_values):
+    noise_rates, signal_rates, next_noise_rates, next_signal_rates = (
+        jnp.full((batch, 1, 1, 1), r, jnp.float32) for r in step_rate_values)
+    pred_noises = network_fn(noisy_images, network_variances(next_noise_rates, next_signal_rates, target))
+    pred_images = (noisy_images - noise_rates * pred_noises) / signal_rates
+    next_noisy_images = ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates,
+                                  next_signal_rates, 0.0)
+    return next_noisy_images, next_noisy_images if return_trajectory else None
+
+  noises, trajectory = jax.lax.scan(body, images, rates)
+  out = {"noises": noises}
+  if return_trajectory:
+    out["noisy_trajectory"] = jnp.concatenate([images[None], trajectory], axis=0)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "schedule", "min_signal_rate", "max_signal_rate",
+                                             "target", "return_trajectory"))
+def invert(model, variables, images, normalizer=None, *, steps: int = 20, schedule: str = "cosine",
+           min_signal_rate: float = schedules.MIN_SIGNAL_RATE, max_signal_rate: float = schedules.MAX_SIGNAL_RATE,
+           target: str = "noise", return_trajectory: bool = False):
+  """``ddim_inversion`` with a ddim_jax UNet (BatchNorm in inference mode), under one jit.
+
+  Args:
+    model, variables: the UNet (static) and its {'params', 'batch_stats'}.
+    images: (B, H, W, C); in [0, 1] when ``normalizer`` is given (normalised here), else normalised.
+    normalizer: {'mean', 'variance'} or None.
+    steps, schedule, min_signal_rate, max_signal_rate, target, return_trajectory: see ``ddim_inversion``.
+
+  Returns:
+    ``ddim_inversion``'s dict.
+  """
+  if normalizer is not None:
+    images = normalize(images, normalizer)
+  network_fn = lambda x, v: model.apply(variables, x, v, train=False)
+  return ddim_inversion(network_fn, images, steps, schedule=schedule, min_signal_rate=min_signal_rate,
+                        max_signal_rate=max_signal_rate, target=target, return_trajectory=return_trajectory)
+
+
+@jax.jit
+def slerp(start, end, weights):
+  """Spherical interpolation between two noises (each flattened to one vector), Keras-example style.
+
+  slerp(w) = sin((1 - w) theta) / sin(theta) start + sin(w theta) / sin(theta) end, theta the angle
+  between them, so the norm stays that of a Gaussian draw (a straight line would shrink it
+  towards the middle). Weights 0 and 1 return ``start`` and ``end`` exactly (selected, not
+  computed), and nearly parallel inputs fall back to the straight line.
+
+  Args:
+    start, end: arrays of the same shape (e.g. (H, W, C) initial noises).
+    weights: (K,) interpolation weights in [0, 1].
+
+  Returns:
+    (K, *start.shape) interpolated noises.
+  """
+  start, end = jnp.asarray(start, jnp.float32), jnp.asarray(end, jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * start.ndim)
+  cosine = jnp.vdot(start, end) / (jnp.linalg.norm(start) * jnp.linalg.norm(end))
+  theta = jnp.arccos(jnp.clip(cosine, -1.0, 1.0))
+  sin_theta = jnp.sin(theta)
+  parallel = sin_theta < 1e-6
+  safe_sin = jnp.where(parallel, 1.0, sin_theta)
+  start_weights = jnp.where(parallel, 1.0 - weights, jnp.sin((1.0 - weights) * theta) / safe_sin)
+  end_weights = jnp.where(parallel, weights, jnp.sin(weights * theta) / safe_sin)
+  mixed = start_weights * start[None] + end_weights * end[None]
+  return jnp.where(weights == 0.0, start[None], jnp.where(weights == 1.0, end[None], mixed))

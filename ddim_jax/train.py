@@ -246,8 +246,9 @@ def validate_config(config, num_devices: int) -> None:
   require(int(t.sample_every) >= 0, "train.sample_every", t.sample_every, "must be >= 0 (0: no sample grids)")
   k = int(t.get("steps_per_call", 1))
   require(k >= 1, "train.steps_per_call", k, "must be >= 1")
-  for key in ("checkpoint_every", "log_every", "sample_every", "num_steps"):
-    require(int(t[key]) % k == 0, f"train.{key}", t[key], f"must be a multiple of train.steps_per_call={k}")
+  require(int(t.get("kid_every", 0) or 0) >= 0, "train.kid_every", t.get("kid_every"), "must be >= 0 (0: no KID)")
+  for key in ("checkpoint_every", "log_every", "sample_every", "num_steps", "kid_every"):
+    require(int(t.get(key, 0) or 0) % k == 0, f"train.{key}", t.get(key), f"must be a multiple of train.steps_per_call={k}")
   require(0.0 <= float(t.ema_decay) < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
   require(float(t.learning_rate) > 0, "train.learning_rate", t.learning_rate, "must be > 0")
   require(float(t.weight_decay) >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
@@ -350,13 +351,19 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   image_size = int(config.model.image_size)
 
   # Data (this process's slice of every global batch) and the normaliser of the training split.
-  train_iter, _, normalizer = input_pipeline.create_datasets(config, image_size, jax.process_index(),
-                                                             jax.process_count())
+  train_iter, val_images, normalizer = input_pipeline.create_datasets(config, image_size, jax.process_index(),
+                                                                      jax.process_count())
+
+  # KID on the validation split (None when off or without Inception weights: one warning then).
+  from ddim_jax import evaluation  # pylint: disable=import-outside-toplevel
+  kid_fn = evaluation.make_training_kid(config, eval_model, val_images)
+  kid_every = int(config.train.get("kid_every", 0) or 0) if kid_fn is not None else 0
 
   # State: the newest checkpoint that restores, or a fresh init.
   init_key = jax.random.key(config.seed)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=int(config.train.get("keep_checkpoints", 3)))
+                                    max_to_keep=int(config.train.get("keep_checkpoints", 3)),
+                                    best_metric="val_kid" if kid_fn is not None else None, best_mode="min")
   flag = checkpointing.install_sigterm_handler()
   restored = ckpt.restore_latest(_abstract_state(model, step_config, image_size, init_key,
                                                  parallel.replicated(mesh)))
@@ -389,6 +396,9 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
       preempted = ckpt.reached_preemption(step)
       log_now = step % int(config.train.log_every) == 0 or step == num_steps or preempted
       save_now = step % int(config.train.checkpoint_every) == 0 or step == num_steps or preempted
+      # A KID step is also a save step, so that the best-KID checkpoint exists to be kept.
+      kid_now = bool(kid_every) and step % kid_every == 0
+      save_now = save_now or kid_now
       if log_now or save_now:
         host_metrics = _to_host(metrics)
         if not all(np.isfinite(v) for v in host_metrics.values()):
@@ -399,6 +409,9 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
         now = time.time()
         host_metrics["images_per_second"] = int(config.train.batch_size) * (step - logged_step) / max(now - timer, 1e-9)
         timer, logged_step = now, step
+        if kid_now:
+          host_metrics["val_kid"] = kid_fn(_to_host(state.variables(ema=True)), normalizer)
+          timer = time.time()  # the KID time does not count against the training speed
         writer.write(step, host_metrics)
         bar.set_postfix(loss=f"{float(host_metrics['loss']):.4f}", img_s=f"{host_metrics['images_per_second']:.0f}")
       if save_now:

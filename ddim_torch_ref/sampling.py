@@ -141,3 +141,90 @@ def generate(model, initial_noise, normalizer=None, step_noises=None, generator=
   if normalizer is not None:
     out["images"] = denormalize(out["pred_images"], normalizer)
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# DDIM inversion (image -> noise) and spherical interpolation of noises.
+
+
+def inversion_rates(steps, schedule="cosine", min_signal_rate=schedules.MIN_SIGNAL_RATE,
+                    max_signal_rate=schedules.MAX_SIGNAL_RATE):
+  """(noise_rates, signal_rates, next_noise_rates, next_signal_rates) of S inversion steps; see the JAX twin.
+
+  Step j goes from time j/S (the clean rates (0, 1) for j = 0) to (j + 1)/S, float64-evaluated.
+  """
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1 (network evaluations), got {steps}")
+  next_times = ((np.arange(steps, dtype=np.float64) + 1) / steps).astype(np.float32)
+  next_noise_rates, next_signal_rates = schedules.rate_table(next_times, schedule, min_signal_rate, max_signal_rate)
+  noise_rates = np.concatenate([[0.0], next_noise_rates[:-1]]).astype(np.float32)
+  signal_rates = np.concatenate([[1.0], next_signal_rates[:-1]]).astype(np.float32)
+  return noise_rates, signal_rates, next_noise_rates, next_signal_rates
+
+
+@torch.no_grad()
+def ddim_inversion(network_fn: Callable, images, steps: int, *, schedule="cosine",
+                   min_signal_rate=schedules.MIN_SIGNAL_RATE, max_signal_rate=schedules.MAX_SIGNAL_RATE,
+                   target="noise", return_trajectory=False):
+  """Normalised images (NCHW) -> initial noises by the DDIM ODE run backwards; see the JAX twin.
+
+  Step j: eps = net(x, n_{j+1}^2), x0 = (x - n_j eps) / s_j, x' = s_{j+1} x0 + n_{j+1} eps.
+  """
+  if target != "noise":
+    raise ValueError(f"DDIM inversion needs a noise-predicting model (target 'noise'), got target {target!r}")
+  batch = images.shape[0]
+  rates = inversion_rates(steps, schedule, min_signal_rate, max_signal_rate)
+
+  def full(value):
+    return torch.full((batch, 1, 1, 1), float(value), dtype=torch.float32, device=images.device)
+
+  noisy_images, trajectory = images, [images]
+  for i in range(steps):
+    noise_rates, signal_rates, next_noise_rates, next_signal_rates = (full(r[i]) for r in rates)
+    pred_noises = network_fn(noisy_images, network_variances(next_noise_rates, next_signal_rates, target))
+    pred_images = (noisy_images - noise_rates * pred_noises) / signal_rates
+    noisy_images = ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates,
+                             next_signal_rates, 0.0)
+    trajectory.append(noisy_images)
+  out = {"noises": noisy_images}
+  if return_trajectory:
+    out["noisy_trajectory"] = torch.stack(trajectory)
+  return out
+
+
+@torch.no_grad()
+def invert(model, images, normalizer=None, *, steps=20, schedule="cosine", min_signal_rate=schedules.MIN_SIGNAL_RATE,
+           max_signal_rate=schedules.MAX_SIGNAL_RATE, target="noise", return_trajectory=False):
+  """``ddim_inversion`` with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.sampling.invert``."""
+  was_training = model.training
+  model.eval()
+  try:
+    if normalizer is not None:
+      images = normalize(images, normalizer)
+    return ddim_inversion(model, images, steps, schedule=schedule, min_signal_rate=min_signal_rate,
+                          max_signal_rate=max_signal_rate, target=target, return_trajectory=return_trajectory)
+  finally:
+    model.train(was_training)
+
+
+def slerp(start, end, weights):
+  """Spherical interpolation between two noises; weights 0 and 1 return the inputs exactly (see the JAX twin).
+
+  Args:
+    start, end: tensors of the same shape.
+    weights: (K,) weights in [0, 1] (a sequence or tensor).
+
+  Returns:
+    (K, *start.shape) tensor.
+  """
+  start, end = start.float(), end.float()
+  weights = torch.as_tensor(weights, dtype=torch.float32, device=start.device).reshape((-1,) + (1,) * start.ndim)
+  cosine = torch.sum(start * end) / (torch.linalg.norm(start) * torch.linalg.norm(end))
+  theta = torch.arccos(torch.clamp(cosine, -1.0, 1.0))
+  sin_theta = torch.sin(theta)
+  parallel = sin_theta < 1e-6
+  safe_sin = torch.where(parallel, torch.ones_like(sin_theta), sin_theta)
+  start_weights = torch.where(parallel, 1.0 - weights, torch.sin((1.0 - weights) * theta) / safe_sin)
+  end_weights = torch.where(parallel, weights, torch.sin(weights * theta) / safe_sin)
+  mixed = start_weights * start[None] + end_weights * end[None]
+  return torch.where(weights == 0.0, start[None], torch.where(weights == 1.0, end[None], mixed))

@@ -57,9 +57,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.steps_per_call = 1  # optimiser steps per compiled call (lax.scan)
   config.train.keep_checkpoints = 3  # the last N checkpoints are kept
   config.train.ema_warmup = False  # True: decay min(ema_decay, (1+n)/(10+n)) (short runs)
+  # KID on the validation split every N steps (0: off), logged as val_kid; the best-KID checkpoint
+  # is kept besides the last keep_checkpoints. 511 steps = one Keras epoch (6552 images x 5 / 64).
+  # Needs Inception weights (eval.inception_weights); without them training warns once and goes on.
+  config.train.kid_every = 511
 
   config.sample = ml_collections.ConfigDict()
   config.sample.steps = 20
   config.sample.num_images = 18
   config.sample.eta = 0.0
+
+  config.eval = ml_collections.ConfigDict()
+  # A torch InceptionV3 state dict (torchvision's or pytorch-fid's .pth); None: the torch hub cache.
+  config.eval.inception_weights = ml_collections.config_dict.placeholder(str)
+  config.eval.kid_steps = 5  # sampler steps of the generated images (Keras 5)
+  config.eval.kid_image_size = 75  # Inception input side: 75 (Keras) or 299 (R)
+  config.eval.num_kid_images = ml_collections.config_dict.placeholder(int)  # None: the whole validation split
+  config.eval.kid_batch_size = 64  # images per KID batch (Keras 64, R 128)
   return config

@@ -16,4 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.antialias = False
   config.train.ema_decay = 0.0  # R has no EMA: sampling uses the raw weights
   config.train.num_steps = 25_600
+  config.train.kid_every = 512  # one epoch of batch 64 (25,600 = 50 epochs)
+  config.eval.kid_image_size = 299  # R's kid_img_size
+  config.eval.kid_batch_size = 128  # R evaluates with batch_size 128
   return config

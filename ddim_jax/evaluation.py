@@ -1,0 +1,170 @@
+"""Evaluation of a trained model: KID against real images, and DDIM inversion reconstruction error.
+
+KID follows the Keras example (seed_spec section 8): each batch of real (validation) images is
+paired with a batch of as many generated images, the per-batch unbiased MMD^2 of their Inception
+features is averaged with equal weight (``metrics.KIDAccumulator``). Generated batch i always
+starts from the noise of ``fold_in(key(seed), i)``, so the KID of several step counts (or of
+successive epochs during training) is measured on the same real batches AND the same noises: the
+differences between them are not sampling noise.
+
+Reconstruction error (DDIM paper section 5.4, Table 2): images -> ``sampling.invert`` -> noise ->
+``sampling.generate`` with the same step count -> images; the per-dimension mean squared error
+of pixels in [0, 1].
+"""
+
+import functools
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from ddim_jax import metrics, sampling
+
+FeatureFn = Callable[[Any], Any]
+
+
+def schedule_kwargs(config) -> dict:
+  """The sampler's schedule/target keyword arguments from a config's ``diffusion`` block."""
+  return dict(schedule=config.diffusion.schedule, min_signal_rate=float(config.diffusion.min_signal_rate),
+              max_signal_rate=float(config.diffusion.max_signal_rate), target=config.diffusion.target)
+
+
+def as_float_images(images) -> np.ndarray:
+  """uint8 (0..255) or float ([0, 1]) images -> float32 in [0, 1]."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  return images.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def kid_feature_fn(weights_path: str, image_size: int) -> FeatureFn:
+  """The (jitted) Inception feature function of a weights file, built once per process.
+
+  Cached so that KID every epoch, or over several step counts, compiles InceptionV3 once (about
+  as long as a few hundred training steps on a CPU).
+  """
+  from ddim_jax import inception  # pylint: disable=import-outside-toplevel
+  model, variables = inception.load_inception_weights(weights_path)
+  return inception.feature_extractor(model, variables, image_size)
+
+
+def resolve_inception_weights(path: str | None) -> str:
+  """The Inception weights file to use (``path`` or the torch hub cache); FileNotFoundError if none."""
+  from ddim_jax import inception  # pylint: disable=import-outside-toplevel
+  return inception.find_inception_weights(path)
+
+
+def kid_batch_size(num_images: int, batch_size: int) -> int:
+  """The KID batch: ``batch_size``, or all the images when there are fewer (at least 2 are needed)."""
+  if num_images < 2:
+    raise ValueError(f"KID needs at least 2 real images, got {num_images}")
+  return min(batch_size, num_images)
+
+
+def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, feature_fn: FeatureFn,
+                  steps_list: Sequence[int], *, batch_size: int = 64, seed: int = 0, progress: bool = False,
+                  **sampler_kwargs) -> dict[int, float]:
+  """KID of EMA samples against ``real_images`` for each step count (same batches, same noises).
+
+  Args:
+    model, variables, normalizer: the UNet, its variables and the data normaliser.
+    real_images: (N, H, W, C) uint8 or [0, 1] float; the partial last batch is dropped (Keras).
+    feature_fn: images in [0, 1] -> (B, d) features (``kid_feature_fn``).
+    steps_list: sampler step counts.
+    batch_size: real (and generated) images per KID batch (Keras 64, R 128).
+    seed: seed of the generated batches' noises.
+    progress: show a progress bar.
+    **sampler_kwargs: schedule, min_signal_rate, max_signal_rate, target (``schedule_kwargs``).
+
+  Returns:
+    {steps: KID}.
+  """
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  real_images = as_float_images(real_images)
+  batch = kid_batch_size(len(real_images), batch_size)
+  num_batches = len(real_images) // batch
+  shape = (batch,) + real_images.shape[1:3] + (int(model.channels),)
+  key = jax.random.key(seed)
+  # Real features once: they do not depend on the step count.
+  real_features = [feature_fn(real_images[i * batch:(i + 1) * batch]) for i in range(num_batches)]
+  results = {}
+  for steps in steps_list:
+    accumulator = metrics.KIDAccumulator()
+    for i in tqdm(range(num_batches), desc=f"KID ({steps} steps)", disable=not progress):
+      noise = jax.random.normal(jax.random.fold_in(key, i), shape)
+      generated = sampling.generate(model, variables, noise, normalizer, steps=int(steps), **sampler_kwargs)["images"]
+      accumulator.update(real_features[i], feature_fn(generated))
+    results[int(steps)] = accumulator.result()
+  return results
+
+
+def reconstruction_errors(model, variables, normalizer: Mapping[str, Any], images, steps_list: Sequence[int], *,
+                          batch_size: int = 64, **sampler_kwargs) -> dict[int, float]:
+  """Mean squared error in [0, 1] pixels of image -> DDIM inversion -> DDIM sampling, per step count.
+
+  Args:
+    model, variables, normalizer: the UNet, its variables and the data normaliser.
+    images: (N, H, W, C) uint8 or [0, 1] float.
+    steps_list: step counts S (inversion and sampling both use S network evaluations).
+    batch_size: images per jitted call.
+    **sampler_kwargs: schedule, min_signal_rate, max_signal_rate, target.
+
+  Returns:
+    {steps: MSE}.
+  """
+  images = as_float_images(images)
+  results = {}
+  for steps in steps_list:
+    squared_error = 0.0
+    for start in range(0, len(images), batch_size):
+      batch = images[start:start + batch_size]
+      noises = sampling.invert(model, variables, batch, normalizer, steps=int(steps), **sampler_kwargs)["noises"]
+      recon = sampling.generate(model, variables, noises, normalizer, steps=int(steps), **sampler_kwargs)["images"]
+      squared_error += float(np.sum(np.square(np.asarray(recon, np.float64) - batch)))
+    results[int(steps)] = squared_error / images.size
+  return results
+
+
+# ------------------------------------------------------------------------------------------------
+# KID during training.
+
+
+def make_training_kid(config, model, val_images) -> Callable | None:
+  """The training loop's KID: ``fn(variables, normalizer) -> val_kid``, or None when KID is off.
+
+  KID is on when ``config.train.kid_every > 0`` and an Inception weights file is found
+  (``config.eval.inception_weights`` or the torch hub cache); without one a single warning says
+  how to get it and training goes on without KID. Settings: ``config.eval.kid_steps`` (Keras 5),
+  ``kid_image_size`` (75 Keras, 299 R), ``num_kid_images`` (None: the whole validation split),
+  ``kid_batch_size`` (64). The same noises are used at every evaluation.
+  """
+  kid_every = int(config.train.get("kid_every", 0) or 0)
+  if kid_every <= 0:
+    return None
+  steps_per_call = int(config.train.get("steps_per_call", 1))
+  if kid_every % steps_per_call:
+    raise ValueError(f"config.train.kid_every={kid_every} is invalid: must be a multiple of "
+                     f"train.steps_per_call={steps_per_call}")
+  eval_config = config.get("eval", {})
+  try:
+    weights = resolve_inception_weights(eval_config.get("inception_weights"))
+  except FileNotFoundError as e:
+    warnings.warn(f"KID during training is OFF (config.train.kid_every={kid_every}): {e}", stacklevel=2)
+    return None
+  image_size = int(eval_config.get("kid_image_size", 75))
+  num = eval_config.get("num_kid_images")
+  reals = val_images if num is None else val_images[:int(num)]
+  feature_fn = kid_feature_fn(weights, image_size)
+  batch_size = int(eval_config.get("kid_batch_size", 64))
+  steps = int(eval_config.get("kid_steps", 5))
+  kwargs = schedule_kwargs(config)
+  seed = int(config.seed) + 3
+
+  def evaluate(variables, normalizer) -> float:
+    return kid_for_steps(model, variables, normalizer, reals, feature_fn, [steps], batch_size=batch_size, seed=seed,
+                         **kwargs)[steps]
+
+  return evaluate
+

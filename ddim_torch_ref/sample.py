@@ -1,0 +1,105 @@
+"""Sample grids from a ddim-jax weight file with the PyTorch twin (no JAX).
+
+  python -m ddim_torch_ref.sample --weights FILE.safetensors --num-images 36 --steps 20 --seed 0 --out grid.png
+  python -m ddim_torch_ref.sample --weights FILE.safetensors --noise-file noise.npy --out grid.png
+
+The initial noise is ``np.random.default_rng(seed).standard_normal((N, H, W, C), dtype=float32)``
+(NHWC, transposed to NCHW here), or a ``--noise-file`` .npy of that layout; for eta > 0 each batch
+draws its per-step noise (steps, B, H, W, C) from ``np.random.default_rng(seed + 1)``. These are
+exactly the draws of ``ddim-jax sample --numpy-noise`` (or ``--noise-file``), so both commands give
+the same images from the same weight file (measured: within 1e-4 per pixel, float32 on CPU).
+The grid is written by ``ddim_jax.visualize`` (NumPy + Pillow only), as ``ddim-jax sample`` does.
+"""
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from ddim_torch_ref import convert, sampling, schedules
+
+
+def numpy_noise(seed: int, shape) -> np.ndarray:
+  """The initial noise of ``--seed``: the same draw as ``ddim-jax sample --numpy-noise``."""
+  return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+
+
+def sampler_kwargs(metadata) -> dict:
+  """Schedule and target recorded in a weight file (the Keras defaults when absent)."""
+  return dict(schedule=metadata.get("schedule", "cosine"),
+              min_signal_rate=float(metadata.get("min_signal_rate", schedules.MIN_SIGNAL_RATE)),
+              max_signal_rate=float(metadata.get("max_signal_rate", schedules.MAX_SIGNAL_RATE)),
+              target=metadata.get("target", "noise"))
+
+
+def sample_images(model, normalizer, initial_noise: np.ndarray, steps: int, eta: float = 0.0, seed: int = 0,
+                  batch_size: int = 64, **kwargs) -> np.ndarray:
+  """Generates images from NHWC NumPy noise in batches; returns (N, H, W, C) float32 in [0, 1].
+
+  For eta > 0 the per-step draws of each batch, (steps, B, H, W, C), come in batch order from
+  ``np.random.default_rng(seed + 1)`` (as ``ddim_jax.cli``).
+  """
+  step_rng = np.random.default_rng(seed + 1)
+  out = []
+  for start in range(0, len(initial_noise), batch_size):
+    noise = np.asarray(initial_noise[start:start + batch_size], np.float32)
+    step_noises = None
+    if eta > 0:
+      draws = step_rng.standard_normal((steps,) + noise.shape, dtype=np.float32)
+      step_noises = torch.from_numpy(draws).permute(0, 1, 4, 2, 3).contiguous()
+    result = sampling.generate(model, torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous(), normalizer,
+                               step_noises=step_noises, steps=steps, eta=eta, **kwargs)
+    out.append(result["images"].permute(0, 2, 3, 1).numpy())
+  return np.concatenate(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line parser."""
+  parser = argparse.ArgumentParser(prog="python -m ddim_torch_ref.sample", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--weights", required=True, help="a ddim-jax .safetensors weight file")
+  parser.add_argument("--out", default="samples_torch.png")
+  parser.add_argument("--num-images", type=int, default=36)
+  parser.add_argument("--steps", type=int, default=20, help="network evaluations (Keras semantics)")
+  parser.add_argument("--eta", type=float, default=0.0)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--numpy-noise", action="store_true",
+                      help="accepted for symmetry with ddim-jax: the noise is always drawn in NumPy here")
+  parser.add_argument("--noise-file", default=None, help="initial noise from a .npy file, (N, H, W, C) float32")
+  parser.add_argument("--rows", type=int, default=None)
+  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--upscale", type=int, default=1)
+  parser.add_argument("--array-out", default=None, help="also write the images as a float32 .npy (N, H, W, C)")
+  return parser
+
+
+def main(argv=None) -> int:
+  """Entry point."""
+  args = build_parser().parse_args(argv)
+  from ddim_jax import visualize  # pylint: disable=import-outside-toplevel  (NumPy + Pillow only, no JAX)
+  try:
+    model, normalizer, metadata = convert.load_weights(args.weights)
+  except ValueError as e:
+    print(f"ddim_torch_ref.sample: error: {e}", file=sys.stderr)
+    return 2
+  size, channels = int(metadata.get("image_size", 64)), int(metadata.get("channels", 3))
+  if args.noise_file:
+    noise = np.load(args.noise_file)
+    if noise.ndim != 4 or noise.shape[1:] != (size, size, channels) or len(noise) < args.num_images:
+      print(f"ddim_torch_ref.sample: error: --noise-file holds shape {noise.shape}; need (N >= {args.num_images}, "
+            f"{size}, {size}, {channels})", file=sys.stderr)
+      return 2
+    noise = noise[:args.num_images].astype(np.float32)
+  else:
+    noise = numpy_noise(args.seed, (args.num_images, size, size, channels))
+  images = sample_images(model, normalizer, noise, args.steps, args.eta, args.seed, args.batch_size,
+                         **sampler_kwargs(metadata))
+  visualize.save_grid(images, args.out, rows=args.rows, upscale=args.upscale)
+  if args.array_out:
+    np.save(args.array_out, images)
+  print(f"wrote {args.out} ({len(images)} images, {args.steps} steps, eta={args.eta}, torch)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,123 @@
+"""DDIM inversion and spherical interpolation (ddim_jax/sampling.py and its torch twin).
+
+Analytic models give exact noise predictions: for a one-image data set the reconstruction must be
+exact at any step count, for Gaussian data the ODE is non-trivial and the error must fall as the
+steps grow. The trained 16x16 fixture checks the same trend on a real network.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ddim_jax import input_pipeline, sampling
+from ddim_torch_ref import convert as ref_convert
+from ddim_torch_ref import sampling as ref_sampling
+
+SHAPE = (3, 8, 8, 1)
+
+
+def _single_image_network(x0):
+  """eps(x, v) = (x - sqrt(1 - v) x0) / sqrt(v): the exact noise when the data is the one image x0."""
+  return lambda x, v: (x - jnp.sqrt(1.0 - v) * x0) / jnp.sqrt(v)
+
+
+def _gaussian_network(mean, std):
+  """The exact E[eps | x_t] for data x0 ~ N(mean, std^2) per pixel: n (x - s mean) / (s^2 std^2 + n^2)."""
+  def fn(x, v):
+    n, s = jnp.sqrt(v), jnp.sqrt(1.0 - v)
+    return n * (x - s * mean) / (s * s * std * std + v)
+  return fn
+
+
+def _round_trip(network_fn, images, steps):
+  noises = sampling.ddim_inversion(network_fn, images, steps)["noises"]
+  return noises, sampling.reverse_diffusion(network_fn, noises, steps)["pred_images"]
+
+
+def test_inversion_rates_mirror_the_sampler():
+  noise_rates, signal_rates, next_noise_rates, next_signal_rates = sampling.inversion_rates(4)
+  assert (noise_rates[0], signal_rates[0]) == (0.0, 1.0)  # starts from the clean image
+  sampler = sampling.step_rates(4)
+  # Inversion step j lands where sampler step S-1-j starts: the same float32 rates, reversed.
+  np.testing.assert_array_equal(next_noise_rates, sampler[0][::-1])
+  np.testing.assert_array_equal(next_signal_rates, sampler[1][::-1])
+  np.testing.assert_array_equal(noise_rates[1:], sampler[2][::-1][1:])
+  for got, want in zip(sampling.inversion_rates(7, "linear"), ref_sampling.inversion_rates(7, "linear")):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_inversion_of_a_single_image_model_is_exact():
+  x0 = jnp.asarray(np.random.default_rng(0).normal(size=SHAPE), jnp.float32)
+  for steps in (1, 5, 20):
+    noises, recon = _round_trip(_single_image_network(x0), x0, steps)
+    assert float(jnp.max(jnp.abs(recon - x0))) < 1e-4, steps
+    assert bool(jnp.all(jnp.isfinite(noises)))
+
+
+def test_inversion_error_of_gaussian_data_falls_with_steps():
+  rng = np.random.default_rng(1)
+  mean, std = 0.3, 0.5
+  images = jnp.asarray(mean + std * rng.normal(size=SHAPE), jnp.float32)
+  network_fn = _gaussian_network(mean, std)
+  errors = []
+  for steps in (2, 5, 10, 20, 50):
+    _, recon = _round_trip(network_fn, images, steps)
+    errors.append(float(jnp.mean(jnp.square(recon - images))))
+  assert all(a > b for a, b in zip(errors, errors[1:])), errors
+  assert errors[-1] < 0.1 * errors[0], errors
+
+
+def test_inversion_of_the_trained_model_improves_with_steps_and_matches_torch(trained_model, trained_weights):
+  model, variables, normalizer = trained_model("keras")
+  images = input_pipeline.load_digits_images(16)[:8].astype(np.float32) / 255.0
+  errors = {}
+  for steps in (10, 50):
+    noises = sampling.invert(model, variables, images, normalizer, steps=steps)["noises"]
+    recon = sampling.generate(model, variables, noises, normalizer, steps=steps)["images"]
+    errors[steps] = float(jnp.mean(jnp.square(recon - images)))
+  assert errors[50] < errors[10], errors
+  assert errors[50] < 0.02, errors  # a reconstruction, not an unrelated sample (~0.1 apart)
+
+  # The torch twin computes the same latent noise.
+  torch_model, torch_normalizer, _ = ref_convert.load_weights(trained_weights("keras"))
+  want = ref_sampling.invert(torch_model, torch.from_numpy(images).permute(0, 3, 1, 2), torch_normalizer,
+                             steps=10)["noises"].permute(0, 2, 3, 1).numpy()
+  got = np.asarray(sampling.invert(model, variables, images, normalizer, steps=10)["noises"])
+  assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, np.max(np.abs(want)))
+
+
+def test_inversion_rejects_an_image_target():
+  with pytest.raises(ValueError, match="noise-predicting"):
+    sampling.ddim_inversion(lambda x, v: x, jnp.zeros(SHAPE), 3, target="image")
+
+
+def test_slerp_endpoints_are_exact_and_norm_is_kept():
+  rng = np.random.default_rng(2)
+  a, b = (rng.standard_normal((16, 16, 3), dtype=np.float32) for _ in range(2))
+  weights = np.linspace(0.0, 1.0, 7, dtype=np.float32)
+  frames = np.asarray(sampling.slerp(a, b, weights))
+  assert frames.shape == (7, 16, 16, 3)
+  np.testing.assert_array_equal(frames[0], a)
+  np.testing.assert_array_equal(frames[-1], b)
+  # Two independent draws are nearly orthogonal and of equal norm: the arc keeps the norm, the
+  # straight line would shrink the middle one by ~sqrt(2).
+  norms = np.linalg.norm(frames.reshape(7, -1), axis=1)
+  assert np.all(np.abs(norms / np.linalg.norm(a) - 1.0) < 0.05), norms
+  twin = ref_sampling.slerp(torch.from_numpy(a), torch.from_numpy(b), weights).numpy()
+  np.testing.assert_array_equal(twin[0], a)
+  np.testing.assert_array_equal(twin[-1], b)
+  np.testing.assert_allclose(twin, frames, atol=1e-5)
+  parallel = np.asarray(sampling.slerp(a, 2.0 * a, np.array([0.5], np.float32)))
+  np.testing.assert_allclose(parallel[0], 1.5 * a, rtol=1e-5)  # the straight-line fallback, no NaN
+
+
+def test_interpolation_endpoints_are_the_direct_samples(trained_model):
+  model, variables, normalizer = trained_model("keras")
+  noise = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+  frames = sampling.slerp(noise[0], noise[1], np.linspace(0.0, 1.0, 5, dtype=np.float32))
+  along = np.asarray(sampling.generate(model, variables, frames, normalizer, steps=5)["images"])
+  direct = np.asarray(sampling.generate(model, variables, noise, normalizer, steps=5)["images"])
+  np.testing.assert_allclose(along[[0, -1]], direct, atol=1e-5)
+  assert np.abs(along[2] - direct[0]).mean() > 1e-3  # the middle frame is neither endpoint
