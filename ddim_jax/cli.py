@@ -400,7 +400,7 @@ def restore_for_export(workdir: str, ema: bool = True):
     model = models.create_model(**config.model)
     step_config = train.StepConfig.from_config(config)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = train._abstract_state(model, step_config, int(config.model.image_size), jax.random.key(0), sharding)  # pylint: disable=protected-access
+    abstract = train.abstract_train_state(model, step_config, int(config.model.image_size), jax.random.key(0), sharding)
     step, state, meta = ckpt.restore_latest(abstract)
   normalizer = {k: np.asarray(v, np.float32) for k, v in meta["normalizer"].items()}
   return model, jax.device_get(state.variables(ema=ema)), normalizer, config, step

@@ -320,7 +320,8 @@ def _checkpoint_meta(config, normalizer, data_state, step: int) -> dict:
           "normalizer": {k: np.asarray(v, np.float32).tolist() for k, v in normalizer.items()}}
 
 
-def _abstract_state(model, step_config, image_size, key, sharding):
+def abstract_train_state(model, step_config, image_size, key, sharding):
+  """The TrainState's shapes and dtypes with ``sharding`` (a restore target); nothing is computed."""
   shapes = jax.eval_shape(lambda: create_train_state(model, step_config, key, image_size))
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
@@ -364,8 +365,8 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=int(config.train.get("keep_checkpoints", 3)),
                                     best_metric="val_kid" if kid_fn is not None else None, best_mode="min")
-  flag = checkpointing.install_sigterm_handler()
-  restored = ckpt.restore_latest(_abstract_state(model, step_config, image_size, init_key,
+  checkpointing.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
+  restored = ckpt.restore_latest(abstract_train_state(model, step_config, image_size, init_key,
                                                  parallel.replicated(mesh)))
   if restored is not None:
     step, state, meta = restored
@@ -429,5 +430,4 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
     writer.close()
     ckpt.wait_until_finished()
     ckpt.close()
-    del flag
   return state
