@@ -227,6 +227,7 @@ class UNet(nn.Module):
 
     e = sinusoidal_embedding(noise_variances, self.embedding_dims, self.embedding_min_frequency,
                              self.embedding_max_frequency)
+    e = jnp.einsum("bhwe,ef->bhwf", e, jnp.eye(self.embedding_dims, dtype=e.dtype), precision=jax.lax.Precision.HIGHEST)
     e = jnp.broadcast_to(e, (batch, height, width, self.embedding_dims)).astype(self.dtype)
     stem_width = self.widths[0] if self.variant == "keras" else self.embedding_dims
     x = conv(stem_width, 1, in_channels, spec, "stem", self.dtype)(noisy_images)
