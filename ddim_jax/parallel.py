@@ -26,6 +26,54 @@ PARALLEL_MODES = ("shard_map", "pmap")
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
 
+def cpu_device_count(spec, batch_size: int, num_processes: int = 1) -> int:
+  """How many JAX devices the CPU backend should expose: ``spec`` is "auto" or a positive integer.
+
+  "auto": one device per available core, lowered to the largest count that divides this process's
+  share of ``batch_size`` (the sharded step needs equal shards). Why: XLA:CPU runs each
+  convolution on one thread, so a one-device CPU step leaves the other cores mostly idle; one
+  device per core runs one shard per core, exactly the data-parallel path of a GPU host.
+  """
+  if isinstance(spec, str) and spec.strip().lower() == "auto":
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_batch = max(1, int(batch_size) // max(1, int(num_processes)))
+    count = max(1, min(cores, local_batch))
+    while local_batch % count:
+      count -= 1
+    return count
+  try:
+    count = int(spec)
+  except (TypeError, ValueError):
+    count = 0
+  if count < 1 or str(spec).strip() != str(count):
+    raise ValueError(f"config.cpu_devices={spec!r} is invalid: use 'auto' (one JAX CPU device per core) or a "
+                     f"positive integer")
+  return count
+
+
+def configure_cpu_devices(spec, batch_size: int) -> int | None:
+  """Sets ``jax_num_cpu_devices`` from ``spec`` (see ``cpu_device_count``) before the backend starts.
+
+  Only the CPU client reads it (GPU/TPU devices are unaffected). Returns the count set, or None
+  when left alone: ``XLA_FLAGS`` already forces a host device count (tests, users), or the
+  backend has already started (a warning says so).
+  """
+  count = cpu_device_count(spec, batch_size, int(os.environ.get("JAX_NUM_PROCESSES", "1") or 1))  # validates
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  if int(jax.config.jax_num_cpu_devices) == count:
+    return count
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError as e:  # the backend is already running in this process
+    if jax.local_device_count() == count:
+      return count
+    import warnings  # pylint: disable=import-outside-toplevel
+    warnings.warn(f"config.cpu_devices={spec!r} not applied ({e}); keeping {jax.local_device_count()} device(s)")
+    return None
+  return count
+
+
 def initialize_distributed(enabled: bool | None = None, **kwargs) -> bool:
   """Starts ``jax.distributed`` when asked (flag) or when the usual environment says so.
 

@@ -340,6 +340,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   from ddim_jax import checkpointing, input_pipeline, parallel  # pylint: disable=import-outside-toplevel
 
+  parallel.configure_cpu_devices(config.get("cpu_devices", 1), int(config.train.batch_size))
   parallel.initialize_distributed(distributed)
   validate_config(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)

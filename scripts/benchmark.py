@@ -100,14 +100,10 @@ class JaxWorker:
     import jax
     import jax.numpy as jnp
     # Before the backend starts: the number of CPU devices (only the CPU client reads it).
-    cpu_devices = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
-        if args.jax_cpu_devices == "auto" else int(args.jax_cpu_devices)
-    while args.batch_size % cpu_devices:
-      cpu_devices -= 1
-    if "XLA_FLAGS" not in os.environ or "host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-      jax.config.update("jax_num_cpu_devices", cpu_devices)
+    from ddim_jax import parallel
+    parallel.configure_cpu_devices(args.jax_cpu_devices, args.batch_size)  # the CLI's own rule
     import numpy as np
-    from ddim_jax import models, parallel, sampling, train
+    from ddim_jax import models, sampling, train
     self.jax, self.np, self.sampling = jax, np, sampling
     self.args = args
     rss0 = peak_rss_mb()

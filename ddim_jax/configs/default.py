@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.parallel = "shard_map"  # or "pmap"
+  # JAX devices of the CPU backend: "auto" = one per core (dividing the batch), or an integer. Only
+  # the CPU client reads it; XLA_FLAGS=--xla_force_host_platform_device_count=N takes precedence.
+  config.cpu_devices = "auto"
 
   config.model = ml_collections.ConfigDict()
   config.model.variant = "keras"  # "keras" | "r"
