@@ -71,6 +71,12 @@ def configure_cpu_devices(spec, batch_size: int) -> int | None:
     import warnings  # pylint: disable=import-outside-toplevel
     warnings.warn(f"config.cpu_devices={spec!r} not applied ({e}); keeping {jax.local_device_count()} device(s)")
     return None
+  flags = os.environ.get("XLA_FLAGS", "")
+  if count > 1 and "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+    # XLA:CPU's default scheduler orders a program to run independent ops concurrently on all cores;
+    # with one device per core that only lengthens live ranges (measured: the 2-device training step
+    # 5% slower). Read when the backend starts, so setting it here (before) takes effect.
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_enable_concurrency_optimized_scheduler=false".strip()
   return count
 
 

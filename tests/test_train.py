@@ -253,11 +253,16 @@ def test_configure_cpu_devices_sets_the_backend_device_count(spec):
   del env["XLA_FLAGS"]
   code = ("import jax; from ddim_jax import parallel; "
           f"n = parallel.configure_cpu_devices({spec!r}, 12); "
-          f"print(n, jax.local_device_count(), parallel.cpu_device_count({spec!r}, 12))")
+          f"print(n, jax.local_device_count(), parallel.cpu_device_count({spec!r}, 12)); "
+          "import os; print(os.environ.get('XLA_FLAGS', ''))")
   result = run([sys.executable, "-c", code], env)
   assert result.returncode == 0, result.stderr[-2000:]
-  configured, devices, expected = map(int, result.stdout.split())
+  counts, flags = result.stdout.split("\n")[:2]
+  configured, devices, expected = map(int, counts.split())
   assert configured == devices == expected
+  # With one device per core, XLA's concurrency-oriented scheduler is switched off (it only helps
+  # one device spread over many cores).
+  assert ("--xla_cpu_enable_concurrency_optimized_scheduler=false" in flags) == (devices > 1)
   # XLA_FLAGS takes precedence (the tests' own virtual devices are left alone).
   result = run([sys.executable, "-c", code], subprocess_env(2))
   assert result.returncode == 0, result.stderr[-2000:]
