@@ -92,3 +92,38 @@ def test_bad_model_config_errors():
     models.init_variables(models.create_model(), jax.random.key(0), 60)
   with pytest.raises(ValueError, match="unknown model variant"):
     torch_models.create_model("unet3d")
+
+
+def test_bfloat16_compute_keeps_float32_state_and_tracks_float32():
+  """Mixed precision (the benchmark's --precision bf16): bf16 activations, float32 params and optimiser."""
+  from ddim_jax import parity, train
+  kw = dict(widths=(8, 16), block_depth=1)
+  model32, model16 = models.create_model(**kw), models.create_model(**kw, dtype=jnp.bfloat16)
+  variables = parity.perturbed_variables(model32, 16)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 16, 16, 3), dtype=np.float32))
+  v = jnp.asarray(rng.uniform(0.1, 0.9, (4, 1, 1, 1)).astype(np.float32))
+  out32 = np.asarray(model32.apply(variables, x, v))
+  out16 = model16.apply(variables, x, v)
+  assert out16.dtype == jnp.float32  # the head's output is cast back
+  rel = np.abs(np.asarray(out16) - out32).max() / np.abs(out32).max()
+  assert 1e-5 < rel < 0.05, rel  # bf16 really ran (not exact), and stays within bf16's ~3 digits
+
+  step_config = train.StepConfig()
+  normalizer = {"mean": jnp.full(3, 0.5), "variance": jnp.full(3, 0.08)}
+  images = jnp.asarray(rng.random((4, 16, 16, 3), dtype=np.float32))
+  key = jax.random.key_data(jax.random.key(1))
+  losses = {}
+  for name, model in (("fp32", model32), ("bf16", model16)):
+    state = train.create_train_state(model, step_config, jax.random.key(0), 16)
+    # Perturbed weights: the fresh zero-initialised head would predict 0 in both precisions.
+    state = state.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
+                          batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
+    state, metrics = jax.jit(lambda s, m=model: train.train_step(s, images, normalizer, key, model=m,
+                                                                  step_config=step_config, axis_name=None))(state)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((state.params, state.ema_params)))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.opt_state) if hasattr(leaf, "dtype")
+               and jnp.issubdtype(leaf.dtype, jnp.floating))
+    losses[name] = float(metrics["loss"])
+  assert losses["bf16"] != losses["fp32"]
+  assert np.isfinite(losses["bf16"]) and abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"], losses
