@@ -227,7 +227,12 @@ class UNet(nn.Module):
 
     e = sinusoidal_embedding(noise_variances, self.embedding_dims, self.embedding_min_frequency,
                              self.embedding_max_frequency)
-    e = jnp.einsum("bhwe,ef->bhwf", e, jnp.eye(self.embedding_dims, dtype=e.dtype), precision=jax.lax.Precision.HIGHEST)
+    # Materialise the (B, 1, 1, E) embedding before the broadcast: otherwise XLA fuses it (and the
+    # draw of the diffusion times before it) into the broadcast-concatenate below and recomputes the
+    # sines and cosines for every pixel. XLA:CPU removes an optimization_barrier before fusion; a
+    # dot with the identity is never fused into an elementwise loop and is exact (x * 1 plus zeros).
+    e = jnp.einsum("bhwe,ef->bhwf", e, jnp.eye(self.embedding_dims, dtype=e.dtype),
+                   precision=jax.lax.Precision.HIGHEST)
     e = jnp.broadcast_to(e, (batch, height, width, self.embedding_dims)).astype(self.dtype)
     stem_width = self.widths[0] if self.variant == "keras" else self.embedding_dims
     x = conv(stem_width, 1, in_channels, spec, "stem", self.dtype)(noisy_images)
