@@ -267,3 +267,10 @@ def test_configure_cpu_devices_sets_the_backend_device_count(spec):
   result = run([sys.executable, "-c", code], subprocess_env(2))
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split()[:2] == ["None", "2"]
+
+
+def test_cpu_devices_default_and_auto_override():
+  from ddim_jax import configs
+  assert parallel.cpu_device_count(configs.load_config("demo").cpu_devices, 64) == 1  # one device unless asked
+  assert configs.load_config("demo", ["--config.cpu_devices=auto"]).cpu_devices == "auto"
+  assert configs.load_config("default", ["--config.cpu_devices=2"]).cpu_devices == "2"

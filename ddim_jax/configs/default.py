@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 1.36x faster CPU training, but opt-in: one 2-device `demo` run on 2 cores aborted at step 1043
   # in an all-reduce rendezvous timeout inside XLA:CPU, see docs/benchmarks.md). Only the CPU
   # client reads it; XLA_FLAGS=--xla_force_host_platform_device_count=N takes precedence.
-  config.cpu_devices = 1
+  config.cpu_devices = "1"  # a string, so that --config.cpu_devices=auto parses
 
   config.model = ml_collections.ConfigDict()
   config.model.variant = "keras"  # "keras" | "r"
