@@ -273,16 +273,39 @@ def test_bad_directories_and_arguments_raise_clear_errors(tmp_path):
     ckpt.save(2, make_state(2), make_meta(2))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_directory_raises(tmp_path):
+def test_unwritable_or_uncreatable_directory_raises(tmp_path, monkeypatch):
+  """A directory that cannot hold checkpoints is refused when the Checkpointer opens, under any uid.
+
+  Root bypasses permission bits, so the uid-proof cases are a path through a dangling symlink and
+  a directory that the OS reports as unwritable (os.access, what the check asks).
+  """
+  dangling = tmp_path / "dangling"
+  dangling.symlink_to(tmp_path / "nowhere" / "target")
+  with pytest.raises(OSError, match="cannot create checkpoint directory"):
+    Checkpointer(dangling)
+
   locked = tmp_path / "locked"
   locked.mkdir()
-  locked.chmod(0o500)
-  try:
+  real_access = os.access
+
+  def access(path, mode, *args, **kwargs):
+    if pathlib.Path(path) == locked and mode & os.W_OK:
+      return False  # what a read-only mount or a directory of another user reports, root included
+    return real_access(path, mode, *args, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(os, "access", access)
     with pytest.raises(PermissionError, match="not writable"):
       Checkpointer(locked)
-  finally:
-    locked.chmod(0o700)
+  assert list(locked.iterdir()) == []
+
+  if os.geteuid() != 0:  # real permission bits, where they apply
+    locked.chmod(0o500)
+    try:
+      with pytest.raises(PermissionError, match="not writable"):
+        Checkpointer(locked)
+    finally:
+      locked.chmod(0o700)
 
 
 def test_reached_preemption_follows_flag_and_sigterm_handler(tmp_path):

@@ -123,8 +123,43 @@ def test_truncated_foreign_and_absent_files(weight_file, tmp_path):
     convert.load_weights(str(tmp_path / "nope.safetensors"))
 
 
-def test_torch_load_of_pt_files_uses_weights_only():
-  # The twin never unpickles: a state_dict saved with torch.save loads with weights_only=True.
+class _CodeOnUnpickle:
+  """Unpickling this object runs code: it writes ``marker`` (what a malicious .pth file would do)."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
+
+
+@pytest.mark.parametrize("loader", ["ddim_jax", "ddim_torch_ref"])
+def test_inception_pth_loaders_refuse_pickled_code(loader, tmp_path, monkeypatch):
+  """The product's .pth loaders pass weights_only=True themselves, so a pickle that runs code is refused.
+
+  TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (set by users to read old checkpoints) turns torch.load's
+  default into weights_only=False, but cannot override an explicit weights_only=True: a loader that
+  relied on the default would run the payload here.
+  """
+  import pickle
+
+  from ddim_jax import inception
+  from ddim_torch_ref import inception as torch_inception
+  monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+  monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+  marker = tmp_path / "payload_ran"
+  path = tmp_path / "inception_v3_google-0cc3c7bd.pth"
+  torch.save({"fc.weight": torch.zeros(2, 2), "payload": _CodeOnUnpickle(marker)}, path)
+  load = inception.load_inception_weights if loader == "ddim_jax" else torch_inception.load
+  try:
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights.only"):
+      load(str(path))
+  finally:
+    assert not marker.exists(), "the loader unpickled the file and ran its code"
+
+
+def test_torch_state_dict_converts_to_flax():
+  # A state_dict of the torch twin (as torch.save writes it) converts to the Flax variables.
   import io
   buffer = io.BytesIO()
   torch.save(torch_models.create_model("keras", **SMALL).state_dict(), buffer)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import linen as nn
 
 from ddim_jax import models
 from ddim_torch_ref import models as torch_models
@@ -79,6 +80,158 @@ def test_fresh_model_predicts_zero_and_glorot_init(variant):
   bound = math.sqrt(6 / (fan_in + fan_out)) if variant == "keras" else 1 / math.sqrt(fan_in)
   assert np.abs(kernel).max() <= bound
   assert np.abs(kernel).max() > 0.8 * bound
+
+
+# BatchNorm numerics written from the originals (seed spec 5.2, 5.3), not from models.py:
+# Keras BatchNormalization defaults (keeps 0.99 of the running value per step, eps 1e-3); R's
+# nn_batch_norm2d with torch defaults (update momentum 0.1, i.e. keeps 0.9; eps 1e-5).
+BN_ORIGINALS = {"keras": {"keep": 0.99, "eps": 1e-3}, "r": {"keep": 1.0 - 0.1, "eps": 1e-5}}
+BN_TINY = dict(widths=(8, 16), block_depth=1)
+OLD_MEAN, OLD_VAR = 5.0, 10.0  # running statistics far from any batch statistic of these inputs
+
+
+def _bn_inputs():
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
+  v = rng.uniform(0.1, 0.9, (4, 1, 1, 1)).astype(np.float32)
+  return x, v
+
+
+def _flax_bn_calls(model, variables, x, v, train):
+  """Applies ``model``; returns ({module path: (input, output)} of every nn.BatchNorm call, new batch_stats)."""
+
+  @jax.jit  # one compilation of the tiny net: op-by-op eager dispatch compiles every op (~10 s)
+  def run(variables):
+    calls = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+        calls[context.module.scope.path] = (args[0], out)
+      return out
+
+    with nn.intercept_methods(interceptor):
+      if train:
+        _, updates = model.apply(variables, jnp.asarray(x), jnp.asarray(v), train=True, mutable=["batch_stats"])
+        return calls, updates["batch_stats"]
+      model.apply(variables, jnp.asarray(x), jnp.asarray(v), train=False)
+      return calls, None
+
+  calls, new_stats = run(variables)
+  return {path: tuple(np.asarray(a, np.float64) for a in pair) for path, pair in calls.items()}, new_stats
+
+
+def _init(model):
+  """Random variables of ``model`` from NumPy (shapes by eval_shape; a jitted or eager init costs ~10 s)."""
+  rng = np.random.default_rng(5)
+  shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 8))
+
+  def fill(leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+    return jnp.asarray((rng.standard_normal(leaf.shape) / math.sqrt(fan_in)).astype(np.float32))
+
+  return jax.tree.map(fill, shapes)
+
+
+def _torch_bn_calls(model, x, v):
+  """Runs the torch twin; returns {module name: (input, output)} of every BatchNorm call, NHWC float64."""
+  calls, hooks = {}, []
+  for name, module in model.named_modules():
+    if isinstance(module, torch_models.BatchNorm):
+      hooks.append(module.register_forward_hook(
+          lambda m, args, out, name=name: calls.__setitem__(
+              name, tuple(t.detach().permute(0, 2, 3, 1).double().numpy() for t in (args[0], out)))))
+  with torch.no_grad():
+    model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(v))
+  for hook in hooks:
+    hook.remove()
+  return calls
+
+
+def _leaf(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _with_stats(batch_stats, mean, var):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.full_like(leaf, mean if path[-1].key == "mean" else var), batch_stats)
+
+
+@pytest.mark.parametrize("variant", ["keras", "r"])
+def test_batchnorm_momentum_is_the_originals(variant):
+  """One train-mode pass from known running stats: new = keep * old + (1 - keep) * batch statistic.
+
+  Measured on every BatchNorm the U-Net of each twin really builds. The running variance takes the
+  biased batch variance in both variants (Keras; for R a documented deviation, README).
+  """
+  keep = BN_ORIGINALS[variant]["keep"]
+  x, v = _bn_inputs()
+
+  model = models.create_model(variant, **BN_TINY)
+  variables = _init(model)
+  variables = dict(variables, batch_stats=_with_stats(variables["batch_stats"], OLD_MEAN, OLD_VAR))
+  calls, new_stats = _flax_bn_calls(model, variables, x, v, train=True)
+  num_norms = len(jax.tree.leaves(variables["batch_stats"])) // 2
+  assert len(calls) == num_norms >= 3, (len(calls), num_norms)
+  for path, (xin, _) in calls.items():
+    stats = _leaf(new_stats, path)
+    np.testing.assert_allclose(stats["mean"], keep * OLD_MEAN + (1 - keep) * xin.mean((0, 1, 2)), rtol=1e-5,
+                               err_msg=f"flax {path}")
+    np.testing.assert_allclose(stats["var"], keep * OLD_VAR + (1 - keep) * xin.var((0, 1, 2)), rtol=1e-5,
+                               err_msg=f"flax {path}")
+
+  twin = torch_models.create_model(variant, **BN_TINY).train()
+  for module in twin.modules():
+    if isinstance(module, torch_models.BatchNorm):
+      module.running_mean.fill_(OLD_MEAN)
+      module.running_var.fill_(OLD_VAR)
+  calls = _torch_bn_calls(twin, x, v)
+  assert len(calls) == num_norms
+  for name, (xin, _) in calls.items():
+    module = twin.get_submodule(name)
+    np.testing.assert_allclose(module.running_mean.numpy(), keep * OLD_MEAN + (1 - keep) * xin.mean((0, 1, 2)),
+                               rtol=1e-5, err_msg=f"torch {name}")
+    np.testing.assert_allclose(module.running_var.numpy(), keep * OLD_VAR + (1 - keep) * xin.var((0, 1, 2)),
+                               rtol=1e-5, err_msg=f"torch {name}")
+
+
+@pytest.mark.parametrize("variant", ["keras", "r"])
+def test_batchnorm_epsilon_is_the_originals(variant):
+  """Eval mode with running mean 0 and running variance 0: every BatchNorm maps x to x / sqrt(eps)."""
+  eps = BN_ORIGINALS[variant]["eps"]
+  x, v = _bn_inputs()
+
+  def measured_eps(calls):
+    assert calls
+    for name, (xin, out) in calls.items():
+      assert np.all(np.isfinite(out)), name
+      used = np.abs(xin) > 1e-3 * np.abs(xin).max()
+      yield name, np.median((xin[used] / out[used]) ** 2)
+
+  model = models.create_model(variant, **BN_TINY)
+  variables = _init(model)
+  params = jax.tree_util.tree_map_with_path(  # affine BN (r): scale 1, bias 0 so that y = x / sqrt(eps)
+      lambda path, leaf: jnp.ones_like(leaf) if path[-1].key == "scale" else
+      (jnp.zeros_like(leaf) if path[-2].key == "norm" else leaf), variables["params"])
+  variables = dict(variables, params=params, batch_stats=_with_stats(variables["batch_stats"], 0.0, 0.0))
+  calls, _ = _flax_bn_calls(model, variables, x, v, train=False)
+  assert len(calls) == len(jax.tree.leaves(variables["batch_stats"])) // 2
+  for name, got in measured_eps(calls):
+    assert got == pytest.approx(eps, rel=1e-4), f"flax {name}"
+
+  twin = torch_models.create_model(variant, **BN_TINY).eval()
+  with torch.no_grad():
+    for module in twin.modules():
+      if isinstance(module, torch_models.BatchNorm):
+        module.running_mean.zero_()
+        module.running_var.zero_()
+        if module.affine:
+          module.weight.fill_(1.0)
+          module.bias.zero_()
+  for name, got in measured_eps(_torch_bn_calls(twin, x, v)):
+    assert got == pytest.approx(eps, rel=1e-4), f"torch {name}"
 
 
 def test_bad_model_config_errors():

@@ -33,17 +33,45 @@ def test_offset_cosine_closed_form(min_rate, max_rate):
     np.testing.assert_allclose(signal ** 2 + noise ** 2, 1.0, atol=1e-6)
 
 
+def _r_linear_alpha_bars():
+  """R's linear schedule written from seed spec 3, independently of schedules.py.
+
+  beta_i = 1e-4 + i (0.02 - 1e-4) / 999 (R's torch_linspace(1e-4, 0.02, 1000)) and
+  alpha_bar_i = prod_{j <= i} (1 - beta_j), as an explicit running product in Python floats.
+  """
+  alpha_bars, product = [], 1.0
+  for i in range(1000):
+    product *= 1.0 - (1e-4 + i * (0.02 - 1e-4) / 999)
+    alpha_bars.append(product)
+  return alpha_bars
+
+
 def test_linear_schedule_is_the_clipped_ddpm_table():
-  betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float32).astype(np.float64)
-  alpha_bars = np.clip(np.cumprod(1 - betas), 0.02, 0.95)
-  index = np.floor(TIMES.astype(np.float64) * 999).astype(int)
+  alpha_bars = _r_linear_alpha_bars()
+  # The reference itself against the numbers stated in seed spec 3.
+  assert alpha_bars[0] == pytest.approx(0.9999, rel=1e-12)
+  assert alpha_bars[-1] == pytest.approx(4.0358e-5, rel=1e-4)
+  assert sum(a > 0.95 for a in alpha_bars) == 67 and sum(a < 0.02 for a in alpha_bars) == 380
+  assert alpha_bars[619] >= 0.02 > alpha_bars[620]
+  # R: idx = 1 + as.integer(t * 999) (1-based), s = sqrt(clip(alpha_bar[idx], min, max)), n = sqrt(1 - that).
+  # Times between grid points (t * 999 = k + 1/2), the ends, and both sides of both clipping edges.
+  cases = [(0.0, 0), (1.0, 999)] + [((k + 0.5) / 999, k) for k in (0, 1, 5, 66, 67, 100, 250, 499, 619, 620, 998)]
+  times = np.array([t for t, _ in cases], np.float32)
+  expected_signal = np.array([math.sqrt(min(max(alpha_bars[k], 0.02), 0.95)) for _, k in cases])
+  expected_noise = np.array([math.sqrt(1.0 - min(max(alpha_bars[k], 0.02), 0.95)) for _, k in cases])
+  results = {
+      "jax": schedules.get_schedule("linear", 0.02, 0.95)(jnp.asarray(times)),
+      "torch": [x.numpy() for x in torch_schedules.get_schedule("linear", 0.02, 0.95)(torch.from_numpy(times))],
+      "jax rate_table": schedules.rate_table(times, "linear"),
+      "torch rate_table": torch_schedules.rate_table(times, "linear"),
+  }
+  for name, (noise, signal) in results.items():
+    np.testing.assert_allclose(np.asarray(signal, np.float64), expected_signal, rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(np.asarray(noise, np.float64), expected_noise, rtol=1e-6, err_msg=name)
+  # Seed spec 3: R clips alpha_bar (not the rate), so s runs over [0.1414, 0.9747].
   for noise, signal in both("linear"):
-    np.testing.assert_allclose(signal, np.sqrt(alpha_bars[index]), atol=1e-6)
-    np.testing.assert_allclose(signal ** 2 + noise ** 2, 1.0, atol=1e-6)
+    assert signal.min() == pytest.approx(0.1414, abs=1e-4) and signal.max() == pytest.approx(0.9747, abs=1e-4)
     assert np.all(np.diff(signal) <= 0)
-    # R clips alpha_bar (not the rate) to [0.02, 0.95]: s in [sqrt(0.02), sqrt(0.95)].
-    assert signal.min() == pytest.approx(math.sqrt(0.02), abs=1e-6)
-    assert signal.max() == pytest.approx(math.sqrt(0.95), abs=1e-6)
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear"])

@@ -1,0 +1,127 @@
+"""The config presets against the originals' settings (seed spec), written here independently.
+
+Every expected number below is read from /work/shared/reference/seed_spec.md (the Keras example
+and the R port) or, for the demo, from the design notes, never copied from ddim_jax/configs.
+"""
+
+import math
+
+import jax
+import pytest
+
+from ddim_jax import configs, models, train
+
+# Seed spec 1.1/1.2: 8189 images, 80% for training in both originals (6551), each repeated 5 times.
+TRAIN_IMAGES = int(0.8 * 8189)
+assert TRAIN_IMAGES == 6551
+KERAS_STEPS_PER_EPOCH = (TRAIN_IMAGES * 5) // 64  # tf.data batch(64, drop_remainder=True): "511/511"
+R_STEPS_PER_EPOCH = math.ceil(TRAIN_IMAGES * 5 / 64)  # torch DataLoader, drop_last=False: 512 batches
+assert (KERAS_STEPS_PER_EPOCH, R_STEPS_PER_EPOCH) == (511, 512)
+
+# The Keras example (seed spec 1.2, 3, 4, 5, 6, 7, 8).
+KERAS = {
+    "model.variant": "keras",
+    "model.image_size": 64,
+    "model.channels": 3,
+    "model.widths": (32, 64, 96, 128),
+    "model.block_depth": 2,
+    "model.embedding_dims": 32,
+    "diffusion.schedule": "cosine",
+    "diffusion.min_signal_rate": 0.02,
+    "diffusion.max_signal_rate": 0.95,
+    "diffusion.target": "noise",
+    "data.dataset": "oxford_flowers102",
+    "data.split": "keras",  # train[:80%]+validation[:80%]+test[:80%]
+    "data.validation_fraction": 0.2,
+    "data.antialias": True,  # tf.image.resize(..., antialias=True)
+    "data.repetitions": 5,  # dataset.repeat(5)
+    "data.shuffle_buffer": 10 * 64,
+    "train.batch_size": 64,
+    "train.learning_rate": 1e-3,
+    "train.weight_decay": 1e-4,
+    "train.ema_decay": 0.999,
+    "train.ema_warmup": False,
+    "train.loss": "mae",
+    "train.num_steps": 50 * KERAS_STEPS_PER_EPOCH,  # "train for at least 50 epochs"
+    "train.kid_every": KERAS_STEPS_PER_EPOCH,  # val_kid once per epoch (test_step)
+    "sample.steps": 20,  # plot_diffusion_steps
+    "sample.num_images": 3 * 6,  # plot_images(num_rows=3, num_cols=6)
+    "sample.eta": 0.0,  # deterministic DDIM
+    "eval.kid_steps": 5,  # kid_diffusion_steps
+    "eval.kid_image_size": 75,
+    "eval.kid_batch_size": 64,  # one validation batch
+}
+
+# The R port (seed spec 1.1, 3, 5.3, 6, 8): its train.R values where they differ from Keras.
+R = dict(KERAS, **{
+    "model.variant": "r",  # widths 32/64/96/128, block_depth 2, embedding_dim 32 as in Keras
+    "data.split": "r",  # sample.int(N, 0.8 * N) after set.seed(1)
+    "data.split_seed": 1,
+    "data.antialias": False,  # torchvision-R resize: bilinear, no antialiasing
+    "train.ema_decay": 0.0,  # R has no EMA
+    "train.loss": "mae",  # loss <- "l1"
+    "train.num_steps": 50 * R_STEPS_PER_EPOCH,  # epochs <- 50
+    "train.kid_every": R_STEPS_PER_EPOCH,
+    "eval.kid_image_size": 299,  # kid_img_size = c(299, 299)
+    "eval.kid_batch_size": 128,  # evaluate(valid_dataset, batch_size = 128)
+})
+# Not pinned for R: sample.steps / sample.num_images / eval.kid_steps keep the Keras values; R's
+# sampler counts grid points (S - 1 evaluations), so R's KID at "5 steps" is 4 evaluations here.
+for key in ("sample.steps", "sample.num_images", "eval.kid_steps"):
+  del R[key]
+
+# The offline demo (design notes: digits upsampled to 16x16, widths 32/64/96, batch 64, a short
+# EMA with warm-up, no KID offline); the rest is the Keras example.
+DEMO = dict(KERAS, **{
+    "model.image_size": 16,
+    "model.widths": (32, 64, 96),
+    "data.dataset": "digits",
+    "train.batch_size": 64,
+    "train.ema_warmup": True,
+    "train.kid_every": 0,
+})
+for key in ("train.ema_decay", "train.num_steps", "data.repetitions", "sample.num_images"):
+  del DEMO[key]
+
+EXPECTED = {"default": KERAS, "r_variant": R, "demo": DEMO}
+# Seed spec 5.2 (1,950,627 trainable) and 5.3 (3,562,211 as printed by the R README).
+PARAMETERS_AT_64 = {"keras": 1_950_627, "r": 3_562_211}
+
+
+def _get(config, dotted):
+  node = config
+  for name in dotted.split("."):
+    node = node[name]
+  return node
+
+
+@pytest.mark.parametrize("preset", configs.PRESETS)
+def test_presets_hold_the_originals_settings(preset):
+  expected = EXPECTED[preset]
+  for config in (configs.get_preset(preset), configs.load_config(preset)):
+    wrong = {key: (_get(config, key), want) for key, want in expected.items()
+             if not (_get(config, key) == want and type(_get(config, key)) is type(want))}
+    assert not wrong, f"{preset}: (got, expected from the originals) {wrong}"
+
+
+def test_demo_ema_is_short():
+  """Design notes: with 0.999 a run of a few hundred steps samples the initial weights."""
+  config = configs.get_preset("demo")
+  assert 0.9 <= config.train.ema_decay < 0.999
+
+
+@pytest.mark.parametrize("preset", configs.PRESETS)
+def test_presets_reach_the_step_and_the_model(preset):
+  config = configs.get_preset(preset)
+  expected = EXPECTED[preset]
+  step = train.StepConfig.from_config(config)
+  assert (step.learning_rate, step.weight_decay, step.loss, step.target, step.schedule) == (
+      expected["train.learning_rate"], expected["train.weight_decay"], expected["train.loss"],
+      expected["diffusion.target"], expected["diffusion.schedule"])
+  assert (step.min_signal_rate, step.max_signal_rate) == (0.02, 0.95)
+  assert step.ema_decay == config.train.ema_decay and step.ema_warmup == expected["train.ema_warmup"]
+  model = models.create_model(**config.model)
+  models.check_image_size(model, config.model.image_size)
+  if config.model.image_size == 64:
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 64))
+    assert models.count_parameters(shapes["params"]) == PARAMETERS_AT_64[model.variant]
