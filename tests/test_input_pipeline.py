@@ -570,6 +570,35 @@ def test_flowers_r_split_and_no_antialias(flowers):
   assert keras.path != entry.path
   both = np.concatenate([ip.load_split(config, s, 16) for s in ip.SPLITS])
   assert len(both) == n
+  # Pixels: every cached image is the R preprocessing of one source JPEG, computed here with
+  # torch: centre crop, then interpolate(bilinear, align_corners=False, antialias=False) (R's
+  # transform_resize), rounded. Train and validation are disjoint and together hold every image.
+  import torch  # pylint: disable=import-outside-toplevel
+  ids = sorted(flowers["info"]["jpegs"])
+  expected, antialiased = [], []
+  for image_id in ids:
+    image = np.asarray(Image.open(io.BytesIO(flowers["info"]["jpegs"][image_id])).convert("RGB"))
+    h, w = image.shape[:2]
+    c = min(h, w)
+    crop = torch.from_numpy(image[(h - c) // 2:(h - c) // 2 + c, (w - c) // 2:(w - c) // 2 + c].copy())
+    crop = crop.permute(2, 0, 1)[None].to(torch.float64)
+    for out, aa in ((expected, False), (antialiased, True)):
+      resized = torch.nn.functional.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False,
+                                                antialias=aa)
+      out.append(np.rint(np.clip(resized[0].permute(1, 2, 0).numpy(), 0, 255)).astype(np.int64))
+  expected, antialiased = np.stack(expected), np.stack(antialiased)
+  assert np.abs(expected - antialiased).max(axis=(1, 2, 3)).min() > 2  # the two resizes differ on every image
+
+  def source_ids(cached):
+    diff = np.abs(cached.astype(np.int64)[:, None] - expected[None]).max(axis=(2, 3, 4))  # (cached, source)
+    best = diff.argmin(axis=1)
+    assert diff[np.arange(len(cached)), best].max() <= 1, diff.min(axis=1)  # <= 1: a float rounding tie
+    assert (np.sort(diff, axis=1)[:, 1] > 2).all()  # the match is unambiguous
+    return [ids[i] for i in best]
+
+  train, val = (source_ids(ip.load_split(config, s, 16)) for s in ip.SPLITS)
+  assert len(set(train)) == len(train) == int(0.8 * n) and len(set(val)) == len(val) == n - int(0.8 * n)
+  assert not set(train) & set(val) and set(train) | set(val) == set(ids)
 
 
 def test_cache_from_array_record_builds_without_tensorflow(flowers):

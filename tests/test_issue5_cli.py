@@ -11,12 +11,14 @@ import subprocess
 import sys
 import warnings
 
+import jax
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ddim_jax import checkpointing, cli, evaluation, train, visualize
+from ddim_jax import (checkpointing, cli, evaluation, input_pipeline, metrics, sampling, schedules, train,
+                      visualize)
 from ddim_torch_ref import sample as ref_sample
 from test_metrics import _random_torch_inception
 from train_helpers import REPO, subprocess_env, tiny_config
@@ -54,6 +56,12 @@ def kid_run(tmp_path_factory, inception_file):
       "eval.kid_steps": 2})
   train.train_and_evaluate(config, str(root / "run"), progress=False)
   return str(root / "run")
+
+
+def _run_model(workdir):
+  """(model, EMA variables, normalizer, config) of a run's newest checkpoint, as the commands load it."""
+  model, variables, normalizer, config, _ = cli.restore_for_export(workdir)
+  return model, variables, normalizer, config
 
 
 def test_kid_during_training_logs_val_kid_and_keeps_the_best_checkpoint(kid_run):
@@ -94,6 +102,24 @@ def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path,
   assert record["kid"]["2"] != record["kid"]["3"]  # the step count changes the samples
   assert (record["num_images"], record["batch_size"], record["image_size"], record["checkpoint_step"]) == (8, 4, 75, 8)
   assert "steps" in capsys.readouterr().out
+  # The same KID from the library: features of the run's first 8 validation images and of the
+  # samples of batch i's noise fold_in(key(seed), i), whatever the step count, in batches of 4.
+  model, variables, normalizer, config = _run_model(kid_run)
+  reals = input_pipeline.load_split(config.data, "validation", 16)[:8].astype(np.float32) / 255.0
+  feature_fn = evaluation.kid_feature_fn(inception_file, 75)
+  noises = [jax.random.normal(jax.random.fold_in(jax.random.key(0), i), (4, 16, 16, 3)) for i in range(2)]
+  want = {}
+  for steps in (2, 3):
+    generated = np.concatenate([sampling.generate(model, variables, noise, normalizer, steps=steps,
+                                                  **evaluation.schedule_kwargs(config))["images"] for noise in noises])
+    want[str(steps)] = metrics.kid(reals, generated, feature_fn, batch_size=4)
+    assert record["kid"][str(steps)] == pytest.approx(want[str(steps)], rel=1e-6, abs=1e-9), steps
+  # A step count evaluated twice gives the same value (same noises and real batches every time).
+  again = tmp_path / "again.json"
+  assert cli.main(["evaluate", "--workdir", kid_run, "--steps", "2,2", "--num-images", "8", "--batch-size", "4",
+                   "--inception-weights", inception_file, "--json", str(again)]) == 0
+  repeated = json.loads(again.read_text())
+  assert repeated["steps"] == [2, 2] and repeated["kid"] == {"2": record["kid"]["2"]}
   assert cli.main(["evaluate", "--workdir", kid_run, "--inception-weights", str(tmp_path / "none.pth")]) == 2
   assert "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
 
@@ -127,6 +153,25 @@ def test_figures_forward_reverse_and_samples(kid_run, tmp_path):
   assert np.abs(_tile(forward, 0, 5, 64).astype(int) - _tile(forward, 1, 5, 64)).mean() > 5
   assert np.abs(_tile(forward, 0, 0, 64).astype(int) - _tile(forward, 0, 10, 64)).mean() > 20
 
+  # The reverse figure: top row the first training image noised at t = 0, 0.1, ..., 1 with the
+  # run's schedule and NumPy noise of seed + 1 (one draw per column); bottom row the sampler's 10
+  # deterministic steps from the top row's t = 1 image: its states, the last one the re-mix at t = 0.
+  model, variables, normalizer, config = _run_model(kid_run)
+  kwargs = evaluation.schedule_kwargs(config)
+  mean, std = normalizer["mean"].astype(np.float64), np.sqrt(normalizer["variance"].astype(np.float64))
+  image = (input_pipeline.load_split(config.data, "train", 16)[0].astype(np.float64) / 255.0 - mean) / std
+  noise_rates, signal_rates = schedules.rate_table(np.linspace(0.0, 1.0, 11), kwargs["schedule"],
+                                                   kwargs["min_signal_rate"], kwargs["max_signal_rate"])
+  column_noises = np.random.default_rng(1).standard_normal((11, 16, 16, 3), dtype=np.float32)
+  top = (signal_rates.reshape(-1, 1, 1, 1) * image
+         + noise_rates.reshape(-1, 1, 1, 1) * column_noises).astype(np.float32)
+  bottom = np.asarray(sampling.generate(model, variables, top[-1:], normalizer, steps=10, return_trajectory=True,
+                                        **kwargs)["noisy_trajectory"])[:, 0]
+  for row, states in enumerate((top, bottom)):
+    for col in range(11):
+      want = visualize.to_uint8(np.clip(mean + states[col] * std, 0.0, 1.0)).repeat(4, axis=0).repeat(4, axis=1)
+      assert np.abs(_tile(reverse, row, col, 64).astype(int) - want).max() <= 1, (row, col)
+
 
 def test_invert_reports_errors_and_writes_a_figure(kid_run, tmp_path, capsys):
   out, record = tmp_path / "inv.png", tmp_path / "inv.json"
@@ -136,6 +181,16 @@ def test_invert_reports_errors_and_writes_a_figure(kid_run, tmp_path, capsys):
   assert set(errors) == {"2", "10"} and all(0 <= v < 1 for v in errors.values())
   assert _png(out).shape == (4 * TILE + 2, 4 * TILE + 2, 3)  # originals, recon@2, noise@10, recon@10
   assert "0.014" in capsys.readouterr().out  # the DDIM paper's 10-step value printed beside ours
+  # The same numbers from the library: the run's first 4 validation images -> invert -> generate.
+  model, variables, normalizer, config = _run_model(kid_run)
+  images = input_pipeline.load_split(config.data, "validation", 16)[:4].astype(np.float32) / 255.0
+  kwargs = evaluation.schedule_kwargs(config)
+  for steps in (2, 10):
+    noises = sampling.invert(model, variables, images, normalizer, steps=steps, **kwargs)["noises"]
+    recon = np.asarray(sampling.generate(model, variables, noises, normalizer, steps=steps, **kwargs)["images"])
+    want = float(np.mean(np.square(recon.astype(np.float64) - images)))
+    assert errors[str(steps)] == pytest.approx(want, rel=1e-9, abs=1e-12), steps
+  assert errors["10"] < errors["2"], errors  # more steps, a closer reconstruction
 
 
 def test_interpolate_endpoints_are_the_samples_of_the_same_noise(kid_run, tmp_path):

@@ -56,6 +56,48 @@ def test_inversion_of_a_single_image_model_is_exact():
     assert bool(jnp.all(jnp.isfinite(noises)))
 
 
+def _time_only_network(seed, channels_last=True):
+  """eps(x, v) = sin(a v + b), a fixed field per pixel that depends on the time only, not on x.
+
+  For such a network DDIM inversion is exact at any step count: inversion step j (t_j -> t_j+1)
+  predicts eps at the time of the sampler step it undoes, which the sampler, run from the
+  inversion's noise, predicts again. So the sampler must visit the inversion's states in reverse;
+  conditioning the inversion on any other time gives other states.
+  """
+  rng = np.random.default_rng(seed)
+  a = rng.uniform(4.0, 9.0, SHAPE).astype(np.float32)
+  b = rng.uniform(-3.0, 3.0, SHAPE).astype(np.float32)
+  if channels_last:
+    return lambda x, v: jnp.sin(a * v + b) + 0.0 * x
+  a_t, b_t = (torch.from_numpy(z).permute(0, 3, 1, 2) for z in (a, b))
+  return lambda x, v: torch.sin(a_t * v + b_t) + 0.0 * x
+
+
+@pytest.mark.parametrize("steps,schedule", [(4, "cosine"), (10, "cosine"), (6, "linear")])
+def test_inversion_visits_the_sampler_states_in_reverse(steps, schedule):
+  images = np.random.default_rng(4).normal(size=SHAPE).astype(np.float32)
+  network_fn = _time_only_network(5)
+  inv = np.asarray(sampling.ddim_inversion(network_fn, jnp.asarray(images), steps, schedule=schedule,
+                                           return_trajectory=True)["noisy_trajectory"])
+  assert inv.shape == (steps + 1,) + SHAPE
+  out = sampling.reverse_diffusion(network_fn, jnp.asarray(inv[-1]), steps, schedule=schedule, return_trajectory=True)
+  sampler = np.asarray(out["noisy_trajectory"])
+  # Sampler state k (time 1 - k/S, k < S) is inversion state S - k (time (S - k)/S); the sampler's
+  # output is the clean start of the inversion. (Its last state is the re-mix at t = 0, no inversion state.)
+  np.testing.assert_allclose(sampler[:steps], inv[::-1][:steps], atol=2e-4)
+  np.testing.assert_allclose(np.asarray(out["pred_images"]), images, atol=2e-4)
+  moved = np.abs(np.diff(inv, axis=0)).mean(axis=(1, 2, 3, 4))
+  # Not vacuous: the steps move the state (all of them under cosine; linear's clipped alpha_bar
+  # makes its last steps' rates equal).
+  assert np.all(moved[:steps // 2] > 0.05), moved
+
+  # The torch twin's inversion visits the same states.
+  twin = ref_sampling.ddim_inversion(_time_only_network(5, channels_last=False),
+                                     torch.from_numpy(images).permute(0, 3, 1, 2), steps, schedule=schedule,
+                                     return_trajectory=True)["noisy_trajectory"].permute(0, 1, 3, 4, 2).numpy()
+  np.testing.assert_allclose(twin, inv, atol=1e-5)
+
+
 def test_inversion_error_of_gaussian_data_falls_with_steps():
   rng = np.random.default_rng(1)
   mean, std = 0.3, 0.5

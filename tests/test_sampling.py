@@ -101,6 +101,30 @@ def test_denormalize_inverts_normalize_and_clips():
   np.testing.assert_allclose(back_t.permute(0, 2, 3, 1).numpy(), images, atol=1e-6)
 
 
+def test_normalize_and_denormalize_closed_forms_in_both_twins():
+  # Distinct per-channel statistics (a channel mix-up or a variance used as a std shows), one
+  # zero-variance channel (the 1e-7 floor of normalize), images beyond [0, 1] after denormalize.
+  mean = np.array([0.2, 0.5, 0.7, 0.4], np.float32)
+  variance = np.array([0.01, 0.25, 0.09, 0.0], np.float32)
+  normalizer = {"mean": mean, "variance": variance}
+  images = RNG.uniform(0, 1, (2, 3, 5, 4)).astype(np.float32)
+  z = RNG.normal(0, 3, (2, 3, 5, 4)).astype(np.float32)
+  m, v = mean.astype(np.float64), variance.astype(np.float64)
+  want_norm = (images - m) / np.maximum(np.sqrt(v), 1e-7)
+  want_denorm = np.clip(m + z * np.sqrt(v), 0.0, 1.0)
+  assert 0 < (want_denorm == 0).mean() < 0.5 and 0 < (want_denorm == 1).mean() < 0.5  # both clips are hit
+  to_nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2)  # noqa: E731
+  got = {
+      "jax": (sampling.normalize(jnp.asarray(images), normalizer), sampling.denormalize(jnp.asarray(z), normalizer)),
+      "torch": tuple(t.permute(0, 2, 3, 1).numpy() for t in (torch_sampling.normalize(to_nchw(images), normalizer),
+                                                               torch_sampling.denormalize(to_nchw(z), normalizer))),
+  }
+  for twin, (norm, denorm) in got.items():
+    np.testing.assert_allclose(np.asarray(norm)[..., :3], want_norm[..., :3], rtol=1e-6, atol=1e-6, err_msg=twin)
+    np.testing.assert_allclose(np.asarray(norm)[..., 3], want_norm[..., 3], rtol=1e-6, err_msg=twin)  # / 1e-7
+    np.testing.assert_allclose(np.asarray(denorm), want_denorm, rtol=1e-6, atol=1e-6, err_msg=twin)
+
+
 def test_image_target_round_trip():
   n, s, _, _ = map(jnp.asarray, rates())
   x0, eps = jnp.asarray(RNG.standard_normal((3, 4, 4, 2)), jnp.float32), jnp.asarray(

@@ -1,0 +1,112 @@
+"""README promises of `ddim-jax sample` against the library: the JAX-key noise convention, a weight
+file's schedule/target metadata driving the sampler, and the trajectory strip's step selection.
+
+Expected images come from ``sampling.generate`` on noise built here as the README describes; the
+models are the trained 16x16 fixtures of conftest.py.
+"""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddim_jax import cli, convert, sampling, visualize
+
+TILE = 16 * 4 + 2  # a 16 px image upscaled x4 (the default for 16 px strips) plus 2 px padding
+
+
+def _tile(grid: np.ndarray, row: int, col: int, size: int = 64, pad: int = 2) -> np.ndarray:
+  top, left = pad + row * (size + pad), pad + col * (size + pad)
+  return grid[top:top + size, left:left + size]
+
+
+def _denormalize(x, normalizer):
+  """clip(mean + x sqrt(variance), 0, 1) in NumPy."""
+  return np.clip(normalizer["mean"] + np.asarray(x, np.float64) * np.sqrt(normalizer["variance"]), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_sample_without_numpy_noise_uses_the_documented_jax_keys(trained_weights, trained_model, tmp_path, eta):
+  """Batch noise from split(fold_in(key(seed), first index of the batch))[0], eta > 0 draws from [1]."""
+  model, variables, normalizer = trained_model("keras")
+  arrays = tmp_path / "images.npy"
+  assert cli.main(["sample", "--weights", trained_weights("keras"), "--num-images", "5", "--batch-size", "2",
+                   "--steps", "3", "--eta", str(eta), "--seed", "3", "--out", str(tmp_path / "grid.png"),
+                   "--array-out", str(arrays)]) == 0
+  want = []
+  for start in (0, 2, 4):  # three batches: 2, 2 and 1 images
+    noise_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(3), start))
+    noise = jax.random.normal(noise_key, (min(2, 5 - start), 16, 16, 3))
+    want.append(np.asarray(sampling.generate(model, variables, noise, normalizer, key=step_key if eta else None,
+                                             steps=3, eta=eta)["images"]))
+  got, want = np.load(arrays), np.concatenate(want)
+  assert got.shape == (5, 16, 16, 3)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert np.abs(got[0] - got[2]).mean() > 1e-2 and np.abs(got[0] - got[4]).mean() > 1e-2  # batches differ
+
+
+def test_weight_file_metadata_drives_the_sampler(trained_model, tmp_path):
+  """An r-variant file with linear schedule, image target and its own signal rates samples with them."""
+  model, variables, normalizer = trained_model("r")
+  kwargs = dict(schedule="linear", min_signal_rate=0.03, max_signal_rate=0.8, target="image")
+  # At 8 steps both clip bounds of linear's alpha_bar are reached (t = 1 and t = 1/8): each rate matters.
+  linear = sampling.step_rates(8, "linear", 0.03, 0.8)[1]
+  assert linear[0] != sampling.step_rates(8, "linear", 0.02, 0.8)[1][0]
+  assert linear[-1] != sampling.step_rates(8, "linear", 0.03, 0.95)[1][-1]
+  weights = tmp_path / "r_linear_image.safetensors"
+  convert.save_weights(str(weights), model, variables, normalizer, 16, weights="ema", **kwargs)
+  arrays = tmp_path / "images.npy"
+  assert cli.main(["sample", "--weights", str(weights), "--num-images", "3", "--steps", "8", "--numpy-noise",
+                   "--seed", "2", "--out", str(tmp_path / "grid.png"), "--array-out", str(arrays)]) == 0
+  loaded, _, _, metadata = convert.load_weights(str(weights))
+  assert loaded.variant == "r" and metadata["schedule"] == "linear" and metadata["target"] == "image"
+  noise = np.random.default_rng(2).standard_normal((3, 16, 16, 3), dtype=np.float32)
+  want = np.asarray(sampling.generate(model, variables, noise, normalizer, steps=8, **kwargs)["images"])
+  default = np.asarray(sampling.generate(model, variables, noise, normalizer, steps=8)["images"])
+  got = np.load(arrays)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert np.abs(got - default).mean() > 1e-2  # the metadata matters: the default kwargs give other images
+
+
+def test_pick_columns_is_evenly_spaced_with_first_and_last():
+  for steps, max_columns in [(12, 5), (23, 20), (50, 6), (100, 20), (7, 2)]:
+    columns = visualize.pick_columns(steps, max_columns)
+    # Closed form: round(k (S - 1) / (K - 1)), k = 0..K-1 (no .5 ties for these sizes but (12, 5)'s 5.5 -> 6).
+    want = [int(np.floor(k * (steps - 1) / (max_columns - 1) + 0.5)) for k in range(max_columns)]
+    np.testing.assert_array_equal(columns, want)
+    assert columns[0] == 0 and columns[-1] == steps - 1 and len(columns) == max_columns
+    gaps = np.diff(columns)
+    assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1, (steps, columns)  # evenly spaced
+  np.testing.assert_array_equal(visualize.pick_columns(6, 20), np.arange(6))  # few steps: all of them
+
+
+def test_trajectory_rows_show_the_chosen_steps(trained_model):
+  model, variables, normalizer = trained_model("keras")
+  noise = np.random.default_rng(6).standard_normal((2, 16, 16, 3), dtype=np.float32)
+  rows = cli.trajectory_rows(model, variables, normalizer, noise, 12, max_columns=5)
+  out = sampling.generate(model, variables, noise, normalizer, steps=12, return_trajectory=True)
+  noisy, preds = np.asarray(out["noisy_trajectory"]), np.asarray(out["pred_trajectory"])
+  columns = [0, 3, 6, 8, 11]  # round(k * 11 / 4), k = 0..4
+  assert len(rows) == 4 and all(r.shape == (5, 16, 16, 3) for r in rows)
+  for b in range(2):
+    # Row 2b: the state each chosen evaluation sees; row 2b + 1: its predicted image.
+    np.testing.assert_allclose(rows[2 * b], _denormalize(noisy[columns, b], normalizer), atol=1e-6)
+    np.testing.assert_allclose(rows[2 * b + 1], _denormalize(preds[columns, b], normalizer), atol=1e-6)
+
+
+def test_sample_trajectory_strip_of_many_steps(trained_weights, trained_model, tmp_path):
+  """23 steps, 20 columns at most: the strip's panels are the trajectory at the chosen steps."""
+  model, variables, normalizer = trained_model("keras")
+  strip_path = tmp_path / "strip.png"
+  assert cli.main(["sample", "--weights", trained_weights("keras"), "--num-images", "1", "--steps", "23",
+                   "--numpy-noise", "--seed", "5", "--out", str(tmp_path / "grid.png"), "--trajectory",
+                   str(strip_path), "--trajectory-images", "1"]) == 0
+  strip = np.asarray(Image.open(strip_path).convert("RGB")).astype(int)
+  assert strip.shape == (2 * TILE + 2, 20 * TILE + 2, 3)
+  noise = np.random.default_rng(5).standard_normal((1, 16, 16, 3), dtype=np.float32)
+  out = sampling.generate(model, variables, noise, normalizer, steps=23, return_trajectory=True)
+  shown = lambda x: visualize.to_uint8(_denormalize(x, normalizer)).repeat(4, axis=0).repeat(4, axis=1)  # noqa: E731
+  for col in range(20):
+    step = int(np.floor(col * 22 / 19 + 0.5))
+    assert np.abs(_tile(strip, 0, col) - shown(out["noisy_trajectory"][step, 0])).max() <= 1, col
+    assert np.abs(_tile(strip, 1, col) - shown(out["pred_trajectory"][step, 0])).max() <= 1, col
