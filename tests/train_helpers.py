@@ -35,6 +35,21 @@ def final_weights(workdir, ema=False) -> dict[str, np.ndarray]:
   return out
 
 
+def final_state(workdir):
+  """(step, TrainState, meta) of the newest checkpoint: EVERY leaf (raw weights, BatchNorm
+  statistics, AdamW state, EMA, step) as NumPy, and the metadata (data-iterator position, ...)."""
+  import jax
+  import ml_collections
+  from ddim_jax import checkpointing, models, train
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
+    config = ml_collections.ConfigDict(ckpt.read_meta(ckpt.latest_step())["config"])
+    model = models.create_model(**config.model)
+    abstract = train.abstract_train_state(model, train.StepConfig.from_config(config), int(config.model.image_size),
+                                          jax.random.key(0), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    step, state, meta = ckpt.restore_latest(abstract)
+  return step, jax.device_get(state), meta
+
+
 def train_command(workdir, cache_dir, **extra) -> list[str]:
   """The `ddim-jax train` command line of the tiny config (run with the test's Python)."""
   return [sys.executable, "-m", "ddim_jax.cli", "train", "--config", "demo", "--workdir", str(workdir),
