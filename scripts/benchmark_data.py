@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: cold (decode + crop + resize into the cache) and warm (batches from the cache).
+"""Data pipeline throughput: cold (decode + crop + resize into the cache) and warm (batches from the cache).
 
   .venv/bin/python scripts/benchmark_data.py [--num-files 2000] [--json out.json]
 
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddim_jax import input_pipeline as ip  # pylint: disable=wrong-import-position
+from ddim_jax.data import BatchIterator, load_split, prepare_cache  # pylint: disable=wrong-import-position
 
 
 def _write_jpegs(folder, count, height, width, seed=0):
@@ -41,7 +41,7 @@ def bench_cold_folder(root, count, height, width, image_size):
   _write_jpegs(folder, count, height, width)
   config = {"dataset": "folder", "folder": folder, "cache_dir": os.path.join(root, "cache")}
   start = time.perf_counter()
-  entry = ip.prepare_cache(config, image_size)
+  entry = prepare_cache(config, image_size)
   seconds = time.perf_counter() - start
   n = sum(entry.meta["splits"].values())
   return {"what": f"cold: folder of {count} {height}x{width} JPEGs -> {image_size}px cache", "images": n,
@@ -51,7 +51,7 @@ def bench_cold_folder(root, count, height, width, image_size):
 def bench_cold_digits(root, image_size):
   config = {"dataset": "digits", "cache_dir": os.path.join(root, "cache")}
   start = time.perf_counter()
-  entry = ip.prepare_cache(config, image_size)
+  entry = prepare_cache(config, image_size)
   seconds = time.perf_counter() - start
   n = sum(entry.meta["splits"].values())
   return {"what": f"cold: digits -> {image_size}px cache", "images": n, "seconds": seconds,
@@ -60,12 +60,12 @@ def bench_cold_digits(root, image_size):
 
 def bench_warm(root, image_size, batch_size, num_batches, repeats, process_count=1):
   config = {"dataset": "digits", "cache_dir": os.path.join(root, "cache")}
-  ip.prepare_cache(config, image_size)
+  prepare_cache(config, image_size)
   start = time.perf_counter()
-  images = ip.load_split(config, "train", image_size)
+  images = load_split(config, "train", image_size)
   load_seconds = time.perf_counter() - start
-  iterator = ip.BatchIterator(images, batch_size * process_count, seed=0, process_count=process_count,
-                              repetitions=5)
+  iterator = BatchIterator(images, batch_size * process_count, seed=0, process_count=process_count,
+                           repetitions=5)
   for _ in range(20):  # warm-up
     next(iterator)
   rates = []

@@ -1,8 +1,7 @@
-"""Small generated datasets for the input-pipeline tests (no network, no real data).
+"""Small generated datasets for the data tests (no network, no real data).
 
 `make_flowers_source` writes miniature copies of the three original Oxford Flowers 102 files in
-their original formats (read from the TFDS builder source,
-tensorflow_datasets/datasets/oxford_flowers102/oxford_flowers102_dataset_builder.py):
+their original formats, the ones the oxford_flowers102 builder of tensorflow-datasets parses:
 
 - ``102flowers.tgz``: a gzipped tar holding ``jpg/image_00001.jpg`` ... (1-based, 5 digits);
 - ``imagelabels.mat``: ``labels`` of shape (1, N), 1-based class ids (uint8 in the original);

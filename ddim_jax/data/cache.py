@@ -1,0 +1,159 @@
+"""The uint8 cache: one directory per dataset, split rule, size and preprocessing options.
+
+Every source is decoded, centre-cropped and resized ONCE into a cache entry (``train.npy``,
+``validation.npy``, ``normalizer.json``, ``meta.json``) under ``config.data.cache_dir`` (default
+``~/.cache/ddim_jax``), keyed by `cache_key`. Training reads only that cache: NumPy, no
+TensorFlow, no decoding, so an epoch cannot fail on a bad file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from ddim_jax.data.images import compute_normalizer
+from ddim_jax.data.options import CACHE_FORMAT, LOCAL_SOURCES, SPLITS, DataOptions, data_options
+from ddim_jax.data.sources import _build_digits, _build_folder, _folder_fingerprint, list_image_files
+from ddim_jax.data.tfds_source import _build_tfds
+
+
+@dataclasses.dataclass
+class CacheEntry:
+  """One prepared dataset: its directory and the contents of its ``meta.json``."""
+  path: str
+  meta: dict
+  built: bool = False  # True when this call decoded the source
+
+  def split_path(self, split: str) -> str:
+    return os.path.join(self.path, f"{split}.npy")
+
+
+def cache_key(options: DataOptions, image_size: int) -> dict:
+  """Everything that determines the cached bytes (the folder listing included, not the data dir)."""
+  key = {"format": CACHE_FORMAT, "dataset": options.dataset, "image_size": int(image_size),
+         "crop": "center", "antialias": options.antialias, "validation_fraction": options.validation_fraction}
+  if options.dataset in LOCAL_SOURCES:
+    key["split"] = "random"
+    key["split_seed"] = options.split_seed
+  else:
+    key["split"] = options.split
+    if options.split == "r":
+      key["split_seed"] = options.split_seed
+    key["tfds_splits"] = list(options.tfds_splits) if options.tfds_splits else None
+    key["image_key"] = options.image_key
+  if options.dataset == "folder":
+    files, _ = list_image_files(options.folder) if os.path.isdir(options.folder) else ([], [])
+    key["folder"] = options.folder
+    key["listing"] = _folder_fingerprint(options.folder, files)
+  return key
+
+
+def cache_path(options: DataOptions, image_size: int) -> str:
+  """The cache entry directory: readable prefix plus a hash of `cache_key`."""
+  key = cache_key(options, image_size)
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  name = options.dataset.replace("/", "_").replace(":", "_")
+  if options.dataset == "folder":
+    name = f"folder-{os.path.basename(options.folder.rstrip(os.sep)) or 'root'}"
+  aa = "aa" if options.antialias else "noaa"
+  return os.path.join(options.cache_dir, f"{name}-{image_size}px-{key['split']}-{aa}-{digest}")
+
+
+def _write_entry(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+  """Writes a cache entry atomically: a temporary directory renamed into place.
+
+  Several processes may build the same entry at once (multi-host on a shared file system); the
+  first rename wins and the others discard their identical copy.
+  """
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  try:
+    for split, array in arrays.items():
+      np.save(os.path.join(tmp, f"{split}.npy"), array)
+    normalizer = compute_normalizer(arrays["train"])
+    with open(os.path.join(tmp, "normalizer.json"), "w", encoding="utf-8") as f:
+      json.dump({k: v.astype(float).tolist() for k, v in normalizer.items()}, f, indent=1)
+    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
+    try:
+      os.rename(tmp, path)
+    except OSError:
+      if not os.path.exists(os.path.join(path, "meta.json")):
+        raise
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_meta(path: str) -> dict | None:
+  try:
+    with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def prepare_cache(config_data: Any, image_size: int, force: bool = False) -> CacheEntry:
+  """Returns the cache entry of ``config_data`` at ``image_size``, building it on a miss.
+
+  Args:
+    config_data: ``config.data`` (see `data_options`).
+    image_size: side S of the cached images.
+    force: rebuild even when the entry exists.
+
+  Returns:
+    `CacheEntry`; ``meta["splits"]`` holds the split sizes.
+  """
+  options = data_options(config_data)
+  path = cache_path(options, image_size)
+  meta = None if force else _read_meta(path)
+  if meta is not None:
+    return CacheEntry(path, meta, built=False)
+  if force and os.path.exists(path):
+    shutil.rmtree(path)
+  start = time.time()
+  if options.dataset == "digits":
+    arrays, info = _build_digits(options, image_size)
+  elif options.dataset == "folder":
+    arrays, info = _build_folder(options, image_size)
+  else:
+    arrays, info = _build_tfds(options, image_size)
+  meta = {"key": cache_key(options, image_size), "splits": {k: int(len(v)) for k, v in arrays.items()},
+          "seconds": round(time.time() - start, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+  _write_entry(path, arrays, meta)
+  return CacheEntry(path, _read_meta(path) or meta, built=True)
+
+
+def load_split(config_data: Any, split: str, image_size: int, mmap: bool = False) -> np.ndarray:
+  """The preprocessed images of ``split`` ("train" or "validation"): uint8 (N, S, S, 3).
+
+  Reads the cache (building it on a miss). On a hit this is one ``np.load``: no TFDS, no
+  TensorFlow, no decoding.
+
+  Args:
+    config_data: ``config.data``.
+    split: "train" or "validation".
+    image_size: side S.
+    mmap: memory-map the array instead of reading it (large caches, many processes per host).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  entry = prepare_cache(config_data, image_size)
+  return np.load(entry.split_path(split), mmap_mode="r" if mmap else None)
+
+
+def load_normalizer(config_data: Any, image_size: int) -> dict[str, np.ndarray]:
+  """The stored per-channel {"mean", "variance"} (float32, (3,)) of the training split."""
+  entry = prepare_cache(config_data, image_size)
+  with open(os.path.join(entry.path, "normalizer.json"), encoding="utf-8") as f:
+    stored = json.load(f)
+  return {k: np.asarray(stored[k], np.float32) for k in ("mean", "variance")}

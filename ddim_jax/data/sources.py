@@ -1,0 +1,113 @@
+"""The local sources: image folders (``config.data.dataset = "folder"``) and the bundled digits.
+
+  - ``"folder"``: every .jpg/.jpeg/.png/.webp under ``config.data.folder``, recursively;
+  - ``"digits"``: scikit-learn's bundled 8x8 digits (1,797 images), no download of any kind.
+
+Each builder returns ``(arrays, info)``: {"train", "validation"} uint8 (N, S, S, 3) arrays and
+the source's fields for the cache entry's ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ddim_jax.data.decode_pool import _preprocess_many, _warn_skipped
+from ddim_jax.data.images import BadImageError, decode_image, quantize, resize_weights
+from ddim_jax.data.options import _NUM_NAMES_IN_WARNING, IMAGE_EXTENSIONS, DataOptions
+from ddim_jax.data.splits import random_split
+
+
+def list_image_files(folder: str) -> tuple[list[str], list[str]]:
+  """Image files under ``folder`` (recursive, sorted relative paths) and the other files.
+
+  Returns:
+    (image_paths, other_paths), relative to ``folder``; an image path is one whose extension
+    (any case) is in IMAGE_EXTENSIONS. Hidden directories are not searched.
+  """
+  images, others = [], []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), folder)
+      (images if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS else others).append(rel)
+  return sorted(images), sorted(others)
+
+
+def _folder_fingerprint(folder: str, files: Sequence[str]) -> str:
+  """Changes when a file is added, removed, resized or touched (so the cache is rebuilt)."""
+  digest = hashlib.sha256()
+  for rel in files:
+    stat = os.stat(os.path.join(folder, rel))
+    digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+  return digest.hexdigest()[:16]
+
+
+def _read_file(path: str) -> Callable[[], np.ndarray]:
+  def load():
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise BadImageError(f"{type(e).__name__}: {e}") from e
+    return decode_image(data, exif_transpose=True)
+  return load
+
+
+def _build_folder(options: DataOptions, image_size: int) -> tuple[dict, dict]:
+  folder = options.folder
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"image folder {folder!r} does not exist (config.data.folder)")
+  files, others = list_image_files(folder)
+  if not files:
+    raise ValueError(f"image folder {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}, searched "
+                     f"recursively; {len(others)} other files ignored)")
+  train_idx, val_idx = random_split(len(files), 1.0 - options.validation_fraction, options.split_seed)
+  arrays, skipped, upsampled = {}, [], 0
+  for split, idx in (("train", train_idx), ("validation", val_idx)):
+    names = [files[i] for i in idx]
+    loaders = [_read_file(os.path.join(folder, name)) for name in names]
+    arrays[split], bad, small = _preprocess_many(loaders, names, image_size, options.antialias, f"folder {split}")
+    skipped += bad
+    upsampled += small
+  _warn_skipped(f"image folder {folder}", skipped, len(files))
+  if len(arrays["train"]) + len(arrays["validation"]) == 0:
+    raise ValueError(f"image folder {folder!r}: none of its {len(files)} image files could be read "
+                     f"(first: {', '.join(n for n, _ in skipped[:_NUM_NAMES_IN_WARNING])})")
+  if len(arrays["train"]) == 0:
+    raise ValueError(f"image folder {folder!r}: no readable image landed in the training split")
+  info = {"source": folder, "files": len(files), "ignored_non_image_files": len(others),
+          "skipped": len(skipped), "skipped_names": [n for n, _ in skipped[:20]], "upsampled": upsampled}
+  return arrays, info
+
+
+def load_digits_images(image_size: int) -> np.ndarray:
+  """scikit-learn's bundled digits (1,797 8x8, values 0..16) as uint8 RGB (1797, S, S, 3).
+
+  Bilinear upsampling (half-pixel centres, edges clamped; antialiasing only matters below 8
+  pixels), value 16 -> 255, gray repeated over 3 channels. No download of any kind.
+
+  Args:
+    image_size: output side S.
+
+  Returns:
+    uint8 array (1797, S, S, 3).
+  """
+  # Imported here: scikit-learn takes about a second to import and only the digits need it.
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  digits = load_digits().images.astype(np.float64)  # (1797, 8, 8) in 0..16
+  weights = resize_weights(digits.shape[1], image_size, antialias=True)
+  upsampled = weights @ digits @ weights.T  # (S, 8) @ (N, 8, 8) @ (8, S)
+  gray = quantize(upsampled * (255.0 / 16.0))
+  return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def _build_digits(options: DataOptions, image_size: int) -> tuple[dict, dict]:
+  images = load_digits_images(image_size)
+  train_idx, val_idx = random_split(len(images), 1.0 - options.validation_fraction, options.split_seed)
+  arrays = {"train": images[train_idx], "validation": images[val_idx]}
+  return arrays, {"source": "sklearn.datasets.load_digits", "files": len(images), "skipped": 0,
+                  "skipped_names": [], "upsampled": len(images) if image_size > 8 else 0}
