@@ -34,5 +34,10 @@ parity: setup
 	$(PY) scripts/parity_report.py
 	$(PY) scripts/parity_report.py --variant r
 
+# JAX vs torch eager vs torch.compile throughput with the script's CPU defaults (32x32, batch 32);
+# e.g. `make bench BENCH_ARGS="--json out.json"` passes options through.
+bench: setup
+	$(PY) scripts/benchmark.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

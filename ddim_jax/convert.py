@@ -148,7 +148,8 @@ def model_kwargs_from_metadata(metadata: Mapping[str, str]) -> dict:
               channels=int(metadata["channels"]))
 
 
-def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], image_size: int, **extra) -> None:
+def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], image_size: int, spec=None,
+                 **extra) -> None:
   """Writes a weight file (see the module docstring) atomically.
 
   Args:
@@ -157,8 +158,12 @@ def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], ima
     variables: Flax {'params', 'batch_stats'}.
     normalizer: {'mean': (C,), 'variance': (C,)} data statistics.
     image_size: training image size (recorded for samplers).
-    **extra: further metadata (schedule, min_signal_rate, max_signal_rate, target, weights, step).
+    spec: the model's ``schedules.DiffusionSpec`` (recorded for samplers; ``DiffusionSpec.from_metadata``
+      reads it back).
+    **extra: further metadata (weights, step; or the spec's keys one by one).
   """
+  if spec is not None:
+    extra = {**spec.to_metadata(), **extra}
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   tensors = flax_to_torch_state_dict(variables)
   tensors["normalizer.mean"] = np.asarray(normalizer["mean"], np.float32).reshape(-1)

@@ -1,11 +1,12 @@
 """Evaluation of a trained model: KID against real images, and DDIM inversion reconstruction error.
 
-KID follows the Keras example (seed_spec section 8): each batch of real (validation) images is
-paired with a batch of as many generated images, the per-batch unbiased MMD^2 of their Inception
-features is averaged with equal weight (``metrics.KIDAccumulator``). Generated batch i always
-starts from the noise of ``fold_in(key(seed), i)``, so the KID of several step counts (or of
-successive epochs during training) is measured on the same real batches AND the same noises: the
-differences between them are not sampling noise.
+KID follows the Keras example (its ``KID`` metric, updated per validation batch in ``test_step``):
+each batch of real (validation) images is paired with a batch of as many generated images, the
+per-batch unbiased MMD^2 of their Inception features is averaged with equal weight
+(``metrics.KIDAccumulator``). Generated batch i always starts from the noise of
+``fold_in(key(seed), i)``, so the KID of several step counts (or of successive epochs during
+training) is measured on the same real batches AND the same noises: the differences between them
+are not sampling noise.
 
 Reconstruction error (DDIM paper section 5.4, Table 2): images -> ``sampling.invert`` -> noise ->
 ``sampling.generate`` with the same step count -> images; the per-dimension mean squared error
@@ -13,21 +14,36 @@ of pixels in [0, 1].
 """
 
 import functools
+import json
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from ddim_jax import metrics, sampling
+from ddim_jax import metrics, rng, sampling, schedules
 
 FeatureFn = Callable[[Any], Any]
 
 
-def schedule_kwargs(config) -> dict:
-  """The sampler's schedule/target keyword arguments from a config's ``diffusion`` block."""
-  return dict(schedule=config.diffusion.schedule, min_signal_rate=float(config.diffusion.min_signal_rate),
-              max_signal_rate=float(config.diffusion.max_signal_rate), target=config.diffusion.target)
+def parse_step_counts(text: str) -> list[int]:
+  """"10,20,50" -> [10, 20, 50] (``--steps`` of ``invert`` and ``evaluate``); a ValueError says what is wrong."""
+  try:
+    steps = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError as e:
+    raise ValueError(f"--steps {text!r}: expected comma-separated integers such as 10,20,50") from e
+  if not steps or min(steps) < 1:
+    raise ValueError(f"--steps {text!r}: expected positive step counts")
+  return steps
+
+
+def write_json(path: str, record: dict) -> str:
+  """Writes ``record`` as indented JSON to ``path`` (unless ``path`` is "-"); returns the JSON text."""
+  text = json.dumps(record, indent=2, sort_keys=True)
+  if path != "-":
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+  return text
 
 
 def as_float_images(images) -> np.ndarray:
@@ -65,7 +81,7 @@ def kid_batch_size(num_images: int, batch_size: int) -> int:
 
 def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, feature_fn: FeatureFn,
                   steps_list: Sequence[int], *, batch_size: int = 64, seed: int = 0, progress: bool = False,
-                  **sampler_kwargs) -> dict[int, float]:
+                  spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC) -> dict[int, float]:
   """KID of EMA samples against ``real_images`` for each step count (same batches, same noises).
 
   Args:
@@ -76,7 +92,7 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
     batch_size: real (and generated) images per KID batch (Keras 64, R 128).
     seed: seed of the generated batches' noises.
     progress: show a progress bar.
-    **sampler_kwargs: schedule, min_signal_rate, max_signal_rate, target (``schedule_kwargs``).
+    spec: the model's diffusion (schedule, signal-rate bounds, target).
 
   Returns:
     {steps: KID}.
@@ -94,14 +110,15 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
     accumulator = metrics.KIDAccumulator()
     for i in tqdm(range(num_batches), desc=f"KID ({steps} steps)", disable=not progress):
       noise = jax.random.normal(jax.random.fold_in(key, i), shape)
-      generated = sampling.generate(model, variables, noise, normalizer, steps=int(steps), **sampler_kwargs)["images"]
+      generated = sampling.generate(model, variables, noise, normalizer, steps=int(steps), spec=spec)["images"]
       accumulator.update(real_features[i], feature_fn(generated))
     results[int(steps)] = accumulator.result()
   return results
 
 
 def reconstruction_errors(model, variables, normalizer: Mapping[str, Any], images, steps_list: Sequence[int], *,
-                          batch_size: int = 64, **sampler_kwargs) -> dict[int, float]:
+                          batch_size: int = 64,
+                          spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC) -> dict[int, float]:
   """Mean squared error in [0, 1] pixels of image -> DDIM inversion -> DDIM sampling, per step count.
 
   Args:
@@ -109,7 +126,7 @@ def reconstruction_errors(model, variables, normalizer: Mapping[str, Any], image
     images: (N, H, W, C) uint8 or [0, 1] float.
     steps_list: step counts S (inversion and sampling both use S network evaluations).
     batch_size: images per jitted call.
-    **sampler_kwargs: schedule, min_signal_rate, max_signal_rate, target.
+    spec: the model's diffusion (schedule, signal-rate bounds, target).
 
   Returns:
     {steps: MSE}.
@@ -120,8 +137,8 @@ def reconstruction_errors(model, variables, normalizer: Mapping[str, Any], image
     squared_error = 0.0
     for start in range(0, len(images), batch_size):
       batch = images[start:start + batch_size]
-      noises = sampling.invert(model, variables, batch, normalizer, steps=int(steps), **sampler_kwargs)["noises"]
-      recon = sampling.generate(model, variables, noises, normalizer, steps=int(steps), **sampler_kwargs)["images"]
+      noises = sampling.invert(model, variables, batch, normalizer, steps=int(steps), spec=spec)["noises"]
+      recon = sampling.generate(model, variables, noises, normalizer, steps=int(steps), spec=spec)["images"]
       squared_error += float(np.sum(np.square(np.asarray(recon, np.float64) - batch)))
     results[int(steps)] = squared_error / images.size
   return results
@@ -159,12 +176,12 @@ def make_training_kid(config, model, val_images) -> Callable | None:
   feature_fn = kid_feature_fn(weights, image_size)
   batch_size = int(eval_config.get("kid_batch_size", 64))
   steps = int(eval_config.get("kid_steps", 5))
-  kwargs = schedule_kwargs(config)
-  seed = int(config.seed) + 3
+  spec = schedules.DiffusionSpec.from_config(config)
+  seed = int(config.seed) + rng.KID_NOISE
 
   def evaluate(variables, normalizer) -> float:
     return kid_for_steps(model, variables, normalizer, reals, feature_fn, [steps], batch_size=batch_size, seed=seed,
-                         **kwargs)[steps]
+                         spec=spec)[steps]
 
   return evaluate
 

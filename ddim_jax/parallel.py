@@ -1,25 +1,26 @@
 """Data parallelism: the device mesh, the two launchers of the per-device step, multi-host start.
 
-One per-device step (``train.train_steps``) with collectives over axis "data", launched either by
+One per-device step (``train.per_device_step``) with collectives over axis "data", launched either by
 ``jax.shard_map`` under ``jax.jit`` over a 1-D mesh (default; JAX itself now runs pmap this way)
 or by ``jax.pmap`` (``config.parallel = "pmap"``). Both take and return the state replicated
 and the batch split along its batch axis, and both must give the same numbers (tested on 1, 2 and
 4 devices, and on 2 processes x 2 devices).
 
 Multi-host: ``initialize_distributed`` calls ``jax.distributed.initialize()``; every process
-feeds its own slice of each global batch (``input_pipeline.BatchIterator`` with
-``process_index``/``process_count``), and ``shard_batch`` assembles the global array.
+feeds its own slice of each global batch (``data.BatchIterator`` with ``process_index`` /
+``process_count``), and ``shard_batch`` assembles the global array.
+
+A leaf module: it imports no other module of ddim_jax.
 """
 
-import functools
 import os
+import warnings
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddim_jax import train
 
 AXIS = "data"
 PARALLEL_MODES = ("shard_map", "pmap")
@@ -68,7 +69,6 @@ def configure_cpu_devices(spec, batch_size: int) -> int | None:
   except RuntimeError as e:  # the backend is already running in this process
     if jax.local_device_count() == count:
       return count
-    import warnings  # pylint: disable=import-outside-toplevel
     warnings.warn(f"config.cpu_devices={spec!r} not applied ({e}); keeping {jax.local_device_count()} device(s)")
     return None
   flags = os.environ.get("XLA_FLAGS", "")
@@ -138,48 +138,50 @@ def shard_batch(local_batch: np.ndarray, mesh: Mesh, steps_per_call: int = 1) ->
 def check_batch_size(global_batch_size: int, num_devices: int) -> None:
   """Raises a ValueError naming ``train.batch_size`` when it does not split over the devices."""
   if global_batch_size < 1 or global_batch_size % num_devices:
+    suggestion = max(1, global_batch_size // num_devices) * num_devices
     raise ValueError(f"train.batch_size={global_batch_size} must be a positive multiple of the device count "
-                     f"({num_devices}); e.g. --config.train.batch_size={max(1, global_batch_size // num_devices) * num_devices or num_devices}")
+                     f"({num_devices}); e.g. --config.train.batch_size={suggestion}")
 
 
-def make_train_fn(model, step_config: train.StepConfig, mesh: Mesh, parallel: str = "shard_map",
-                  steps_per_call: int = 1):
-  """The compiled data-parallel training function.
+def make_train_fn(step_fn, mesh: Mesh, mode: str = "shard_map", steps_per_call: int = 1):
+  """The compiled data-parallel training function of a per-device step.
 
   Args:
-    model: the UNet, built with ``bn_axis_name="data"``.
-    step_config: hyper-parameters.
+    step_fn: the per-device step ``(state, images, normalizer, base_key) -> (state, metrics)``,
+      written with collectives over axis "data" (``train.per_device_step``).
     mesh: the 1-D "data" mesh.
-    parallel: "shard_map" (jit + shard_map, default) or "pmap".
-    steps_per_call: K optimiser steps per call (``lax.scan``); batches then have a leading K axis.
+    mode: "shard_map" (jit + shard_map, default) or "pmap".
+    steps_per_call: K optimiser steps per call; batches then have a leading K axis.
 
   Returns:
-    fn(state, images, normalizer, base_key) -> (state, metrics). ``images`` is the global batch
-    (B, H, W, C) (or (K, B, H, W, C)) as a global array sharded with ``batch_sharding`` for
-    shard_map, and this process's NumPy slice of it for pmap; state is replicated. The state and
-    the state buffers are donated (shard_map).
+    fn(state, images, normalizer, base_key) -> (state, metrics). ``images`` is this process's
+    NumPy slice of the global batch, (b, H, W, C) or (K, b, H, W, C), in both modes (shard_map
+    also takes a global array already placed with ``batch_sharding``). The state is replicated;
+    with shard_map its buffers are donated.
   """
-  if parallel not in PARALLEL_MODES:
-    raise ValueError(f"config.parallel={parallel!r} is not one of {PARALLEL_MODES}")
-  if model.bn_axis_name != AXIS:
-    raise ValueError(f"the model must be built with bn_axis_name={AXIS!r} for synchronised BatchNorm")
-  step_fn = train.train_step if steps_per_call == 1 else train.train_steps
-  per_device = functools.partial(step_fn, model=model, step_config=step_config, axis_name=AXIS)
-  if parallel == "shard_map":
+  if mode not in PARALLEL_MODES:
+    raise ValueError(f"config.parallel={mode!r} is not one of {PARALLEL_MODES}")
+  if mode == "shard_map":
     images_spec = P(AXIS) if steps_per_call == 1 else P(None, AXIS)
     # check_vma=False: per-device (pmap) semantics, where the gradient of the local loss is local
     # and the explicit pmean makes it global; with VMA typing, JAX would already psum the
     # gradient of the replicated parameters and the pmean would not average.
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), images_spec, P(), P()),
-                            out_specs=(P(), P()), check_vma=False)
-    return jax.jit(sharded, donate_argnums=(0,))
+    sharded = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), images_spec, P(), P()),
+                                    out_specs=(P(), P()), check_vma=False), donate_argnums=(0,))
 
-  pmapped = jax.pmap(per_device, axis_name=AXIS, in_axes=(None, 0, None, None), out_axes=(None, None),
+    def shard_map_fn(state, images, normalizer, base_key):
+      if not isinstance(images, jax.Array):
+        images = shard_batch(images, mesh, steps_per_call)
+      return sharded(state, images, normalizer, base_key)
+
+    return shard_map_fn
+
+  pmapped = jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0, None, None), out_axes=(None, None),
                      devices=mesh.devices.tolist())
   # pmap takes this process's slice of the batch with a leading axis over its local devices.
   num_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
-  def fn(state, images, normalizer, base_key):
+  def pmap_fn(state, images, normalizer, base_key):
     # (b, ...) -> (D, b/D, ...), or (K, b, ...) -> (D, K, b/D, ...), for the D local devices.
     images = np.asarray(images)
     if steps_per_call == 1:
@@ -188,4 +190,4 @@ def make_train_fn(model, step_config: train.StepConfig, mesh: Mesh, parallel: st
       images = images.reshape((images.shape[0], num_devices, -1) + images.shape[2:]).swapaxes(0, 1)
     return pmapped(state, images, normalizer, base_key)
 
-  return fn
+  return pmap_fn

@@ -1,6 +1,6 @@
 """JAX-vs-PyTorch parity: non-trivial shared weights, a briefly trained reference, and the comparisons.
 
-Used by ``tests/test_parity.py`` and ``scripts/parity_report.py``. Rules (design.md, Parity):
+Used by ``tests/test_parity.py`` and ``scripts/parity_report.py``. Rules (README, "Parity"):
 every random draw is made once in NumPy and fed to both twins; weights are converted, never
 re-initialised; forward comparisons perturb every tensor (a fresh model's zero head would make
 them vacuous); trajectories use a briefly trained model, because a random U-Net's DDIM trajectory
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import convert, models, sampling, schedules
+from ddim_jax import convert, data, models, sampling, schedules
 
 
 def _nchw(x: np.ndarray) -> np.ndarray:
@@ -131,8 +131,7 @@ def forward_parity(model, variables, image_size: int, batch: int = 8, seed: int 
 
 def load_digits_images(image_size: int) -> np.ndarray:
   """scikit-learn's bundled digits (1,797 8x8 images) as uint8 RGB (N, S, S, 3), bilinear-upsampled."""
-  from ddim_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  return input_pipeline.load_digits_images(image_size)
+  return data.load_digits_images(image_size)
 
 
 @functools.lru_cache(maxsize=4)
@@ -262,12 +261,11 @@ def train_step_parity(model, variables, image_size: int, num_steps: int = 10, ba
     shape = (batch, image_size, image_size, model.channels)
     images = rng.standard_normal(shape).astype(np.float32)
     noises = rng.standard_normal(shape).astype(np.float32)
-    noise_rates, signal_rates = schedules.rate_table(rng.uniform(0.0, 1.0, (batch, 1, 1, 1)), step_config.schedule,
-                                                     step_config.min_signal_rate, step_config.max_signal_rate)
+    noise_rates, signal_rates = step_config.diffusion.rate_table(rng.uniform(0.0, 1.0, (batch, 1, 1, 1)))
     state, metrics = jax_step(state, images, noises, noise_rates, signal_rates)
     torch_metrics = torch_train.train_step_from_draws(
         twin, optimizer, ema, step, torch.from_numpy(_nchw(images)), torch.from_numpy(_nchw(noises)),
-        torch.from_numpy(noise_rates), torch.from_numpy(signal_rates), step_config.loss, step_config.target)
+        torch.from_numpy(noise_rates), torch.from_numpy(signal_rates), step_config.loss, step_config.diffusion.target)
     out["loss_max_abs"] = max(out["loss_max_abs"], abs(float(metrics["loss"]) - float(torch_metrics["loss"])))
     if step == 0:
       out["loss_abs_1"] = out["loss_max_abs"]  # identical weights: the loss itself

@@ -23,7 +23,8 @@ import numpy as np
 
 from ddim_jax import schedules
 
-TARGETS = ("noise", "image")
+TARGETS = schedules.TARGETS
+DEFAULT_SPEC = schedules.DiffusionSpec()
 
 
 def _channel_stats(normalizer):
@@ -101,21 +102,18 @@ def time_grid(steps: int) -> tuple[np.ndarray, np.ndarray]:
   return (1.0 - i / steps).astype(np.float32), (1.0 - (i + 1) / steps).astype(np.float32)
 
 
-def step_rates(steps: int, schedule: str = "cosine", min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
-               max_signal_rate: float = schedules.MAX_SIGNAL_RATE) -> tuple[np.ndarray, ...]:
+def step_rates(steps: int, spec: schedules.DiffusionSpec = DEFAULT_SPEC) -> tuple[np.ndarray, ...]:
   """(noise_rates, signal_rates, next_noise_rates, next_signal_rates), each (S,) float32, of the S steps.
 
   Evaluated by ``schedules.rate_table`` in float64 NumPy: both twins use bit-identical rates.
   """
   times, next_times = time_grid(steps)
-  return (*schedules.rate_table(times, schedule, min_signal_rate, max_signal_rate),
-          *schedules.rate_table(next_times, schedule, min_signal_rate, max_signal_rate))
+  return (*spec.rate_table(times), *spec.rate_table(next_times))
 
 
-def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, schedule: str = "cosine",
-                      min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
-                      max_signal_rate: float = schedules.MAX_SIGNAL_RATE, eta: float = 0.0, step_noises=None,
-                      key=None, target: str = "noise", return_trajectory: bool = False):
+def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *,
+                      spec: schedules.DiffusionSpec = DEFAULT_SPEC, eta: float = 0.0, step_noises=None, key=None,
+                      return_trajectory: bool = False):
   """Runs ``steps`` DDIM steps from ``initial_noise`` (t = 1) with ``lax.scan``.
 
   Call it inside ``jit`` (``generate`` does). Random draws for eta > 0 come from ``step_noises``
@@ -125,11 +123,10 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, schedu
     network_fn: (noisy_images, variances) -> network output.
     initial_noise: (B, H, W, C) standard normal.
     steps: number of network evaluations S.
-    schedule, min_signal_rate, max_signal_rate: the diffusion schedule (see ``schedules``).
+    spec: the diffusion (schedule, signal-rate bounds, prediction target: 'noise' (Keras) or 'image').
     eta: DDIM eta (a Python float).
     step_noises: optional (S, B, H, W, C) draws z for eta > 0.
     key: PRNG key used when eta > 0 and step_noises is None.
-    target: what the network predicts, 'noise' (Keras) or 'image' (R option).
     return_trajectory: also return every noisy image and every predicted image.
 
   Returns:
@@ -144,8 +141,9 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, schedu
   batch = initial_noise.shape[0]
   if eta > 0 and step_noises is None:
     step_noises = jax.random.normal(key, (steps,) + initial_noise.shape, initial_noise.dtype)
-  rates = tuple(jnp.asarray(r) for r in step_rates(steps, schedule, min_signal_rate, max_signal_rate))
+  rates = tuple(jnp.asarray(r) for r in step_rates(steps, spec))
   xs = (rates, step_noises if eta > 0 else jnp.zeros((steps,)))
+  target = spec.target
 
   def body(carry, x):
     noisy_images, _ = carry
@@ -168,12 +166,9 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, schedu
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "schedule", "min_signal_rate", "max_signal_rate",
-                                             "eta", "target", "return_trajectory"))
+@functools.partial(jax.jit, static_argnames=("model", "steps", "spec", "eta", "return_trajectory"))
 def generate(model, variables, initial_noise, normalizer=None, step_noises=None, key=None, *, steps: int = 20,
-             schedule: str = "cosine", min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
-             max_signal_rate: float = schedules.MAX_SIGNAL_RATE, eta: float = 0.0, target: str = "noise",
-             return_trajectory: bool = False):
+             spec: schedules.DiffusionSpec = DEFAULT_SPEC, eta: float = 0.0, return_trajectory: bool = False):
   """Samples images with a ddim_jax UNet (BatchNorm in inference mode), all under one jit.
 
   Args:
@@ -181,15 +176,13 @@ def generate(model, variables, initial_noise, normalizer=None, step_noises=None,
     variables: its {'params', 'batch_stats'} (usually the EMA ones).
     initial_noise: (B, H, W, C) standard normal.
     normalizer: {'mean', 'variance'}; when given, 'images' holds denormalised, clipped images.
-    step_noises, key, steps, eta, target, return_trajectory: see ``reverse_diffusion``.
-    schedule, min_signal_rate, max_signal_rate: the diffusion schedule.
+    step_noises, key, steps, spec, eta, return_trajectory: see ``reverse_diffusion``.
 
   Returns:
     ``reverse_diffusion``'s dict, plus 'images' in [0, 1] when ``normalizer`` is given.
   """
   network_fn = lambda x, v: model.apply(variables, x, v, train=False)
-  out = reverse_diffusion(network_fn, initial_noise, steps, schedule=schedule, min_signal_rate=min_signal_rate,
-                          max_signal_rate=max_signal_rate, eta=eta, step_noises=step_noises, key=key, target=target,
+  out = reverse_diffusion(network_fn, initial_noise, steps, spec=spec, eta=eta, step_noises=step_noises, key=key,
                           return_trajectory=return_trajectory)
   if normalizer is not None:
     out["images"] = denormalize(out["pred_images"], normalizer)
@@ -200,8 +193,7 @@ def generate(model, variables, initial_noise, normalizer=None, step_noises=None,
 # DDIM inversion (image -> noise) and spherical interpolation of noises.
 
 
-def inversion_rates(steps: int, schedule: str = "cosine", min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
-                    max_signal_rate: float = schedules.MAX_SIGNAL_RATE) -> tuple[np.ndarray, ...]:
+def inversion_rates(steps: int, spec: schedules.DiffusionSpec = DEFAULT_SPEC) -> tuple[np.ndarray, ...]:
   """(noise_rates, signal_rates, next_noise_rates, next_signal_rates), each (S,) float32, of S inversion steps.
 
   The inversion retraces the sampler's S steps backwards. The sampler's last step maps the state
@@ -212,15 +204,13 @@ def inversion_rates(steps: int, schedule: str = "cosine", min_signal_rate: float
   if steps < 1:
     raise ValueError(f"steps must be >= 1 (network evaluations), got {steps}")
   next_times = ((np.arange(steps, dtype=np.float64) + 1) / steps).astype(np.float32)
-  next_noise_rates, next_signal_rates = schedules.rate_table(next_times, schedule, min_signal_rate, max_signal_rate)
+  next_noise_rates, next_signal_rates = spec.rate_table(next_times)
   noise_rates = np.concatenate([[0.0], next_noise_rates[:-1]]).astype(np.float32)
   signal_rates = np.concatenate([[1.0], next_signal_rates[:-1]]).astype(np.float32)
   return noise_rates, signal_rates, next_noise_rates, next_signal_rates
 
 
-def ddim_inversion(network_fn: Callable, images, steps: int, *, schedule: str = "cosine",
-                   min_signal_rate: float = schedules.MIN_SIGNAL_RATE,
-                   max_signal_rate: float = schedules.MAX_SIGNAL_RATE, target: str = "noise",
+def ddim_inversion(network_fn: Callable, images, steps: int, *, spec: schedules.DiffusionSpec = DEFAULT_SPEC,
                    return_trajectory: bool = False):
   """Encodes normalised images into initial noises with the deterministic DDIM ODE run backwards.
 
@@ -236,18 +226,19 @@ def ddim_inversion(network_fn: Callable, images, steps: int, *, schedule: str = 
     network_fn: (noisy_images, variances) -> network output.
     images: (B, H, W, C) clean images in normalised space.
     steps: number of network evaluations S (use the same S to reconstruct).
-    schedule, min_signal_rate, max_signal_rate: the diffusion schedule.
-    target: only 'noise': an image-predicting network gives no noise at the clean start (n = 0).
+    spec: the diffusion; its target must be 'noise': an image-predicting network gives no noise at
+      the clean start (n = 0).
     return_trajectory: also return every state.
 
   Returns:
     dict with 'noises' (B, H, W, C), the state at t = 1, and, if asked, 'noisy_trajectory'
     (S + 1, B, H, W, C): the images, then the state after each step.
   """
+  target = spec.target
   if target != "noise":
     raise ValueError(f"DDIM inversion needs a noise-predicting model (target 'noise'), got target {target!r}")
   batch = images.shape[0]
-  rates = tuple(jnp.asarray(r) for r in inversion_rates(steps, schedule, min_signal_rate, max_signal_rate))
+  rates = tuple(jnp.asarray(r) for r in inversion_rates(steps, spec))
 
   def body(noisy_images, step_rate_values):
     noise_rates, signal_rates, next_noise_rates, next_signal_rates = (
@@ -265,18 +256,16 @@ def ddim_inversion(network_fn: Callable, images, steps: int, *, schedule: str = 
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "schedule", "min_signal_rate", "max_signal_rate",
-                                             "target", "return_trajectory"))
-def invert(model, variables, images, normalizer=None, *, steps: int = 20, schedule: str = "cosine",
-           min_signal_rate: float = schedules.MIN_SIGNAL_RATE, max_signal_rate: float = schedules.MAX_SIGNAL_RATE,
-           target: str = "noise", return_trajectory: bool = False):
+@functools.partial(jax.jit, static_argnames=("model", "steps", "spec", "return_trajectory"))
+def invert(model, variables, images, normalizer=None, *, steps: int = 20, spec: schedules.DiffusionSpec = DEFAULT_SPEC,
+           return_trajectory: bool = False):
   """``ddim_inversion`` with a ddim_jax UNet (BatchNorm in inference mode), under one jit.
 
   Args:
     model, variables: the UNet (static) and its {'params', 'batch_stats'}.
     images: (B, H, W, C); in [0, 1] when ``normalizer`` is given (normalised here), else normalised.
     normalizer: {'mean', 'variance'} or None.
-    steps, schedule, min_signal_rate, max_signal_rate, target, return_trajectory: see ``ddim_inversion``.
+    steps, spec, return_trajectory: see ``ddim_inversion``.
 
   Returns:
     ``ddim_inversion``'s dict.
@@ -284,8 +273,7 @@ def invert(model, variables, images, normalizer=None, *, steps: int = 20, schedu
   if normalizer is not None:
     images = normalize(images, normalizer)
   network_fn = lambda x, v: model.apply(variables, x, v, train=False)
-  return ddim_inversion(network_fn, images, steps, schedule=schedule, min_signal_rate=min_signal_rate,
-                        max_signal_rate=max_signal_rate, target=target, return_trajectory=return_trajectory)
+  return ddim_inversion(network_fn, images, steps, spec=spec, return_trajectory=return_trajectory)
 
 
 @jax.jit

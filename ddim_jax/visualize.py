@@ -109,6 +109,11 @@ def forward_process(image, noises, noise_rates, signal_rates) -> np.ndarray:
   return (s * image[None] + n * noises).astype(np.float32)
 
 
+def default_upscale(image_size: int, upscale: int | None = None) -> int:
+  """``upscale`` if given, else enough integer upscaling to make tiles of about 64 px."""
+  return upscale if upscale else max(1, 64 // image_size)
+
+
 def pick_columns(num_steps: int, max_columns: int) -> np.ndarray:
   """Indices of at most ``max_columns`` evenly spaced steps of ``num_steps``, always the first and last."""
   if num_steps <= max_columns:

@@ -25,22 +25,19 @@ def numpy_noise(seed: int, shape) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
 
 
-def sampler_kwargs(metadata) -> dict:
-  """Schedule and target recorded in a weight file (the Keras defaults when absent)."""
-  return dict(schedule=metadata.get("schedule", "cosine"),
-              min_signal_rate=float(metadata.get("min_signal_rate", schedules.MIN_SIGNAL_RATE)),
-              max_signal_rate=float(metadata.get("max_signal_rate", schedules.MAX_SIGNAL_RATE)),
-              target=metadata.get("target", "noise"))
+def numpy_step_noise_generator(seed: int) -> np.random.Generator:
+  """The generator of eta > 0 per-step draws: ``default_rng(seed + 1)``, as ``ddim-jax sample --numpy-noise``."""
+  return np.random.default_rng(seed + 1)
 
 
 def sample_images(model, normalizer, initial_noise: np.ndarray, steps: int, eta: float = 0.0, seed: int = 0,
-                  batch_size: int = 64, **kwargs) -> np.ndarray:
+                  batch_size: int = 64, spec=sampling.DEFAULT_SPEC) -> np.ndarray:
   """Generates images from NHWC NumPy noise in batches; returns (N, H, W, C) float32 in [0, 1].
 
   For eta > 0 the per-step draws of each batch, (steps, B, H, W, C), come in batch order from
-  ``np.random.default_rng(seed + 1)`` (as ``ddim_jax.cli``).
+  ``np.random.default_rng(seed + 1)`` (as ``ddim_jax.inference``).
   """
-  step_rng = np.random.default_rng(seed + 1)
+  step_rng = numpy_step_noise_generator(seed)
   out = []
   for start in range(0, len(initial_noise), batch_size):
     noise = np.asarray(initial_noise[start:start + batch_size], np.float32)
@@ -49,7 +46,7 @@ def sample_images(model, normalizer, initial_noise: np.ndarray, steps: int, eta:
       draws = step_rng.standard_normal((steps,) + noise.shape, dtype=np.float32)
       step_noises = torch.from_numpy(draws).permute(0, 1, 4, 2, 3).contiguous()
     result = sampling.generate(model, torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous(), normalizer,
-                               step_noises=step_noises, steps=steps, eta=eta, **kwargs)
+                               step_noises=step_noises, steps=steps, eta=eta, spec=spec)
     out.append(result["images"].permute(0, 2, 3, 1).numpy())
   return np.concatenate(out)
 
@@ -93,7 +90,7 @@ def main(argv=None) -> int:
   else:
     noise = numpy_noise(args.seed, (args.num_images, size, size, channels))
   images = sample_images(model, normalizer, noise, args.steps, args.eta, args.seed, args.batch_size,
-                         **sampler_kwargs(metadata))
+                         schedules.DiffusionSpec.from_metadata(metadata))
   visualize.save_grid(images, args.out, rows=args.rows, upscale=args.upscale)
   if args.array_out:
     np.save(args.array_out, images)

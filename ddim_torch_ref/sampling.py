@@ -11,7 +11,8 @@ import torch
 
 from ddim_torch_ref import schedules
 
-TARGETS = ("noise", "image")
+TARGETS = schedules.TARGETS
+DEFAULT_SPEC = schedules.DiffusionSpec()
 
 
 def _channel(value, like):
@@ -76,18 +77,15 @@ def time_grid(steps: int):
   return (1.0 - i / steps).astype(np.float32), (1.0 - (i + 1) / steps).astype(np.float32)
 
 
-def step_rates(steps, schedule="cosine", min_signal_rate=schedules.MIN_SIGNAL_RATE,
-               max_signal_rate=schedules.MAX_SIGNAL_RATE):
+def step_rates(steps, spec=DEFAULT_SPEC):
   """(noise_rates, signal_rates, next_noise_rates, next_signal_rates), each (S,) float32, float64-evaluated."""
   times, next_times = time_grid(steps)
-  return (*schedules.rate_table(times, schedule, min_signal_rate, max_signal_rate),
-          *schedules.rate_table(next_times, schedule, min_signal_rate, max_signal_rate))
+  return (*spec.rate_table(times), *spec.rate_table(next_times))
 
 
 @torch.no_grad()
-def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, schedule="cosine",
-                      min_signal_rate=schedules.MIN_SIGNAL_RATE, max_signal_rate=schedules.MAX_SIGNAL_RATE, eta=0.0,
-                      step_noises=None, generator=None, target="noise", return_trajectory=False):
+def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, spec=DEFAULT_SPEC, eta=0.0,
+                      step_noises=None, generator=None, return_trajectory=False):
   """Runs ``steps`` DDIM steps from ``initial_noise`` (t = 1); see the JAX twin for the arguments.
 
   ``step_noises`` is (S, B, C, H, W); without it, eta > 0 draws from ``generator``.
@@ -98,7 +96,8 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, schedu
   if eta > 0 and step_noises is None and generator is None:
     raise ValueError("eta > 0 needs step_noises or a torch.Generator")
   batch = initial_noise.shape[0]
-  rates = step_rates(steps, schedule, min_signal_rate, max_signal_rate)
+  rates = step_rates(steps, spec)
+  target = spec.target
   noisy_images = initial_noise
   noisy_trajectory, pred_trajectory = [initial_noise], []
 
@@ -126,16 +125,14 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, schedu
 
 
 @torch.no_grad()
-def generate(model, initial_noise, normalizer=None, step_noises=None, generator=None, *, steps=20,
-             schedule="cosine", min_signal_rate=schedules.MIN_SIGNAL_RATE, max_signal_rate=schedules.MAX_SIGNAL_RATE,
-             eta=0.0, target="noise", return_trajectory=False):
+def generate(model, initial_noise, normalizer=None, step_noises=None, generator=None, *, steps=20, spec=DEFAULT_SPEC,
+             eta=0.0, return_trajectory=False):
   """Samples with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.sampling.generate``."""
   was_training = model.training
   model.eval()
   try:
-    out = reverse_diffusion(model, initial_noise, steps, schedule=schedule, min_signal_rate=min_signal_rate,
-                            max_signal_rate=max_signal_rate, eta=eta, step_noises=step_noises, generator=generator,
-                            target=target, return_trajectory=return_trajectory)
+    out = reverse_diffusion(model, initial_noise, steps, spec=spec, eta=eta, step_noises=step_noises,
+                            generator=generator, return_trajectory=return_trajectory)
   finally:
     model.train(was_training)
   if normalizer is not None:
@@ -147,8 +144,7 @@ def generate(model, initial_noise, normalizer=None, step_noises=None, generator=
 # DDIM inversion (image -> noise) and spherical interpolation of noises.
 
 
-def inversion_rates(steps, schedule="cosine", min_signal_rate=schedules.MIN_SIGNAL_RATE,
-                    max_signal_rate=schedules.MAX_SIGNAL_RATE):
+def inversion_rates(steps, spec=DEFAULT_SPEC):
   """(noise_rates, signal_rates, next_noise_rates, next_signal_rates) of S inversion steps; see the JAX twin.
 
   Step j goes from time j/S (the clean rates (0, 1) for j = 0) to (j + 1)/S, float64-evaluated.
@@ -156,24 +152,23 @@ def inversion_rates(steps, schedule="cosine", min_signal_rate=schedules.MIN_SIGN
   if steps < 1:
     raise ValueError(f"steps must be >= 1 (network evaluations), got {steps}")
   next_times = ((np.arange(steps, dtype=np.float64) + 1) / steps).astype(np.float32)
-  next_noise_rates, next_signal_rates = schedules.rate_table(next_times, schedule, min_signal_rate, max_signal_rate)
+  next_noise_rates, next_signal_rates = spec.rate_table(next_times)
   noise_rates = np.concatenate([[0.0], next_noise_rates[:-1]]).astype(np.float32)
   signal_rates = np.concatenate([[1.0], next_signal_rates[:-1]]).astype(np.float32)
   return noise_rates, signal_rates, next_noise_rates, next_signal_rates
 
 
 @torch.no_grad()
-def ddim_inversion(network_fn: Callable, images, steps: int, *, schedule="cosine",
-                   min_signal_rate=schedules.MIN_SIGNAL_RATE, max_signal_rate=schedules.MAX_SIGNAL_RATE,
-                   target="noise", return_trajectory=False):
+def ddim_inversion(network_fn: Callable, images, steps: int, *, spec=DEFAULT_SPEC, return_trajectory=False):
   """Normalised images (NCHW) -> initial noises by the DDIM ODE run backwards; see the JAX twin.
 
   Step j: eps = net(x, n_{j+1}^2), x0 = (x - n_j eps) / s_j, x' = s_{j+1} x0 + n_{j+1} eps.
   """
+  target = spec.target
   if target != "noise":
     raise ValueError(f"DDIM inversion needs a noise-predicting model (target 'noise'), got target {target!r}")
   batch = images.shape[0]
-  rates = inversion_rates(steps, schedule, min_signal_rate, max_signal_rate)
+  rates = inversion_rates(steps, spec)
 
   def full(value):
     return torch.full((batch, 1, 1, 1), float(value), dtype=torch.float32, device=images.device)
@@ -193,16 +188,14 @@ def ddim_inversion(network_fn: Callable, images, steps: int, *, schedule="cosine
 
 
 @torch.no_grad()
-def invert(model, images, normalizer=None, *, steps=20, schedule="cosine", min_signal_rate=schedules.MIN_SIGNAL_RATE,
-           max_signal_rate=schedules.MAX_SIGNAL_RATE, target="noise", return_trajectory=False):
+def invert(model, images, normalizer=None, *, steps=20, spec=DEFAULT_SPEC, return_trajectory=False):
   """``ddim_inversion`` with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.sampling.invert``."""
   was_training = model.training
   model.eval()
   try:
     if normalizer is not None:
       images = normalize(images, normalizer)
-    return ddim_inversion(model, images, steps, schedule=schedule, min_signal_rate=min_signal_rate,
-                          max_signal_rate=max_signal_rate, target=target, return_trajectory=return_trajectory)
+    return ddim_inversion(model, images, steps, spec=spec, return_trajectory=return_trajectory)
   finally:
     model.train(was_training)
 

@@ -1,6 +1,8 @@
 """Diffusion schedules, the twin of ``ddim_jax/schedules.py`` (read them side by side)."""
 
+import dataclasses
 import math
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -8,6 +10,7 @@ import torch
 MIN_SIGNAL_RATE = 0.02
 MAX_SIGNAL_RATE = 0.95
 SCHEDULES = ("cosine", "linear")
+TARGETS = ("noise", "image")
 
 
 def offset_cosine_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE,
@@ -63,3 +66,36 @@ def rate_table(diffusion_times, name="cosine", min_signal_rate=MIN_SIGNAL_RATE, 
   schedule_fn = get_schedule(name, min_signal_rate, max_signal_rate, xp=np)
   noise_rates, signal_rates = schedule_fn(np.asarray(diffusion_times, np.float64))
   return np.asarray(noise_rates, np.float32), np.asarray(signal_rates, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSpec:
+  """The diffusion a model was trained with (schedule, signal-rate bounds, target); see the JAX twin."""
+  schedule: str = "cosine"
+  min_signal_rate: float = MIN_SIGNAL_RATE
+  max_signal_rate: float = MAX_SIGNAL_RATE
+  target: str = "noise"
+
+  def __post_init__(self):
+    get_schedule(self.schedule, self.min_signal_rate, self.max_signal_rate)  # validates both
+    if self.target not in TARGETS:
+      raise ValueError(f"unknown prediction target {self.target!r}; choose one of {TARGETS}")
+
+  @classmethod
+  def from_metadata(cls, metadata: Mapping[str, Any]) -> "DiffusionSpec":
+    """From a weight file's metadata (the Keras defaults for keys it does not hold)."""
+    return cls(str(metadata.get("schedule", "cosine")),
+               float(metadata.get("min_signal_rate", MIN_SIGNAL_RATE)),
+               float(metadata.get("max_signal_rate", MAX_SIGNAL_RATE)), str(metadata.get("target", "noise")))
+
+  def to_metadata(self) -> dict:
+    """The weight-file metadata entries (``from_metadata`` reads them back)."""
+    return dataclasses.asdict(self)
+
+  def schedule_fn(self, xp=torch):
+    """``diffusion_times -> (noise_rates, signal_rates)`` of this schedule (``get_schedule``)."""
+    return get_schedule(self.schedule, self.min_signal_rate, self.max_signal_rate, xp=xp)
+
+  def rate_table(self, diffusion_times):
+    """float32 (noise_rates, signal_rates) evaluated in float64 NumPy (``rate_table``)."""
+    return rate_table(diffusion_times, self.schedule, self.min_signal_rate, self.max_signal_rate)

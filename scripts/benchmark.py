@@ -24,7 +24,7 @@ single-device step; MFU is printed where the device's peak is known.
 Imports only jax, flax, optax, torch, numpy and ddim_jax.{models,train,parallel,sampling,schedules}
 / ddim_torch_ref (no TensorFlow, ml_collections or input pipeline), so it runs on a GPU machine's
 preinstalled packages without installing this package. ``--loop`` is the exception: it drives
-``ddim_jax.train.train_and_evaluate`` (ml_collections, the input pipeline, orbax) on the demo
+``ddim_jax.trainer.train_and_evaluate`` (ml_collections, the input pipeline, orbax) on the demo
 preset and lives in its own clearly separated function.
 """
 
@@ -78,7 +78,7 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
   p.add_argument("--loop", action="store_true",
-                 help="measure ddim_jax.train.train_and_evaluate on the demo preset against the bare step")
+                 help="measure ddim_jax.trainer.train_and_evaluate on the demo preset against the bare step")
   p.add_argument("--loop-steps", type=int, default=300)
   p.add_argument("--loop-override", action="append", default=[],
                  help="extra --config.* override for --loop (repeatable)")
@@ -125,7 +125,8 @@ class JaxWorker:
     self.normalizer = parallel.replicate({"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.08, np.float32)},
                                          mesh)
     self.base_key = parallel.replicate(jax.random.key_data(jax.random.key(args.seed + 2)), mesh)
-    self.train_fn = parallel.make_train_fn(model, step_config, mesh, "shard_map", k)
+    self.train_fn = parallel.make_train_fn(train.per_device_step(model, step_config, k, parallel.AXIS), mesh,
+                                           "shard_map", k)
     # Sampling is data parallel too: the noise batch is split over the devices (GSPMD partitions the scan).
     noise = rng.standard_normal((b, s, s, 3), dtype=np.float32)
     self.noise = parallel.shard_batch(noise, mesh)
@@ -518,7 +519,7 @@ def format_table(result) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # --loop: the full training loop (data, logging, checkpoints) against the bare step. This mode, and
-# only this mode, imports ml_collections and the input pipeline (through ddim_jax.configs/train).
+# only this mode, imports ml_collections and the input pipeline (through ddim_jax.configs/trainer).
 
 
 def run_loop(args):
@@ -526,7 +527,7 @@ def run_loop(args):
 
   import jax
   import numpy as np
-  from ddim_jax import configs, models, parallel, train  # pylint: disable=import-outside-toplevel
+  from ddim_jax import configs, models, parallel, train, trainer  # pylint: disable=import-outside-toplevel
 
   overrides = [f"--config.train.num_steps={args.loop_steps}", *args.loop_override]
   config = configs.load_config("demo", overrides)
@@ -534,7 +535,7 @@ def run_loop(args):
   log_every = int(config.train.log_every)
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
-    train.train_and_evaluate(config, workdir, progress=False)
+    trainer.train_and_evaluate(config, workdir, progress=False)
     wall = time.perf_counter() - t0
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
       records = [json.loads(line) for line in f if line.strip()]
@@ -560,7 +561,7 @@ def run_loop(args):
   images_dev = parallel.shard_batch(local, mesh, k)
   normalizer = parallel.replicate({"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.08, np.float32)}, mesh)
   key = parallel.replicate(jax.random.key_data(jax.random.key(2)), mesh)
-  fn = parallel.make_train_fn(model, step_config, mesh, config.parallel, k)
+  fn = parallel.make_train_fn(train.per_device_step(model, step_config, k, parallel.AXIS), mesh, config.parallel, k)
   for _ in range(2):
     state, m = fn(state, images_dev, normalizer, key)
   jax.block_until_ready(state)

@@ -1,7 +1,12 @@
-"""The config presets against the originals' settings (seed spec), written here independently.
+"""The config presets against the originals' settings, written here independently.
 
-Every expected number below is read from /work/shared/reference/seed_spec.md (the Keras example
-and the R port) or, for the demo, from the design notes, never copied from ddim_jax/configs.
+Every expected number below is read from the originals, never copied from ddim_jax/configs: the
+Keras example "Denoising Diffusion Implicit Models" by A. Béres
+(https://keras.io/examples/generative/ddim/) and its R torch port in the Posit AI blog "De-noising
+Diffusion with torch" by D. Falbel and S. Keydana
+(https://blogs.rstudio.com/ai/posts/2023-04-13-denoising-diffusion/, code in
+github.com/dfalbel/denoising-diffusion). The demo preset is this project's own (README, "Config
+presets"). Also here: unknown presets and keys, and the ``cpu_devices`` setting.
 """
 
 import math
@@ -9,16 +14,16 @@ import math
 import jax
 import pytest
 
-from ddim_jax import configs, models, train
+from ddim_jax import configs, models, parallel, train
 
-# Seed spec 1.1/1.2: 8189 images, 80% for training in both originals (6551), each repeated 5 times.
+# Oxford Flowers 102: 8189 images, 80% for training in both originals (6551), each repeated 5 times.
 TRAIN_IMAGES = int(0.8 * 8189)
 assert TRAIN_IMAGES == 6551
 KERAS_STEPS_PER_EPOCH = (TRAIN_IMAGES * 5) // 64  # tf.data batch(64, drop_remainder=True): "511/511"
 R_STEPS_PER_EPOCH = math.ceil(TRAIN_IMAGES * 5 / 64)  # torch DataLoader, drop_last=False: 512 batches
 assert (KERAS_STEPS_PER_EPOCH, R_STEPS_PER_EPOCH) == (511, 512)
 
-# The Keras example (seed spec 1.2, 3, 4, 5, 6, 7, 8).
+# The Keras example: its hyperparameters, data pipeline, network, sampler and KID.
 KERAS = {
     "model.variant": "keras",
     "model.image_size": 64,
@@ -35,7 +40,6 @@ KERAS = {
     "data.validation_fraction": 0.2,
     "data.antialias": True,  # tf.image.resize(..., antialias=True)
     "data.repetitions": 5,  # dataset.repeat(5)
-    "data.shuffle_buffer": 10 * 64,
     "train.batch_size": 64,
     "train.learning_rate": 1e-3,
     "train.weight_decay": 1e-4,
@@ -46,13 +50,12 @@ KERAS = {
     "train.kid_every": KERAS_STEPS_PER_EPOCH,  # val_kid once per epoch (test_step)
     "sample.steps": 20,  # plot_diffusion_steps
     "sample.num_images": 3 * 6,  # plot_images(num_rows=3, num_cols=6)
-    "sample.eta": 0.0,  # deterministic DDIM
     "eval.kid_steps": 5,  # kid_diffusion_steps
     "eval.kid_image_size": 75,
     "eval.kid_batch_size": 64,  # one validation batch
 }
 
-# The R port (seed spec 1.1, 3, 5.3, 6, 8): its train.R values where they differ from Keras.
+# The R port: its train.R values where they differ from Keras.
 R = dict(KERAS, **{
     "model.variant": "r",  # widths 32/64/96/128, block_depth 2, embedding_dim 32 as in Keras
     "data.split": "r",  # sample.int(N, 0.8 * N) after set.seed(1)
@@ -70,8 +73,8 @@ R = dict(KERAS, **{
 for key in ("sample.steps", "sample.num_images", "eval.kid_steps"):
   del R[key]
 
-# The offline demo (design notes: digits upsampled to 16x16, widths 32/64/96, batch 64, a short
-# EMA with warm-up, no KID offline); the rest is the Keras example.
+# The offline demo (README, "Config presets": digits upsampled to 16x16, widths 32/64/96, batch 64,
+# a short EMA with warm-up, no KID offline); the rest is the Keras example.
 DEMO = dict(KERAS, **{
     "model.image_size": 16,
     "model.widths": (32, 64, 96),
@@ -84,7 +87,8 @@ for key in ("train.ema_decay", "train.num_steps", "data.repetitions", "sample.nu
   del DEMO[key]
 
 EXPECTED = {"default": KERAS, "r_variant": R, "demo": DEMO}
-# Seed spec 5.2 (1,950,627 trainable) and 5.3 (3,562,211 as printed by the R README).
+# Trainable parameters at 64x64: the Keras example's network 1,950,627; the R port's 3,562,211 (as
+# printed by its README).
 PARAMETERS_AT_64 = {"keras": 1_950_627, "r": 3_562_211}
 
 
@@ -105,7 +109,7 @@ def test_presets_hold_the_originals_settings(preset):
 
 
 def test_demo_ema_is_short():
-  """Design notes: with 0.999 a run of a few hundred steps samples the initial weights."""
+  """With 0.999 the EMA of a 1,500-step run still holds 0.999^1500 = 22% of the initial weights."""
   config = configs.get_preset("demo")
   assert 0.9 <= config.train.ema_decay < 0.999
 
@@ -115,13 +119,26 @@ def test_presets_reach_the_step_and_the_model(preset):
   config = configs.get_preset(preset)
   expected = EXPECTED[preset]
   step = train.StepConfig.from_config(config)
-  assert (step.learning_rate, step.weight_decay, step.loss, step.target, step.schedule) == (
+  assert (step.learning_rate, step.weight_decay, step.loss, step.diffusion.target, step.diffusion.schedule) == (
       expected["train.learning_rate"], expected["train.weight_decay"], expected["train.loss"],
       expected["diffusion.target"], expected["diffusion.schedule"])
-  assert (step.min_signal_rate, step.max_signal_rate) == (0.02, 0.95)
+  assert (step.diffusion.min_signal_rate, step.diffusion.max_signal_rate) == (0.02, 0.95)
   assert step.ema_decay == config.train.ema_decay and step.ema_warmup == expected["train.ema_warmup"]
   model = models.create_model(**config.model)
   models.check_image_size(model, config.model.image_size)
   if config.model.image_size == 64:
     shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 64))
     assert models.count_parameters(shapes["params"]) == PARAMETERS_AT_64[model.variant]
+
+
+def test_unknown_preset_and_key_are_named():
+  with pytest.raises(ValueError, match="unknown config preset 'flowers'"):
+    configs.load_config("flowers")
+  with pytest.raises(ValueError, match="unknown config key 'train.stepz'"):
+    configs.load_config("demo", ["--config.train.stepz=3"])
+
+
+def test_cpu_devices_default_and_auto_override():
+  assert parallel.cpu_device_count(configs.load_config("demo").cpu_devices, 64) == 1  # one device unless asked
+  assert configs.load_config("demo", ["--config.cpu_devices=auto"]).cpu_devices == "auto"
+  assert configs.load_config("default", ["--config.cpu_devices=2"]).cpu_devices == "2"

@@ -14,6 +14,7 @@ from torch import nn
 
 from ddim_jax import inception, metrics
 from ddim_torch_ref import inception as ref_inception
+from inception_helpers import random_torch_inception
 
 
 def _numpy_kid(real: np.ndarray, generated: np.ndarray) -> float:
@@ -141,42 +142,6 @@ def test_pool_branches_match_torch_and_differ_from_each_other():
 # InceptionV3: Flax vs torch on random weights
 
 
-def _random_torch_inception(flavour: str, seed: int) -> ref_inception.InceptionV3:
-  """A torch InceptionV3 with random weights and BN statistics that keep activations O(1).
-
-  He-normal convs and random BN affines; each BN's running statistics are then set from the
-  activations that reach it (a pre-hook in one eval pass, so later layers see the calibrated
-  earlier ones), with the mean only partly removed and the variance jittered so that no
-  statistic is trivial. Calibrated at 75 px; at 299 px the features drift to ~1e5 (so compare
-  relative to scale there). Even so the net amplifies float32 rounding: torch float32 itself is
-  ~1e-4 relative from torch float64 at the output, hence the float64 comparison below.
-  """
-  torch.manual_seed(seed)
-  model = ref_inception.InceptionV3(flavour).eval()
-
-  def calibrate(bn, inputs):
-    (x,) = inputs
-    mean = x.mean(dim=(0, 2, 3))
-    shift = mean * torch.empty_like(mean).uniform_(0.0, 0.3)
-    bn.running_mean.copy_(shift)
-    second_moment = ((x - shift[None, :, None, None]) ** 2).mean(dim=(0, 2, 3))
-    bn.running_var.copy_(second_moment * torch.empty_like(mean).uniform_(0.8, 1.25))
-
-  hooks = []
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-      elif isinstance(module, nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.2)
-        hooks.append(module.register_forward_pre_hook(calibrate))
-    model.features(torch.rand(16, 3, 64, 64), inception.KERAS_IMAGE_SIZE)
-  for hook in hooks:
-    hook.remove()
-  return model
-
-
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
   """flavour -> (torch model, path of its saved state dict), built once per module."""
@@ -184,7 +149,7 @@ def random_weights(tmp_path_factory):
 
   def get(flavour):
     if flavour not in cache:
-      model = _random_torch_inception(flavour, seed=len(cache) + 10)
+      model = random_torch_inception(flavour, seed=len(cache) + 10)
       path = tmp_path_factory.mktemp("inception") / f"random_{flavour}.pth"
       torch.save(model.state_dict(), path)
       cache[flavour] = (model, str(path))

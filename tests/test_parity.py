@@ -1,4 +1,4 @@
-"""JAX vs PyTorch parity on the same converted weights (design.md, Parity).
+"""JAX vs PyTorch parity on the same converted weights (ddim_jax/parity.py; README, "Parity").
 
 Forward: every tensor perturbed, BN in eval and train mode, a batch with mixed noise levels, max
 |diff| <= 1e-5. Trajectories: a model briefly trained (in the torch twin, on the bundled digits,

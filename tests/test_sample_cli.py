@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddim_jax import cli, convert, sampling, visualize
+from ddim_jax import cli, convert, figures, sampling, schedules, visualize
 
 TILE = 16 * 4 + 2  # a 16 px image upscaled x4 (the default for 16 px strips) plus 2 px padding
 
@@ -48,20 +48,20 @@ def test_sample_without_numpy_noise_uses_the_documented_jax_keys(trained_weights
 def test_weight_file_metadata_drives_the_sampler(trained_model, tmp_path):
   """An r-variant file with linear schedule, image target and its own signal rates samples with them."""
   model, variables, normalizer = trained_model("r")
-  kwargs = dict(schedule="linear", min_signal_rate=0.03, max_signal_rate=0.8, target="image")
+  spec = schedules.DiffusionSpec("linear", min_signal_rate=0.03, max_signal_rate=0.8, target="image")
   # At 8 steps both clip bounds of linear's alpha_bar are reached (t = 1 and t = 1/8): each rate matters.
-  linear = sampling.step_rates(8, "linear", 0.03, 0.8)[1]
-  assert linear[0] != sampling.step_rates(8, "linear", 0.02, 0.8)[1][0]
-  assert linear[-1] != sampling.step_rates(8, "linear", 0.03, 0.95)[1][-1]
+  linear = sampling.step_rates(8, spec)[1]
+  assert linear[0] != sampling.step_rates(8, schedules.DiffusionSpec("linear", 0.02, 0.8))[1][0]
+  assert linear[-1] != sampling.step_rates(8, schedules.DiffusionSpec("linear", 0.03, 0.95))[1][-1]
   weights = tmp_path / "r_linear_image.safetensors"
-  convert.save_weights(str(weights), model, variables, normalizer, 16, weights="ema", **kwargs)
+  convert.save_weights(str(weights), model, variables, normalizer, 16, spec, weights="ema")
   arrays = tmp_path / "images.npy"
   assert cli.main(["sample", "--weights", str(weights), "--num-images", "3", "--steps", "8", "--numpy-noise",
                    "--seed", "2", "--out", str(tmp_path / "grid.png"), "--array-out", str(arrays)]) == 0
   loaded, _, _, metadata = convert.load_weights(str(weights))
   assert loaded.variant == "r" and metadata["schedule"] == "linear" and metadata["target"] == "image"
   noise = np.random.default_rng(2).standard_normal((3, 16, 16, 3), dtype=np.float32)
-  want = np.asarray(sampling.generate(model, variables, noise, normalizer, steps=8, **kwargs)["images"])
+  want = np.asarray(sampling.generate(model, variables, noise, normalizer, steps=8, spec=spec)["images"])
   default = np.asarray(sampling.generate(model, variables, noise, normalizer, steps=8)["images"])
   got = np.load(arrays)
   np.testing.assert_allclose(got, want, atol=1e-6)
@@ -83,7 +83,7 @@ def test_pick_columns_is_evenly_spaced_with_first_and_last():
 def test_trajectory_rows_show_the_chosen_steps(trained_model):
   model, variables, normalizer = trained_model("keras")
   noise = np.random.default_rng(6).standard_normal((2, 16, 16, 3), dtype=np.float32)
-  rows = cli.trajectory_rows(model, variables, normalizer, noise, 12, max_columns=5)
+  rows = figures.trajectory_rows(model, variables, normalizer, noise, 12, max_columns=5)
   out = sampling.generate(model, variables, noise, normalizer, steps=12, return_trajectory=True)
   noisy, preds = np.asarray(out["noisy_trajectory"]), np.asarray(out["pred_trajectory"])
   columns = [0, 3, 6, 8, 11]  # round(k * 11 / 4), k = 0..4
@@ -110,3 +110,14 @@ def test_sample_trajectory_strip_of_many_steps(trained_weights, trained_model, t
     step = int(np.floor(col * 22 / 19 + 0.5))
     assert np.abs(_tile(strip, 0, col) - shown(out["noisy_trajectory"][step, 0])).max() <= 1, col
     assert np.abs(_tile(strip, 1, col) - shown(out["pred_trajectory"][step, 0])).max() <= 1, col
+
+
+def test_noise_conventions_agree_between_the_twins():
+  """The torch twin's CLI keeps a JAX-free copy of the NumPy noise conventions: the same numbers."""
+  from ddim_jax import inference
+  from ddim_torch_ref import sample as ref_sample
+  shape = (3, 16, 16, 3)
+  np.testing.assert_array_equal(inference.numpy_noise(5, shape), ref_sample.numpy_noise(5, shape))
+  np.testing.assert_array_equal(inference.numpy_step_noise_generator(5).standard_normal(shape, dtype=np.float32),
+                                ref_sample.numpy_step_noise_generator(5).standard_normal(shape, dtype=np.float32))
+  assert np.abs(inference.numpy_noise(5, shape) - inference.numpy_noise(6, shape)).mean() > 0.5

@@ -92,3 +92,29 @@ def test_bad_schedule_arguments(module):
     module.get_schedule("sigmoid")
   with pytest.raises(ValueError, match="min_signal_rate"):
     module.get_schedule("cosine", 0.9, 0.5)
+
+
+def test_diffusion_spec_round_trips_and_is_the_same_in_both_twins():
+  """One frozen, hashable DiffusionSpec: config -> spec -> weight-file metadata -> spec, in both twins."""
+  import ml_collections
+  config = ml_collections.ConfigDict({"diffusion": {"schedule": "linear", "min_signal_rate": 0.03,
+                                                    "max_signal_rate": 0.8, "target": "image"}})
+  spec = schedules.DiffusionSpec.from_config(config)
+  assert spec == schedules.DiffusionSpec("linear", 0.03, 0.8, "image")
+  assert hash(spec) == hash(schedules.DiffusionSpec("linear", 0.03, 0.8, "image"))  # a static jit argument
+  metadata = {k: str(v) for k, v in spec.to_metadata().items()}  # safetensors metadata holds strings
+  assert schedules.DiffusionSpec.from_metadata(metadata) == spec
+  assert torch_schedules.DiffusionSpec.from_metadata(metadata).to_metadata() == spec.to_metadata()
+  assert schedules.DiffusionSpec.from_metadata({}) == schedules.DiffusionSpec() == schedules.DiffusionSpec(
+      "cosine", 0.02, 0.95, "noise")  # files without the keys: the Keras defaults
+  times = np.linspace(0.0, 1.0, 9)
+  for got, want in zip(spec.rate_table(times), torch_schedules.DiffusionSpec("linear", 0.03, 0.8, "image").rate_table(
+      times)):
+    np.testing.assert_array_equal(got, want)
+  for twin in (schedules, torch_schedules):
+    with pytest.raises(ValueError, match="target"):
+      twin.DiffusionSpec(target="velocity")
+    with pytest.raises(ValueError, match="schedule"):
+      twin.DiffusionSpec(schedule="sigmoid")
+    with pytest.raises(ValueError, match="signal rates"):
+      twin.DiffusionSpec(min_signal_rate=0.9, max_signal_rate=0.5)

@@ -6,7 +6,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddim_jax import cli, convert, models, parallel, parity, sampling, train, visualize
+from ddim_jax import cli, convert, models, parallel, parity, sampling, train, trainer, visualize
 from train_helpers import (final_state, final_weights, run, subprocess_env, tiny_config, tiny_overrides,
                            train_command)
 
@@ -162,15 +161,15 @@ def _run_steps(mode: str, num_devices: int, num_steps: int = 5, steps_per_call: 
   step_config = train.StepConfig(ema_decay=0.9)
   mesh = parallel.create_mesh(jax.devices()[:num_devices])
   state = parallel.replicate(train.create_train_state(model, step_config, jax.random.key(0), 16), mesh)
-  fn = parallel.make_train_fn(model, step_config, mesh, mode, steps_per_call)
+  fn = parallel.make_train_fn(train.per_device_step(model, step_config, steps_per_call, parallel.AXIS), mesh, mode,
+                              steps_per_call)
   rng = np.random.default_rng(0)
   normalizer = {"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.1, np.float32)}
   key = parallel.replicate(jax.random.key_data(jax.random.key(1)), mesh)
   for _ in range(num_steps // steps_per_call):
     batch = rng.uniform(0, 1, (steps_per_call, 8, 16, 16, 3)).astype(np.float32)
     batch = batch[0] if steps_per_call == 1 else batch
-    images = parallel.shard_batch(batch, mesh, steps_per_call) if mode == "shard_map" else batch
-    state, metrics = fn(state, images, normalizer, key)
+    state, metrics = fn(state, batch, normalizer, key)  # this process's NumPy batch, whatever the mode
   return jax.device_get(state), float(metrics["loss"])
 
 
@@ -363,60 +362,9 @@ def test_bad_config_values_fail_before_compilation(tmp_path, cache_dir, override
   config = tiny_config(cache_dir, **override)
   start = time.time()
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-    train.train_and_evaluate(config, str(tmp_path), progress=False)
+    trainer.train_and_evaluate(config, str(tmp_path), progress=False)
   assert time.time() - start < 5  # nothing was compiled or loaded
   assert not os.path.exists(tmp_path / "checkpoints")
-
-
-def test_unknown_preset_and_key_are_named():
-  from ddim_jax import configs
-  with pytest.raises(ValueError, match="unknown config preset 'flowers'"):
-    configs.load_config("flowers")
-  with pytest.raises(ValueError, match="unknown config key 'train.stepz'"):
-    configs.load_config("demo", ["--config.train.stepz=3"])
-
-
-def test_cpu_device_count_auto_divides_the_batch(monkeypatch):
-  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
-  assert parallel.cpu_device_count("auto", 8) == 4
-  assert parallel.cpu_device_count("auto", 6) == 3  # the largest count <= 4 cores dividing 6
-  assert parallel.cpu_device_count("auto", 5) == 1
-  assert parallel.cpu_device_count("auto", 2) == 2
-  assert parallel.cpu_device_count("auto", 8, num_processes=4) == 2  # this process's share: 2 images
-  assert parallel.cpu_device_count("3", 64) == parallel.cpu_device_count(3, 64) == 3
-  for bad in ("0", "-1", "two", "1.5", None):
-    with pytest.raises(ValueError, match="config.cpu_devices"):
-      parallel.cpu_device_count(bad, 8)
-
-
-@pytest.mark.parametrize("spec", ["auto", "3"])
-def test_configure_cpu_devices_sets_the_backend_device_count(spec):
-  """Without XLA_FLAGS forcing a count, the CPU backend starts with the configured devices."""
-  env = subprocess_env(1)
-  del env["XLA_FLAGS"]
-  code = ("import jax; from ddim_jax import parallel; "
-          f"n = parallel.configure_cpu_devices({spec!r}, 12); "
-          f"print(n, jax.local_device_count(), parallel.cpu_device_count({spec!r}, 12)); "
-          "import os; print(os.environ.get('XLA_FLAGS', ''))")
-  result = run([sys.executable, "-c", code], env)
-  assert result.returncode == 0, result.stderr[-2000:]
-  counts, flags = result.stdout.split("\n")[:2]
-  configured, devices, expected = map(int, counts.split())
-  assert configured == devices == expected
-  # With one device per core, XLA's concurrency-oriented scheduler is switched off (it only helps
-  # one device spread over many cores).
-  assert ("--xla_cpu_enable_concurrency_optimized_scheduler=false" in flags) == (devices > 1)
-  # XLA_FLAGS takes precedence (the tests' own virtual devices are left alone).
-  result = run([sys.executable, "-c", code], subprocess_env(2))
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.split()[:2] == ["None", "2"]
-
-
-def test_cpu_devices_default_and_auto_override():
-  from ddim_jax import configs
-  assert parallel.cpu_device_count(configs.load_config("demo").cpu_devices, 64) == 1  # one device unless asked
-  assert configs.load_config("demo", ["--config.cpu_devices=auto"]).cpu_devices == "auto"
-  assert configs.load_config("default", ["--config.cpu_devices=2"]).cpu_devices == "2"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ def tiny_config(cache_dir, **extra):
 
 def final_weights(workdir, ema=False) -> dict[str, np.ndarray]:
   """The newest checkpoint's weights as a flat torch-named dict of NumPy arrays."""
-  from ddim_jax import cli, convert
-  _, variables, _, _, step = cli.restore_for_export(str(workdir), ema=ema)
+  from ddim_jax import convert, inference
+  _, variables, _, _, step = inference.restore_checkpoint(str(workdir), ema=ema)
   out = convert.flax_to_torch_state_dict(variables)
   out["__step__"] = np.asarray(step)
   return out

@@ -47,7 +47,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.download = True  # let TFDS download a missing dataset (else: error with both ways)
   config.data.antialias = True  # False: the R resize (bilinear without antialiasing)
   config.data.repetitions = 5
-  config.data.shuffle_buffer = 640  # Keras' 10 * batch; unused: every epoch is a full permutation
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 25_550
@@ -70,7 +69,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = ml_collections.ConfigDict()
   config.sample.steps = 20
   config.sample.num_images = 18
-  config.sample.eta = 0.0
 
   config.eval = ml_collections.ConfigDict()
   # A torch InceptionV3 state dict (torchvision's or pytorch-fid's .pth); None: the torch hub cache.

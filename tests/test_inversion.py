@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_jax import input_pipeline, sampling
+from ddim_jax import data, sampling, schedules
+from ddim_torch_ref import schedules as ref_schedules
 from ddim_torch_ref import convert as ref_convert
 from ddim_torch_ref import sampling as ref_sampling
 
@@ -44,7 +45,8 @@ def test_inversion_rates_mirror_the_sampler():
   np.testing.assert_array_equal(next_noise_rates, sampler[0][::-1])
   np.testing.assert_array_equal(next_signal_rates, sampler[1][::-1])
   np.testing.assert_array_equal(noise_rates[1:], sampler[2][::-1][1:])
-  for got, want in zip(sampling.inversion_rates(7, "linear"), ref_sampling.inversion_rates(7, "linear")):
+  for got, want in zip(sampling.inversion_rates(7, schedules.DiffusionSpec("linear")),
+                       ref_sampling.inversion_rates(7, ref_schedules.DiffusionSpec("linear"))):
     np.testing.assert_array_equal(got, want)
 
 
@@ -77,10 +79,11 @@ def _time_only_network(seed, channels_last=True):
 def test_inversion_visits_the_sampler_states_in_reverse(steps, schedule):
   images = np.random.default_rng(4).normal(size=SHAPE).astype(np.float32)
   network_fn = _time_only_network(5)
-  inv = np.asarray(sampling.ddim_inversion(network_fn, jnp.asarray(images), steps, schedule=schedule,
+  spec = schedules.DiffusionSpec(schedule)
+  inv = np.asarray(sampling.ddim_inversion(network_fn, jnp.asarray(images), steps, spec=spec,
                                            return_trajectory=True)["noisy_trajectory"])
   assert inv.shape == (steps + 1,) + SHAPE
-  out = sampling.reverse_diffusion(network_fn, jnp.asarray(inv[-1]), steps, schedule=schedule, return_trajectory=True)
+  out = sampling.reverse_diffusion(network_fn, jnp.asarray(inv[-1]), steps, spec=spec, return_trajectory=True)
   sampler = np.asarray(out["noisy_trajectory"])
   # Sampler state k (time 1 - k/S, k < S) is inversion state S - k (time (S - k)/S); the sampler's
   # output is the clean start of the inversion. (Its last state is the re-mix at t = 0, no inversion state.)
@@ -93,7 +96,8 @@ def test_inversion_visits_the_sampler_states_in_reverse(steps, schedule):
 
   # The torch twin's inversion visits the same states.
   twin = ref_sampling.ddim_inversion(_time_only_network(5, channels_last=False),
-                                     torch.from_numpy(images).permute(0, 3, 1, 2), steps, schedule=schedule,
+                                     torch.from_numpy(images).permute(0, 3, 1, 2), steps,
+                                     spec=ref_schedules.DiffusionSpec(schedule),
                                      return_trajectory=True)["noisy_trajectory"].permute(0, 1, 3, 4, 2).numpy()
   np.testing.assert_allclose(twin, inv, atol=1e-5)
 
@@ -113,7 +117,7 @@ def test_inversion_error_of_gaussian_data_falls_with_steps():
 
 def test_inversion_of_the_trained_model_improves_with_steps_and_matches_torch(trained_model, trained_weights):
   model, variables, normalizer = trained_model("keras")
-  images = input_pipeline.load_digits_images(16)[:8].astype(np.float32) / 255.0
+  images = data.load_digits_images(16)[:8].astype(np.float32) / 255.0
   errors = {}
   for steps in (10, 50):
     noises = sampling.invert(model, variables, images, normalizer, steps=steps)["noises"]
@@ -132,7 +136,7 @@ def test_inversion_of_the_trained_model_improves_with_steps_and_matches_torch(tr
 
 def test_inversion_rejects_an_image_target():
   with pytest.raises(ValueError, match="noise-predicting"):
-    sampling.ddim_inversion(lambda x, v: x, jnp.zeros(SHAPE), 3, target="image")
+    sampling.ddim_inversion(lambda x, v: x, jnp.zeros(SHAPE), 3, spec=schedules.DiffusionSpec(target="image"))
 
 
 def test_slerp_endpoints_are_exact_and_norm_is_kept():

@@ -1,4 +1,4 @@
-"""Issue 5 commands end to end: sample, figures, invert, interpolate, evaluate, KID during training,
+"""The ``ddim-jax`` commands end to end: sample, figures, invert, interpolate, evaluate, KID during training,
 and the torch twin's sample command against ``ddim-jax sample`` on the same weights and noise.
 
 One tiny in-process training run (KID every 2 steps with random InceptionV3 weights saved to a
@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_jax import (checkpointing, cli, evaluation, input_pipeline, metrics, sampling, schedules, train,
+from ddim_jax import (checkpointing, cli, data, evaluation, inference, metrics, sampling, schedules, trainer,
                       visualize)
 from ddim_torch_ref import sample as ref_sample
-from test_metrics import _random_torch_inception
+from inception_helpers import random_torch_inception
 from train_helpers import REPO, subprocess_env, tiny_config
 
 TILE = 16 * 4 + 2  # a 16 px image upscaled x4 (the default for 16 px figures) plus 2 px padding
@@ -42,7 +42,7 @@ def inception_file(tmp_path_factory):
   Calibrated as in test_metrics (torch's default init gives constant features, so KID 0).
   """
   path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-  torch.save(_random_torch_inception("torchvision", seed=3).state_dict(), path)
+  torch.save(random_torch_inception("torchvision", seed=3).state_dict(), path)
   return str(path)
 
 
@@ -54,13 +54,13 @@ def kid_run(tmp_path_factory, inception_file):
       "train.kid_every": 2, "train.checkpoint_every": 8, "train.keep_checkpoints": 1,
       "eval.inception_weights": inception_file, "eval.num_kid_images": 8, "eval.kid_batch_size": 4,
       "eval.kid_steps": 2})
-  train.train_and_evaluate(config, str(root / "run"), progress=False)
+  trainer.train_and_evaluate(config, str(root / "run"), progress=False)
   return str(root / "run")
 
 
 def _run_model(workdir):
   """(model, EMA variables, normalizer, config) of a run's newest checkpoint, as the commands load it."""
-  model, variables, normalizer, config, _ = cli.restore_for_export(workdir)
+  model, variables, normalizer, config, _ = inference.restore_checkpoint(workdir)
   return model, variables, normalizer, config
 
 
@@ -105,13 +105,14 @@ def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path,
   # The same KID from the library: features of the run's first 8 validation images and of the
   # samples of batch i's noise fold_in(key(seed), i), whatever the step count, in batches of 4.
   model, variables, normalizer, config = _run_model(kid_run)
-  reals = input_pipeline.load_split(config.data, "validation", 16)[:8].astype(np.float32) / 255.0
+  reals = data.load_split(config.data, "validation", 16)[:8].astype(np.float32) / 255.0
   feature_fn = evaluation.kid_feature_fn(inception_file, 75)
   noises = [jax.random.normal(jax.random.fold_in(jax.random.key(0), i), (4, 16, 16, 3)) for i in range(2)]
   want = {}
   for steps in (2, 3):
     generated = np.concatenate([sampling.generate(model, variables, noise, normalizer, steps=steps,
-                                                  **evaluation.schedule_kwargs(config))["images"] for noise in noises])
+                                                  spec=schedules.DiffusionSpec.from_config(config))["images"]
+                                for noise in noises])
     want[str(steps)] = metrics.kid(reals, generated, feature_fn, batch_size=4)
     assert record["kid"][str(steps)] == pytest.approx(want[str(steps)], rel=1e-6, abs=1e-9), steps
   # A step count evaluated twice gives the same value (same noises and real batches every time).
@@ -157,16 +158,15 @@ def test_figures_forward_reverse_and_samples(kid_run, tmp_path):
   # run's schedule and NumPy noise of seed + 1 (one draw per column); bottom row the sampler's 10
   # deterministic steps from the top row's t = 1 image: its states, the last one the re-mix at t = 0.
   model, variables, normalizer, config = _run_model(kid_run)
-  kwargs = evaluation.schedule_kwargs(config)
+  spec = schedules.DiffusionSpec.from_config(config)
   mean, std = normalizer["mean"].astype(np.float64), np.sqrt(normalizer["variance"].astype(np.float64))
-  image = (input_pipeline.load_split(config.data, "train", 16)[0].astype(np.float64) / 255.0 - mean) / std
-  noise_rates, signal_rates = schedules.rate_table(np.linspace(0.0, 1.0, 11), kwargs["schedule"],
-                                                   kwargs["min_signal_rate"], kwargs["max_signal_rate"])
+  image = (data.load_split(config.data, "train", 16)[0].astype(np.float64) / 255.0 - mean) / std
+  noise_rates, signal_rates = spec.rate_table(np.linspace(0.0, 1.0, 11))
   column_noises = np.random.default_rng(1).standard_normal((11, 16, 16, 3), dtype=np.float32)
   top = (signal_rates.reshape(-1, 1, 1, 1) * image
          + noise_rates.reshape(-1, 1, 1, 1) * column_noises).astype(np.float32)
   bottom = np.asarray(sampling.generate(model, variables, top[-1:], normalizer, steps=10, return_trajectory=True,
-                                        **kwargs)["noisy_trajectory"])[:, 0]
+                                        spec=spec)["noisy_trajectory"])[:, 0]
   for row, states in enumerate((top, bottom)):
     for col in range(11):
       want = visualize.to_uint8(np.clip(mean + states[col] * std, 0.0, 1.0)).repeat(4, axis=0).repeat(4, axis=1)
@@ -183,11 +183,11 @@ def test_invert_reports_errors_and_writes_a_figure(kid_run, tmp_path, capsys):
   assert "0.014" in capsys.readouterr().out  # the DDIM paper's 10-step value printed beside ours
   # The same numbers from the library: the run's first 4 validation images -> invert -> generate.
   model, variables, normalizer, config = _run_model(kid_run)
-  images = input_pipeline.load_split(config.data, "validation", 16)[:4].astype(np.float32) / 255.0
-  kwargs = evaluation.schedule_kwargs(config)
+  images = data.load_split(config.data, "validation", 16)[:4].astype(np.float32) / 255.0
+  spec = schedules.DiffusionSpec.from_config(config)
   for steps in (2, 10):
-    noises = sampling.invert(model, variables, images, normalizer, steps=steps, **kwargs)["noises"]
-    recon = np.asarray(sampling.generate(model, variables, noises, normalizer, steps=steps, **kwargs)["images"])
+    noises = sampling.invert(model, variables, images, normalizer, steps=steps, spec=spec)["noises"]
+    recon = np.asarray(sampling.generate(model, variables, noises, normalizer, steps=steps, spec=spec)["images"])
     want = float(np.mean(np.square(recon.astype(np.float64) - images)))
     assert errors[str(steps)] == pytest.approx(want, rel=1e-9, abs=1e-12), steps
   assert errors["10"] < errors["2"], errors  # more steps, a closer reconstruction

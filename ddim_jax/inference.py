@@ -1,0 +1,194 @@
+"""Inference: a trained model from a workdir or a weight file, its noise conventions, batched sampling.
+
+The commands ``sample``, ``figures``, ``invert``, ``interpolate``, ``evaluate`` and ``export`` get
+their model here (``InferenceModel.from_workdir`` / ``from_weights``), and every random draw of
+those commands follows one of the conventions below, so that a run can be reproduced:
+
+- JAX keys (the default): batch ``b`` starting at image ``start`` draws its initial noise from
+  ``split(fold_in(key(seed), start))[0]`` and, for eta > 0, its per-step draws from ``[1]``
+  (``batch_keys``);
+- NumPy (``--numpy-noise`` / ``--noise-file``): the initial noise is
+  ``default_rng(seed).standard_normal((N, H, W, C), float32)`` (``numpy_noise``) and the eta > 0
+  draws come, batch after batch, from ``default_rng(seed + 1)`` (``numpy_step_noise_generator``).
+  ``ddim_torch_ref.sample`` draws the same numbers (its own copy: the twin imports no JAX; a test
+  checks that the two agree).
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from ddim_jax import checkpointing, configs, convert, data, models, sampling, schedules, train
+
+
+def numpy_noise(seed: int, shape) -> np.ndarray:
+  """Initial noise drawn in NumPy (``--numpy-noise``): the same numbers in both twins' CLIs."""
+  return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+
+
+def numpy_step_noise_generator(seed: int) -> np.random.Generator:
+  """The generator of eta > 0 per-step draws under ``--numpy-noise``/``--noise-file``: seed + 1.
+
+  Each batch then draws (steps, batch, H, W, C) from it, in batch order (as ``ddim_torch_ref.sample``).
+  """
+  return np.random.default_rng(seed + 1)
+
+
+def batch_keys(seed: int, start: int) -> tuple[jax.Array, jax.Array]:
+  """(noise_key, step_key) of the batch whose first image is number ``start`` (JAX-key convention)."""
+  noise_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), start))
+  return noise_key, step_key
+
+
+def batch_noise(seed: int, start: int, shape) -> jax.Array:
+  """The initial noise (B, H, W, C) of the batch starting at image ``start`` (JAX-key convention)."""
+  return jax.random.normal(batch_keys(seed, start)[0], tuple(shape))
+
+
+def load_noise_file(path: str, num: int, image_shape) -> np.ndarray:
+  """The first ``num`` initial noises of an NHWC float32 .npy file of images shaped ``image_shape``."""
+  noise = np.load(path)
+  if noise.ndim != 4 or noise.shape[1:] != tuple(image_shape) or len(noise) < num:
+    raise ValueError(f"--noise-file {path!r} holds shape {noise.shape}; need (N >= {num}, "
+                     f"{', '.join(map(str, image_shape))}) (NHWC float32)")
+  return noise[:num].astype(np.float32)
+
+
+def initial_noise(seed: int, num: int, image_shape, noise_file: str | None = None,
+                  use_numpy: bool = False) -> np.ndarray | None:
+  """The initial noise of ``--noise-file`` (NHWC .npy) or ``--numpy-noise``; None: JAX keys (``batch_keys``)."""
+  if noise_file:
+    return load_noise_file(noise_file, num, image_shape)
+  if use_numpy:
+    return numpy_noise(seed, (num,) + tuple(image_shape))
+  return None
+
+
+def sample_images(model, variables, normalizer, num_images: int, image_size: int, steps: int, eta: float, seed: int,
+                  batch_size: int, spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC,
+                  initial_noise=None) -> np.ndarray:
+  """Generates ``num_images`` images in batches (with a progress bar); returns (N, H, W, C) in [0, 1].
+
+  Without ``initial_noise`` each batch's noise (and eta > 0 draws) come from ``batch_keys``; with
+  it (N, H, W, C) (``--numpy-noise``, ``--noise-file``) the eta > 0 draws come from
+  ``numpy_step_noise_generator(seed)``, so that the torch twin can reproduce the run.
+  """
+  step_rng = numpy_step_noise_generator(seed) if initial_noise is not None else None
+  out = []
+  with tqdm(total=num_images, desc=f"sampling ({steps} steps)", unit="img", disable=num_images <= batch_size) as bar:
+    for start in range(0, num_images, batch_size):
+      n = min(batch_size, num_images - start)
+      noise_key, step_key = batch_keys(seed, start)
+      step_noises = None
+      if initial_noise is not None:
+        noise = np.asarray(initial_noise[start:start + n], np.float32)
+        if eta > 0:
+          step_noises = step_rng.standard_normal((steps,) + noise.shape, dtype=np.float32)
+      else:
+        noise = jax.random.normal(noise_key, (n, image_size, image_size, model.channels))
+      result = sampling.generate(model, variables, noise, normalizer, step_noises=step_noises,
+                                 key=step_key if eta > 0 and step_noises is None else None,
+                                 steps=steps, spec=spec, eta=eta)
+      out.append(np.asarray(result["images"]))
+      bar.update(n)
+  return np.concatenate(out)
+
+
+def restore_checkpoint(workdir: str, ema: bool = True):
+  """(model, variables, normalizer, config, step) of the newest checkpoint in ``workdir`` (on one device).
+
+  ``variables`` are the EMA weights (default) or the raw ones, as NumPy.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory}); train first with "
+                            f"`ddim-jax train --workdir {workdir}`")
+  with checkpointing.Checkpointer(directory, async_save=False) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{directory} holds no complete checkpoint; train first")
+    config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
+    model = models.create_model(**config.model)
+    step_config = train.StepConfig.from_config(config)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = train.abstract_train_state(model, step_config, int(config.model.image_size), jax.random.key(0), sharding)
+    step, state, meta = ckpt.restore_latest(abstract)
+  normalizer = {k: np.asarray(v, np.float32) for k, v in meta["normalizer"].items()}
+  return model, jax.device_get(state.variables(ema=ema)), normalizer, config, step
+
+
+def load_model(workdir: str | None = None, weights: str | None = None, config: str | None = None) -> "InferenceModel":
+  """The model of a workdir's newest checkpoint (EMA) or of a weight file (exactly one of the two)."""
+  if bool(workdir) == bool(weights):
+    raise ValueError("give exactly one of a workdir (--workdir) and a weight file (--weights)")
+  return InferenceModel.from_workdir(workdir) if workdir else InferenceModel.from_weights(weights, config)
+
+
+@dataclasses.dataclass
+class InferenceModel:
+  """A model to sample from, with what the commands need to know about it.
+
+  Attributes:
+    model, variables, normalizer: the UNet, its (EMA) variables (NumPy) and the data normaliser.
+    image_size: training image side.
+    spec: the diffusion (schedule, signal-rate bounds, target) the model was trained with.
+    data_config: the ``config.data`` of the real images (the run's; for a weight file, that of
+      the given config, by default the demo preset's bundled digits).
+    description: for messages.
+    step: the training step of the weights, when known.
+  """
+  model: Any
+  variables: Any
+  normalizer: dict
+  image_size: int
+  spec: schedules.DiffusionSpec
+  data_config: Any
+  description: str
+  step: int | None = None
+
+  @classmethod
+  def from_workdir(cls, workdir: str) -> "InferenceModel":
+    """The EMA weights of the newest checkpoint of a training workdir."""
+    model, variables, normalizer, config, step = restore_checkpoint(workdir)
+    return cls(model, variables, normalizer, int(config.model.image_size), schedules.DiffusionSpec.from_config(config),
+               config.data, f"{workdir} step {step} (EMA)", step)
+
+  @classmethod
+  def from_weights(cls, path: str, config: str | None = None) -> "InferenceModel":
+    """A weight file; ``config`` (a preset or file, default demo) says where its real images are."""
+    model, variables, normalizer, metadata = convert.load_weights(path)
+    return cls(model, variables, normalizer, int(metadata.get("image_size", 64)),
+               schedules.DiffusionSpec.from_metadata(metadata), configs.load_config(config or "demo").data,
+               f"{path} ({metadata.get('weights', 'unknown')} weights)",
+               int(metadata["step"]) if "step" in metadata else None)
+
+  @property
+  def channels(self) -> int:
+    return int(self.model.channels)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+  def real_images(self, split: str, num: int | None = None, start: int = 0) -> np.ndarray:
+    """Real images of ``split`` (uint8 (N, S, S, C)) from the input pipeline's cache."""
+    images = data.load_split(self.data_config, split, self.image_size)
+    return np.asarray(images[start:None if num is None else start + num])
+
+  def first_noise(self, seed: int, num: int, num_images: int, batch_size: int) -> jax.Array:
+    """The JAX-key initial noise of the first ``num`` images of ``sample(num_images, ..., seed, batch_size)``.
+
+    (A draw of the whole first batch, then sliced: the first rows of a larger draw are other numbers.)
+    """
+    return batch_noise(seed, 0, (min(batch_size, num_images),) + self.image_shape)[:num]
+
+  def sample(self, num_images: int, steps: int, eta: float = 0.0, seed: int = 0, batch_size: int = 64,
+             initial_noise=None) -> np.ndarray:
+    """``sample_images`` with this model."""
+    return sample_images(self.model, self.variables, self.normalizer, num_images, self.image_size, steps, eta, seed,
+                         batch_size, self.spec, initial_noise=initial_noise)
