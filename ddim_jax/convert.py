@@ -27,6 +27,10 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from ddim_jax import models
 
 FORMAT = "ddim-jax-weights"
 FORMAT_VERSION = "1"
@@ -164,7 +168,6 @@ def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], ima
   """
   if spec is not None:
     extra = {**spec.to_metadata(), **extra}
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   tensors = flax_to_torch_state_dict(variables)
   tensors["normalizer.mean"] = np.asarray(normalizer["mean"], np.float32).reshape(-1)
   tensors["normalizer.variance"] = np.asarray(normalizer["variance"], np.float32).reshape(-1)
@@ -175,9 +178,6 @@ def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], ima
 
 def read_weight_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Reads a weight file's tensors (torch naming) and metadata, checking its format."""
-  from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise WeightFileError(f"weight file {path!r} does not exist; write one with `ddim-jax export`")
   try:
@@ -208,7 +208,6 @@ def load_weights(path: str, variant: str | None = None, image_size: int | None =
     (model, variables, normalizer, metadata): the UNet, Flax {'params','batch_stats'} (NumPy),
     {'mean','variance'} (NumPy, (C,)) and the file's metadata.
   """
-  from ddim_jax import models  # pylint: disable=import-outside-toplevel
   tensors, metadata = read_weight_file(path)
   kwargs = model_kwargs_from_metadata(metadata)
   if variant is not None and kwargs["variant"] != variant:

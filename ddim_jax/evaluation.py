@@ -20,8 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
-from ddim_jax import metrics, rng, sampling, schedules
+from ddim_jax import inception, metrics, rng, sampling, schedules
 
 FeatureFn = Callable[[Any], Any]
 
@@ -61,14 +62,12 @@ def kid_feature_fn(weights_path: str, image_size: int) -> FeatureFn:
   Cached so that KID every epoch, or over several step counts, compiles InceptionV3 once (about
   as long as a few hundred training steps on a CPU).
   """
-  from ddim_jax import inception  # pylint: disable=import-outside-toplevel
   model, variables = inception.load_inception_weights(weights_path)
   return inception.feature_extractor(model, variables, image_size)
 
 
 def resolve_inception_weights(path: str | None) -> str:
   """The Inception weights file to use (``path`` or the torch hub cache); FileNotFoundError if none."""
-  from ddim_jax import inception  # pylint: disable=import-outside-toplevel
   return inception.find_inception_weights(path)
 
 
@@ -97,7 +96,6 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
   Returns:
     {steps: KID}.
   """
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   real_images = as_float_images(real_images)
   batch = kid_batch_size(len(real_images), batch_size)
   num_batches = len(real_images) // batch

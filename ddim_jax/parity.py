@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import convert, data, models, sampling, schedules
+from ddim_jax import convert, data, models, sampling, schedules, train
 
 
 def _nchw(x: np.ndarray) -> np.ndarray:
@@ -243,7 +243,6 @@ def train_step_parity(model, variables, image_size: int, num_steps: int = 10, ba
     tensor-relative difference) and ``worst_<n>`` (the tensor that attains the largest).
   """
   import torch  # pylint: disable=import-outside-toplevel
-  from ddim_jax import train  # pylint: disable=import-outside-toplevel
   from ddim_torch_ref import train as torch_train  # pylint: disable=import-outside-toplevel
   step_config = step_config or train.StepConfig()
   state = train.TrainState(

@@ -53,7 +53,7 @@ def test_parameter_counts_at_64x64(variant, params, stats):
 def test_keras_variant_structure():
   model = models.create_model("keras")
   params = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 64))["params"]
-  # Projections exactly where the width changes (seed spec 5.2).
+  # Projections exactly where the width changes (the Keras example's network).
   projected = sorted(f"{a}/{b}" for a, blk in params.items() if isinstance(blk, dict)
                      for b, sub in blk.items() if isinstance(sub, dict) and "proj" in sub)
   assert projected == ["down_blocks_0/residual_blocks_0", "down_blocks_1/residual_blocks_0",
@@ -82,7 +82,7 @@ def test_fresh_model_predicts_zero_and_glorot_init(variant):
   assert np.abs(kernel).max() > 0.8 * bound
 
 
-# BatchNorm numerics written from the originals (seed spec 5.2, 5.3), not from models.py:
+# BatchNorm numerics written from the originals, not from models.py:
 # Keras BatchNormalization defaults (keeps 0.99 of the running value per step, eps 1e-3); R's
 # nn_batch_norm2d with torch defaults (update momentum 0.1, i.e. keeps 0.9; eps 1e-5).
 BN_ORIGINALS = {"keras": {"keep": 0.99, "eps": 1e-3}, "r": {"keep": 1.0 - 0.1, "eps": 1e-5}}

@@ -34,7 +34,7 @@ def test_offset_cosine_closed_form(min_rate, max_rate):
 
 
 def _r_linear_alpha_bars():
-  """R's linear schedule written from seed spec 3, independently of schedules.py.
+  """R's linear schedule (torch_linspace(1e-4, 0.02, 1000) betas), written independently of schedules.py.
 
   beta_i = 1e-4 + i (0.02 - 1e-4) / 999 (R's torch_linspace(1e-4, 0.02, 1000)) and
   alpha_bar_i = prod_{j <= i} (1 - beta_j), as an explicit running product in Python floats.
@@ -48,7 +48,7 @@ def _r_linear_alpha_bars():
 
 def test_linear_schedule_is_the_clipped_ddpm_table():
   alpha_bars = _r_linear_alpha_bars()
-  # The reference itself against the numbers stated in seed spec 3.
+  # The reference itself against the values the R port states.
   assert alpha_bars[0] == pytest.approx(0.9999, rel=1e-12)
   assert alpha_bars[-1] == pytest.approx(4.0358e-5, rel=1e-4)
   assert sum(a > 0.95 for a in alpha_bars) == 67 and sum(a < 0.02 for a in alpha_bars) == 380
