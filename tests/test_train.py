@@ -1,6 +1,7 @@
 """Training: torch step parity, device-count invariance, multi-host, resume, preemption, guards."""
 
 import functools
+import json
 import os
 import re
 import signal
@@ -211,16 +212,26 @@ def _free_port() -> int:
 
 
 def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
-  """2 processes x 2 CPU devices (jax.distributed, gloo, 127.0.0.1) == 1 process x 4 devices."""
+  """2 processes x 2 CPU devices (jax.distributed, gloo, 127.0.0.1) == 1 process x 4 devices.
+
+  With the sample grids and KID (random Inception weights from a test file) that the default
+  preset turns on: both run on every process and give the single process's numbers.
+  """
+  import torch
+  from inception_helpers import random_torch_inception
+  inception_file = tmp_path / "random_inception.pth"
+  torch.save(random_torch_inception("torchvision", seed=3).state_dict(), inception_file)
+  extra = {"train.num_steps": 4, "train.sample_every": 2, "train.kid_every": 2, "eval.inception_weights":
+           str(inception_file), "eval.num_kid_images": 8, "eval.kid_batch_size": 4, "eval.kid_steps": 2}
   single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
-  result = run(train_command(single_dir, cache_dir, **{"train.num_steps": 4}), subprocess_env(4))
+  result = run(train_command(single_dir, cache_dir, **extra), subprocess_env(4))
   assert result.returncode == 0, result.stderr[-3000:]
   port = _free_port()
   procs = []
   for pid in range(2):
     env = subprocess_env(2)
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(train_command(multi_dir, cache_dir, **{"train.num_steps": 4}), env=env,
+    procs.append(subprocess.Popen(train_command(multi_dir, cache_dir, **extra), env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
@@ -231,6 +242,14 @@ def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
   for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(single), jax.tree.leaves(multi)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 if "nu" not in str(path) else 0,
                                err_msg=jax.tree_util.keystr(path))
+  for step in (2, 4):  # the sample grids (written by process 0) are the single process's
+    grids = [_png(d / "samples" / f"step_{step:07d}.png").astype(int) for d in (single_dir, multi_dir)]
+    assert np.abs(grids[0] - grids[1]).max() <= 1, step
+  kids = [{r["step"]: r["val_kid"] for r in map(json.loads, open(d / "metrics.jsonl", encoding="utf-8"))
+           if "val_kid" in r} for d in (single_dir, multi_dir)]
+  assert sorted(kids[1]) == [2, 4] and kids[1][2] != kids[1][4]
+  for step, value in kids[0].items():
+    assert kids[1][step] == pytest.approx(value, rel=1e-3, abs=1e-6), step
 
 
 # ------------------------------------------------------------------------------------------------
