@@ -6,7 +6,7 @@ names, so that runs, sample grids and checkpoints made earlier reproduce bit for
 
 import jax
 
-INIT = 0  # the initial weights (train) / the first batch's noise (sample, with --seed)
+INIT = 0  # the initial weights
 SAMPLE_GRID = 1  # the fixed noise of the training-time sample grids (the same at every step)
 TRAIN_DRAWS = 2  # the per-example noise and diffusion times of the training steps
 KID_NOISE = 3  # the noise of the generated batches of KID during training (``seed + KID_NOISE``)

@@ -101,6 +101,7 @@ def write_sample_grid(model, variables, normalizer, config, step: int, path: str
 
 
 def _checkpoint_meta(config, normalizer, data_state, step: int) -> dict:
+  """The JSON item saved with each checkpoint: config, data position, step, normaliser."""
   return {"config": json.loads(config.to_json()), "data_iterator": data_state, "step": int(step),
           "normalizer": {k: np.asarray(v, np.float32).tolist() for k, v in normalizer.items()}}
 
@@ -131,7 +132,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
 
   # Data (this process's slice of every global batch) and the normaliser of the training split.
   train_iter, val_images, normalizer = data.create_datasets(config, image_size, jax.process_index(),
-                                                                      jax.process_count())
+                                                            jax.process_count())
 
   # KID on the validation split (None when off or without Inception weights: one warning then).
   kid_fn = evaluation.make_training_kid(config, eval_model, val_images)
@@ -144,7 +145,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
                                     best_metric="val_kid" if kid_fn is not None else None, best_mode="min")
   checkpointing.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
   restored = ckpt.restore_latest(train.abstract_train_state(model, step_config, image_size, init_key,
-                                                 parallel.replicated(mesh)))
+                                                       parallel.replicated(mesh)))
   if restored is not None:
     step, state, meta = restored
     train_iter.set_state(meta["data_iterator"])
