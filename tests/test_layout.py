@@ -341,3 +341,17 @@ def test_cli_holds_only_the_command_line():
     bad = cli_violations(f.read())
   assert not bad, ("ddim_jax/cli.py should define only build_parser, main, cmd_*, add_*_parser, add_*_arguments, "
                    "imports and UPPER_CASE constants; move the rest into the library:\n" + "\n".join(bad))
+
+
+LEAVES = ("ddim_jax.parallel", "ddim_jax.checkpointing", "ddim_jax.data")
+
+
+def test_parallel_checkpointing_and_data_are_leaves():
+  """The modules the trainer calls import nothing else of ddim_jax (the data package only itself)."""
+  graph = import_graph(REPO)
+  for name, imports in graph.items():
+    leaf = next((l for l in LEAVES if name == l or name.startswith(l + ".")), None)
+    if leaf is None:
+      continue
+    outside = sorted(m for m in imports if m.startswith("ddim_jax") and not (m == leaf or m.startswith(leaf + ".")))
+    assert not outside, f"{name} should be a leaf but imports {outside}"
