@@ -15,12 +15,12 @@ those commands follows one of the conventions below, so that a run can be reprod
 """
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from ddim_jax import checkpointing, configs, convert, data, models, sampling, schedules, train
@@ -102,10 +102,11 @@ def sample_images(model, variables, normalizer, num_images: int, image_size: int
 def restore_checkpoint(workdir: str, ema: bool = True):
   """(model, variables, normalizer, config, step) of the newest checkpoint in ``workdir`` (on one device).
 
-  ``variables`` are the EMA weights (default) or the raw ones, as NumPy.
+  ``variables`` are the EMA weights (default) or the raw ones, as NumPy. ``workdir`` may be a
+  bucket (``gs://...``): it is read through ``etils.epath``, as orbax does.
   """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory}); train first with "
                             f"`ddim-jax train --workdir {workdir}`")
   with checkpointing.Checkpointer(directory, async_save=False) as ckpt:

@@ -4,15 +4,20 @@
 ``parallel.make_train_fn`` (shard_map under jit, or pmap: the loop does not care which), resumes
 from the newest checkpoint that restores (``checkpointing.py``), and writes what a run leaves
 behind in its workdir: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
-``samples/step_<n>.png``.
+``samples/step_<n>.png``. The workdir may be a bucket (``gs://...``): every file goes through
+``etils.epath`` (orbax's path layer too).
 """
 
 import json
 import os
+import pathlib
+import shutil
+import tempfile
 import time
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from tensorboardX import SummaryWriter
@@ -63,14 +68,34 @@ def _to_host(tree):
                       tree)
 
 
+def _is_remote(path) -> bool:
+  """True for a bucket path (``gs://...``, any ``scheme://``), False for a local one."""
+  return "://" in os.fspath(path)
+
+
 class MetricWriter:
-  """Metrics to ``metrics.jsonl`` and TensorBoard event files in the workdir (process 0 only)."""
+  """Metrics to ``metrics.jsonl`` and TensorBoard event files in the workdir (process 0 only).
+
+  A local workdir is written directly (one flushed line per record). A bucket workdir is staged:
+  objects in a bucket cannot be appended to (gcsfs silently overwrites in mode "a") and
+  tensorboardX would bring its own GCS client, so both files are written to a local temporary
+  folder and copied up through epath by ``sync`` (at each checkpoint, and at ``close``). A run
+  killed between syncs loses the records since the last checkpoint: the steps that the resumed
+  run trains again.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._workdir = epath.Path(workdir)
+      self._staging = tempfile.mkdtemp(prefix="ddim_jax_metrics_") if _is_remote(workdir) else None
+      self._synced = {}  # staged file -> size last copied up
+      local = self._staging or os.fspath(workdir)
+      remote_jsonl = self._workdir / "metrics.jsonl"
+      if self._staging and remote_jsonl.exists():  # a resumed run keeps the earlier records
+        pathlib.Path(local, "metrics.jsonl").write_bytes(remote_jsonl.read_bytes())
+      self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a", encoding="utf-8")
+      self._tb = SummaryWriter(os.path.join(local, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
     """Appends one record {step, **metrics}."""
@@ -81,10 +106,30 @@ class MetricWriter:
     for name, value in metrics.items():
       self._tb.add_scalar(f"train/{name}", float(value), int(step))
 
+  def sync(self) -> None:
+    """Copies the staged files that changed up to a bucket workdir (nothing to do for a local one)."""
+    if not (self.enabled and self._staging):
+      return
+    self._jsonl.flush()
+    self._tb.flush()
+    self._upload()
+
+  def _upload(self) -> None:
+    """Copies each staged file whose size changed since its last copy (event files only grow)."""
+    for path in sorted(pathlib.Path(self._staging).rglob("*")):
+      if path.is_file() and self._synced.get(path) != path.stat().st_size:
+        target = self._workdir / path.relative_to(self._staging).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())  # the whole object: a bucket cannot append
+        self._synced[path] = path.stat().st_size
+
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._staging:
+        self._upload()
+        shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def write_sample_grid(model, variables, normalizer, config, step: int, path: str, num_images: int | None = None):
@@ -121,7 +166,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   parallel.configure_cpu_devices(config.get("cpu_devices", 1), int(config.train.batch_size))
   parallel.initialize_distributed(distributed)
   validate_config(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = parallel.create_mesh()
   steps_per_call = int(config.train.get("steps_per_call", 1))
@@ -140,7 +185,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
 
   # State: the newest checkpoint that restores, or a fresh init.
   init_key = rng.purpose_key(config.seed, rng.INIT)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpointing.Checkpointer(epath.Path(workdir) / "checkpoints",
                                     max_to_keep=int(config.train.get("keep_checkpoints", 3)),
                                     best_metric="val_kid" if kid_fn is not None else None, best_mode="min")
   checkpointing.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
@@ -196,9 +241,10 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
       if save_now:
         ckpt.save(step, state, _checkpoint_meta(config, normalizer, train_iter.get_state(), step),
                   metrics={k: float(v) for k, v in host_metrics.items()}, force=preempted)
+        writer.sync()
       if int(config.train.sample_every) and step % int(config.train.sample_every) == 0:
         write_sample_grid(eval_model, state.variables(ema=True), normalizer_dev, config, step,
-                          os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+                          str(epath.Path(workdir) / "samples" / f"step_{step:07d}.png"))
       if preempted:
         if is_main:
           print(f"preemption notice: saved step {step}, exiting cleanly")

@@ -1,13 +1,16 @@
 """Image grids, strips and the blog's figures as PNG files.
 
 NumPy + Pillow only (no JAX): the PyTorch twin's ``ddim_torch_ref.sample`` writes its grids with
-this module too, so that both CLIs produce byte-comparable PNGs.
+this module too, so that both CLIs produce byte-comparable PNGs. Files are written through
+``etils.epath``, so that a path may be a bucket (``gs://...``) as well as a local file.
 """
 
+import io
 import math
 import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -47,9 +50,13 @@ def make_grid(images, rows: int | None = None, pad: int = 2, upscale: int = 1) -
 
 
 def save_png(array: np.ndarray, path: str) -> str:
-  """Writes a uint8 (H, W, 3) array as PNG, creating the parent folder."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(array).save(path)
+  """Writes a uint8 (H, W, 3) array as PNG (a local path or ``gs://...``), creating the parent folder."""
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Encoded in memory, then written as one object: a bucket has no seekable files for PIL.
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  target.write_bytes(buffer.getvalue())
   return path
 
 
@@ -85,10 +92,10 @@ def save_images(images, out_dir: str, prefix: str = "sample", start: int = 0, up
     images = np.repeat(images, 3, axis=-1)
   if upscale > 1:
     images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   paths = []
   for i, image in enumerate(images):
-    paths.append(save_png(image, os.path.join(out_dir, f"{prefix}_{start + i:05d}.png")))
+    paths.append(save_png(image, os.path.join(out_dir, f"{prefix}_{start + i:05d}.png")))  # gs:// joins too
   return paths
 
 
