@@ -320,6 +320,42 @@ def test_sigterm_saves_current_step_and_resume_is_exact(tmp_path, cache_dir, uni
   _assert_same_state(final_state(workdir), uninterrupted)
 
 
+def _two_processes(cmd, port):
+  """Starts ``cmd`` as processes 0 and 1 of a jax.distributed run (2 CPU devices each) on 127.0.0.1."""
+  procs = []
+  for pid in range(2):
+    env = subprocess_env(2)
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
+  """A SIGTERM to ONE process makes both save the same step and exit 0; the resumed run equals an
+  uninterrupted one bit for bit."""
+  extra = {"train.num_steps": 600, "train.checkpoint_every": 300, "train.log_every": 10}
+  reference_dir, workdir = tmp_path / "reference", tmp_path / "run"
+  procs = _two_processes(train_command(reference_dir, cache_dir, **extra), _free_port())
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  cmd = train_command(workdir, cache_dir, **extra)
+  procs = _two_processes(cmd, _free_port())
+  assert _wait_until(lambda: _training_under_way(workdir), procs[0]), "training never started"
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  steps = _checkpoint_steps(workdir)
+  assert steps and 0 < steps[-1] < 600, steps  # mid-run
+  assert f"preemption notice: saved step {steps[-1]}, exiting cleanly" in outputs[0][0], outputs[0][0][-2000:]
+  procs = _two_processes(cmd, _free_port())
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  _assert_same_state(final_state(workdir), final_state(reference_dir))
+
+
 def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path, cache_dir, uninterrupted):
   workdir = tmp_path / "run"
   cmd = train_command(workdir, cache_dir, **LONG)
