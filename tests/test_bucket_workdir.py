@@ -9,7 +9,6 @@ is the one the README documents for an emulator.
 import importlib.util
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
