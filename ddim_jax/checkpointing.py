@@ -41,8 +41,13 @@ restores, nothing is moved and `CheckpointRestoreError` is raised: that pattern 
 abstract state far more often than every checkpoint being corrupt.
 
 Multi-host. Every process must call `save`, `restore_latest` and `reached_preemption` at the same
-steps (orbax saves collectively; never guard with `jax.process_index() == 0`). The SIGTERM flag is
-process-local, so with several processes `reached_preemption` all-gathers it (one tiny collective).
+steps (orbax saves collectively; never guard with `jax.process_index() == 0`). Preemption with
+several processes is JAX's preemption sync manager (what orbax's `reached_preemption` and MaxText
+use), not the SIGTERM flag: `jax.distributed.initialize` installs JAX's own SIGTERM notifier; a
+notice on ANY process starts a background protocol over the coordination service that agrees on
+the sync id max(every process's current id) + 1, and `reached_preemption(sync_id)` returns True on
+every process at that id. An ordinary call is a local, mutex-guarded compare: no host sync per
+step. (The flag all-gathered at every call, as before, cost one blocking collective per step.)
 """
 
 from __future__ import annotations
@@ -126,9 +131,9 @@ def install_sigterm_handler(flag: PreemptionFlag | None = None,
                             signums: Sequence[int] = (signal.SIGTERM,)) -> PreemptionFlag:
   """Installs a handler that sets `flag` on SIGTERM (or `signums`) instead of dying.
 
-  Must be called from the main thread (a Python `signal` rule). Do not use it when JAX's
-  distributed preemption service owns SIGTERM (multi-host TPU): there orbax's
-  `reached_preemption` already reports the sync point.
+  Must be called from the main thread (a Python `signal` rule). Single-process runs only: with
+  several processes JAX's preemption service owns SIGTERM (see the module docstring), and a Python
+  handler installed after `jax.distributed.initialize` would replace JAX's notifier.
 
   Args:
     flag: the flag to set; defaults to the module's `PREEMPTION_FLAG`.
@@ -442,16 +447,22 @@ class Checkpointer:
     return self._mngr.restore(step, args=ocp.args.Composite(**{_INFO: ocp.args.JsonRestore()}))[
         _INFO]["metrics"]
 
-  def reached_preemption(self, step: int) -> bool:
-    """True when the loop should save now and exit: orbax's preemption sync point, or a SIGTERM.
+  def reached_preemption(self, sync_id: int) -> bool:
+    """True when the loop should save now and exit.
 
-    With several processes, every process must call it at the same steps: the local SIGTERM
-    flag is all-gathered so that all of them stop, and save, at the same step.
+    One process: the SIGTERM flag (`install_sigterm_handler`). Several processes: JAX's preemption
+    sync point, True on every process at the same `sync_id` after a SIGTERM to any of them (see the
+    module docstring); `jax.distributed.initialize` must have started the preemption service (the
+    default, `jax_enable_preemption_service=True`).
+
+    Args:
+      sync_id: the loop's call counter: consecutive integers from 1, the same sequence on every
+        process and called at every one of them (JAX matches ids exactly, so a training step that
+        advances by `steps_per_call` must not be passed).
     """
-    stop = self._flag.is_set()
-    if jax.process_count() > 1:
-      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop, np.int32))))
-    return bool(self._mngr.reached_preemption(step)) or stop
+    if jax.process_count() == 1:
+      return self._flag.is_set()
+    return bool(multihost_utils.reached_preemption_sync_point(sync_id))
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending async save is committed (and re-raises its error, if any)."""

@@ -8,6 +8,7 @@ behind in its workdir: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
 ``etils.epath`` (orbax's path layer too).
 """
 
+import collections
 import json
 import os
 import pathlib
@@ -23,6 +24,10 @@ from tqdm import tqdm
 from tensorboardX import SummaryWriter
 
 from ddim_jax import checkpointing, data, evaluation, models, parallel, rng, sampling, schedules, train, visualize
+
+
+# Training calls dispatched ahead of the one whose results the loop has waited for (see the loop).
+MAX_CALLS_IN_FLIGHT = 2
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -188,7 +193,8 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   ckpt = checkpointing.Checkpointer(epath.Path(workdir) / "checkpoints",
                                     max_to_keep=int(config.train.get("keep_checkpoints", 3)),
                                     best_metric="val_kid" if kid_fn is not None else None, best_mode="min")
-  checkpointing.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
+  if jax.process_count() == 1:  # several processes: JAX's preemption service owns SIGTERM
+    checkpointing.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
   restored = ckpt.restore_latest(train.abstract_train_state(model, step_config, image_size, init_key,
                                                        parallel.replicated(mesh)))
   if restored is not None:
@@ -210,14 +216,24 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   bar = tqdm(total=num_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main),
              dynamic_ncols=True)
   timer, logged_step = time.time(), step
+  in_flight, calls = collections.deque(), 0
   try:
     while step < num_steps:
       batches = [next(train_iter)["images"] for _ in range(steps_per_call)]
       local = batches[0] if steps_per_call == 1 else np.stack(batches)
       state, metrics = train_fn(state, local, normalizer_dev, base_key)
+      # Bound the dispatched-but-unfinished calls: XLA:CPU runs every device's program on one
+      # shared thread pool, and with many calls queued a device blocked in a collective starved
+      # the program its peer waited for (2 processes x 2 devices hung at ~step 80 with no bound,
+      # ran with 2 or 8). Waiting for the call MAX_CALLS_IN_FLIGHT back is a local wait, not a
+      # host sync, and leaves the accelerator a queue.
+      in_flight.append(metrics)
+      if len(in_flight) > MAX_CALLS_IN_FLIGHT:
+        jax.block_until_ready(in_flight.popleft())
       step += steps_per_call
+      calls += 1
       bar.update(steps_per_call)
-      preempted = ckpt.reached_preemption(step)
+      preempted = ckpt.reached_preemption(calls)
       log_now = step % int(config.train.log_every) == 0 or step == num_steps or preempted
       save_now = step % int(config.train.checkpoint_every) == 0 or step == num_steps or preempted
       # A KID step is also a save step, so that the best-KID checkpoint exists to be kept.

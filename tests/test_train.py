@@ -332,8 +332,12 @@ def _two_processes(cmd, port):
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
   """A SIGTERM to ONE process makes both save the same step and exit 0; the resumed run equals an
-  uninterrupted one bit for bit."""
-  extra = {"train.num_steps": 600, "train.checkpoint_every": 300, "train.log_every": 10}
+  uninterrupted one bit for bit.
+
+  Two steps per call: JAX's preemption sync point is matched by the loop's call counter, which a
+  step number (advancing by 2) would never equal, so the run would not stop mid-way.
+  """
+  extra = {"train.num_steps": 600, "train.checkpoint_every": 300, "train.log_every": 10, "train.steps_per_call": 2}
   reference_dir, workdir = tmp_path / "reference", tmp_path / "run"
   procs = _two_processes(train_command(reference_dir, cache_dir, **extra), _free_port())
   for p in procs:
