@@ -82,6 +82,11 @@ def parse_args(argv=None):
   p.add_argument("--loop-steps", type=int, default=300)
   p.add_argument("--loop-override", action="append", default=[],
                  help="extra --config.* override for --loop (repeatable)")
+  p.add_argument("--loop-processes", type=int, default=1,
+                 help="--loop as this many jax.distributed processes on 127.0.0.1 (CPU collectives: gloo)")
+  p.add_argument("--loop-devices", type=int, default=1,
+                 help="JAX CPU devices per process with --loop-processes > 1 (XLA_FLAGS in each process)")
+  p.add_argument("--loop-workdir", help=argparse.SUPPRESS)  # the shared workdir of a multi-process --loop
   return p.parse_args(argv)
 
 
@@ -533,20 +538,24 @@ def run_loop(args):
   config = configs.load_config("demo", overrides)
   batch = int(config.train.batch_size)
   log_every = int(config.train.log_every)
-  with tempfile.TemporaryDirectory() as workdir:
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = args.loop_workdir or tmp
     t0 = time.perf_counter()
     trainer.train_and_evaluate(config, workdir, progress=False)
     wall = time.perf_counter() - t0
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-      records = [json.loads(line) for line in f if line.strip()]
+    # Only process 0 writes metrics.jsonl; it is closed when train_and_evaluate returns there.
+    records = []
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
   # Throughput after the first logging interval (which holds the compilation): images / time, where
   # each interval's time is batch * steps / its images_per_second. Checkpoint saves and sample grids
   # fall inside the intervals that follow them.
   steady = records[1:]
-  prev = [records[0]["step"]] + [r["step"] for r in steady[:-1]]
+  prev = [records[0]["step"]] + [r["step"] for r in steady[:-1]] if records else []
   images = sum(batch * (r["step"] - p) for r, p in zip(steady, prev))
   seconds = sum(batch * (r["step"] - p) / r["images_per_second"] for r, p in zip(steady, prev))
-  loop_rate = images / seconds
+  loop_rate = images / seconds if records else float("nan")
 
   # The bare step at the same config, timed the same way (median of repeats of log_every steps).
   mesh = parallel.create_mesh()
@@ -557,7 +566,8 @@ def run_loop(args):
   state = parallel.replicate(jax.jit(train.create_train_state, static_argnums=(0, 1, 3))(
       model, step_config, jax.random.key(0), size), mesh)
   rng = np.random.default_rng(0)
-  local = rng.random((batch, size, size, 3) if k == 1 else (k, batch, size, size, 3), dtype=np.float32)
+  local_batch = batch // jax.process_count()  # this process's slice of the global batch
+  local = rng.random((local_batch, size, size, 3) if k == 1 else (k, local_batch, size, size, 3), dtype=np.float32)
   images_dev = parallel.shard_batch(local, mesh, k)
   normalizer = parallel.replicate({"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.08, np.float32)}, mesh)
   key = parallel.replicate(jax.random.key_data(jax.random.key(2)), mesh)
@@ -578,7 +588,42 @@ def run_loop(args):
           "checkpoint_every": int(config.train.checkpoint_every), "sample_every": int(config.train.sample_every),
           "loop_img_s": loop_rate, "loop_interval_img_s": [r["images_per_second"] for r in records],
           "bare_step_img_s": bare, "bare_step_img_s_all": rates, "loop_fraction_of_bare": loop_rate / bare,
-          "loop_wall_s": wall, "device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d")}
+          "loop_wall_s": wall, "device": str(jax.devices()[0]), "processes": jax.process_count(),
+          "devices": jax.device_count(), "date": time.strftime("%Y-%m-%d")}
+
+
+def run_loop_processes(args):
+  """``--loop`` as ``--loop-processes`` jax.distributed processes of ``--loop-devices`` CPU devices each.
+
+  Each process is this script re-invoked with ``--loop`` and the coordinator on 127.0.0.1; they
+  share one temporary workdir; process 0's measurement is returned.
+  """
+  import socket
+  import tempfile
+
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "result.json")
+    argv = [sys.executable, os.path.abspath(__file__), "--loop", "--loop-steps", str(args.loop_steps),
+            "--repeats", str(args.repeats), "--loop-workdir", os.path.join(tmp, "workdir"),
+            *[f"--loop-override={o}" for o in args.loop_override]]
+    procs = []
+    for pid in range(args.loop_processes):
+      env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAX_NUM_PROCESSES=str(args.loop_processes), JAX_PROCESS_ID=str(pid),
+                 XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                           f"--xla_force_host_platform_device_count={args.loop_devices}".strip())
+      with open(os.path.join(tmp, f"process_{pid}.log"), "w", encoding="utf-8") as log:  # files: no pipe to fill
+        procs.append(subprocess.Popen(argv + (["--json", out] if pid == 0 else []), env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    for pid, p in enumerate(procs):
+      if p.wait():
+        with open(os.path.join(tmp, f"process_{pid}.log"), encoding="utf-8") as log:
+          raise SystemExit(f"loop process {pid} failed ({p.returncode}):\n{log.read()[-3000:]}")
+    with open(out, encoding="utf-8") as f:
+      return json.load(f)
 
 
 def main(argv=None):
@@ -587,7 +632,7 @@ def main(argv=None):
     run_worker(args)
     return
   if args.loop:
-    result = run_loop(args)
+    result = run_loop_processes(args) if args.loop_processes > 1 else run_loop(args)
     table = (f"training loop (demo preset, {result['overrides']}): {result['loop_img_s']:.1f} img/s; bare step "
              f"{result['bare_step_img_s']:.1f} img/s; loop/bare = {100 * result['loop_fraction_of_bare']:.1f}%")
   else:
