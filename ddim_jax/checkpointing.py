@@ -77,6 +77,59 @@ QUARANTINE_DIRNAME = "quarantined"
 _log = logging.getLogger(__name__)
 
 
+# ----------------------------------------------------------------------------------------------
+# s3:// workdirs. orbax (0.12.8, and its main branch in 2026-08) gives tensorstore a native kvstore
+# only for gs:// paths; any other path becomes a local `file` kvstore, and an s3:// one fails with
+# "Checkpoint path should be absolute. Got s3:/bucket/..." (os.path.normpath ate a slash). Its
+# non-array files (metadata, JSON items, renames) go through etils.epath, which handles s3:// via
+# s3fs. So only the path -> tensorstore kvstore step is routed here: s3://bucket/key becomes
+# tensorstore's `s3` driver. tensorstore reads credentials (AWS_ACCESS_KEY_ID, ...) from the
+# environment itself but not an endpoint: a custom one (MinIO, moto, ...) is taken from
+# AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, the variables botocore (so s3fs) honours too.
+
+
+def _s3_kvstore_spec(path: str) -> dict[str, Any]:
+  """tensorstore's kvstore spec of ``s3://bucket/key`` (endpoint and region from the AWS env vars)."""
+  bucket, _, key = path[len("s3://"):].partition("/")
+  spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": key}
+  endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+  if endpoint:
+    spec["endpoint"] = endpoint
+  region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+  if region:
+    spec["aws_region"] = region
+  return spec
+
+
+def _route_s3_paths_to_tensorstore() -> None:
+  """Makes orbax's array I/O use tensorstore's s3 driver for s3:// paths (idempotent).
+
+  Patches three private names of orbax 0.12.8 (called for s3:// directories only, so that local and
+  gs:// runs never depend on them); if a later orbax renamed them, says so instead of failing obscurely.
+  """
+  from orbax.checkpoint._src.path import gcs_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  if getattr(ts_utils, "_ddim_jax_s3", False):
+    return
+  try:
+    normalize, use_native, native_spec = ts_utils._normalize_path, ts_utils._use_gcs_driver, gcs_utils.get_kvstore_for_gcs
+  except AttributeError as e:
+    raise NotImplementedError(f"s3:// checkpoints need orbax-checkpoint 0.12.x internals ({e}); "
+                              f"this is {ocp.__version__}") from e
+
+  def normalize_path(path: str) -> str:
+    out = normalize(path)  # os.path.normpath: "s3://b/k" -> "s3:/b/k"
+    return "s3://" + out[len("s3:/"):] if out.startswith("s3:/") and not out.startswith("s3://") else out
+
+  def get_kvstore(path: str) -> dict[str, Any]:
+    return _s3_kvstore_spec(path) if str(path).startswith("s3://") else native_spec(path)
+
+  ts_utils._normalize_path = normalize_path
+  ts_utils._use_gcs_driver = lambda directory: use_native(directory) or directory.startswith("s3://")
+  gcs_utils.get_kvstore_for_gcs = get_kvstore
+  ts_utils._ddim_jax_s3 = True
+
+
 class CheckpointError(Exception):
   """Base class of this module's errors."""
 
@@ -240,6 +293,8 @@ def _prepare_directory(directory: str | os.PathLike) -> str:
   """Absolute checkpoint directory, created if needed; clear errors for files and permissions."""
   directory = os.fspath(directory)
   if "://" in directory:  # gs:// and friends: let orbax/epath deal with remote storage.
+    if directory.startswith("s3://"):
+      _route_s3_paths_to_tensorstore()
     return directory
   path = pathlib.Path(directory).expanduser().absolute()
   if path.exists() and not path.is_dir():
@@ -311,6 +366,12 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         # Leftover `*.orbax-checkpoint-tmp-*` directories of a killed save.
         cleanup_tmp_directories=True,
+        # A bucket has no atomic rename: orbax writes gs:// steps in place and commits them with a
+        # commit_success.txt file. It does not know s3://, where its rename of a step's item folders
+        # fails (s3fs 2026.9.0's mv(recursive=True) also copies the folder's own, nonexistent key:
+        # NoSuchKey, after copying the files), so s3:// is committed the gs:// way too.
+        atomicity_options=(ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+                           if self.directory.startswith("s3://") else None),
         create=True)
     return ocp.CheckpointManager(self.directory, options=options,
                                  item_names=(_STATE, _META, _INFO))

@@ -1,15 +1,16 @@
-"""A training workdir in a bucket (gs://), against a real local GCS server (gcp-storage-emulator).
+"""Training workdirs in buckets (gs:// and s3://), against real local object-store servers.
 
 Nothing of the storage layer is mocked: `ddim-jax train/export/sample` run as subprocesses whose
 orbax checkpoints (tensorstore), metrics, TensorBoard events and sample grids (etils.epath ->
-fsspec/gcsfs) go over HTTP to the emulator on 127.0.0.1. The environment those subprocesses get
-is the one the README documents for an emulator.
+fsspec: gcsfs or s3fs) go over HTTP to a server on 127.0.0.1: gcp-storage-emulator for gs://,
+moto's server for s3://. The environment those subprocesses get is the one the README documents.
 """
 
 import importlib.util
 import io
 import json
-import socket
+import os
+import re
 import subprocess
 import sys
 import time
@@ -19,10 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train_helpers import run, subprocess_env, train_command
+from train_helpers import free_port, run, subprocess_env, train_command, two_processes
 
 BUCKET = "ddim-test"
-RUN = f"gs://{BUCKET}/run"
 # A sample grid and a checkpoint every 2 steps; the first run stops at 4, the resumed one at 8.
 EXTRA = {"train.sample_every": "4", "train.checkpoint_every": "2", "train.log_every": "2"}
 
@@ -62,36 +62,29 @@ sys.exit(main())
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def _wait_for_server(proc, url: str, log, what: str) -> None:
+  """Polls ``url`` until the server answers 200 (or raises naming its log)."""
+  deadline = time.time() + 60
+  while True:
+    try:
+      with urllib.request.urlopen(url + "/", timeout=2) as response:  # health check / ListBuckets
+        if response.status == 200:
+          return
+    except OSError:
+      pass
+    if proc.poll() is not None or time.time() > deadline:
+      raise RuntimeError(f"the {what} did not start (exit code {proc.poll()}); see {log.name}")
+    time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-  """The URL of a fresh in-memory GCS emulator holding the empty bucket BUCKET."""
-  if importlib.util.find_spec("gcp_storage_emulator") is None or importlib.util.find_spec("gcsfs") is None:
-    pytest.skip("gcp-storage-emulator or gcsfs is not installed (both are in the dev extra: pip install -e '.[dev]')")
-  port = _free_port()
-  url = f"http://127.0.0.1:{port}"
-  log = open(tmp_path_factory.mktemp("emulator") / "emulator.log", "w")
-  proc = subprocess.Popen([sys.executable, "-c", EMULATOR, "start", "--host", "127.0.0.1",
-                           "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
-                          stdout=log, stderr=subprocess.STDOUT)
+def _serve(cmd, tmp_path_factory, what: str):
+  """Starts a server process on a free port; yields (proc, url, log) and stops it afterwards."""
+  port = free_port()
+  log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+  proc = subprocess.Popen([sys.executable, *cmd(port)], stdout=log, stderr=subprocess.STDOUT)
   try:
-    deadline = time.time() + 60
-    while True:
-      try:
-        with urllib.request.urlopen(url + "/", timeout=2) as response:  # the emulator's health check
-          if response.status == 200:
-            break
-      except OSError:
-        pass
-      if proc.poll() is not None or time.time() > deadline:
-        raise RuntimeError(f"the GCS emulator did not start (exit code {proc.poll()}); see {log.name}")
-      time.sleep(0.2)
-    yield url
+    _wait_for_server(proc, f"http://127.0.0.1:{port}", log, what)
+    yield f"http://127.0.0.1:{port}"
   finally:
     proc.terminate()
     try:
@@ -102,10 +95,33 @@ def emulator(tmp_path_factory):
     log.close()
 
 
-def _bucket_env(url: str) -> dict:
-  """The training subprocesses' environment plus the four variables of an emulated bucket."""
-  env = subprocess_env(1)
-  env.update({
+def _require(*modules: str) -> None:
+  missing = [m for m in modules if importlib.util.find_spec(m) is None]
+  if missing:
+    pytest.skip(f"{', '.join(missing)} not installed (all are in the dev extra: pip install -e '.[dev]')")
+
+
+@pytest.fixture(scope="module")
+def gcs_server(tmp_path_factory):
+  """The URL of a fresh in-memory GCS emulator holding the empty bucket BUCKET."""
+  _require("gcp_storage_emulator", "gcsfs")
+  yield from _serve(lambda port: ["-c", EMULATOR, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+                                  "--default-bucket", BUCKET], tmp_path_factory, "GCS emulator")
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+  """The URL of a fresh in-memory moto S3 server holding the empty bucket BUCKET."""
+  _require("moto", "flask", "s3fs")
+  for url in _serve(lambda port: ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], tmp_path_factory,
+                    "moto S3 server"):
+    _s3_fs(url).mkdir(BUCKET)  # s3fs: a top-level mkdir creates the bucket
+    yield url
+
+
+def _gcs_env(url: str) -> dict:
+  """The four variables of an emulated GCS bucket (and the one that keeps TensorFlow out)."""
+  return {
       "EPATH_USE_TF": "false",  # TensorFlow is installed here: without this epath uses gfile, blind to the emulator
       "STORAGE_EMULATOR_HOST": url,  # gcsfs (epath's fsspec backend)
       "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore (orbax's arrays)
@@ -113,14 +129,72 @@ def _bucket_env(url: str) -> dict:
       # gcsfs's default filesystem asks the gRPC storage-control API for the bucket type: against an
       # emulator (or with credentials present) that retries for minutes. The plain filesystem does not.
       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-  })
-  return env
+  }
 
 
-def _fs(url: str):
+# moto accepts any key pair, but tensorstore's unsigned (credential-less) requests get a 403.
+S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
+
+
+def _s3_env(url: str, tmp_path) -> dict:
+  """The variables of an S3-compatible endpoint (and none of the developer's own AWS set-up)."""
+  return {
+      "EPATH_USE_TF": "false",  # without this epath uses gfile, which has no s3
+      # botocore (so s3fs, epath's fsspec backend) and ddim_jax.checkpointing, which passes it to
+      # tensorstore's s3 spec as "endpoint" (tensorstore itself ignores this variable).
+      "AWS_ENDPOINT_URL": url,
+      "AWS_ACCESS_KEY_ID": S3_KEY,  # botocore and tensorstore
+      "AWS_SECRET_ACCESS_KEY": S3_SECRET,  # botocore and tensorstore
+      "AWS_DEFAULT_REGION": S3_REGION,  # botocore, and ddim_jax.checkpointing -> tensorstore's "aws_region"
+      # No ~/.aws/config or credentials file: a real profile must not redirect anything.
+      "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+      "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+  }
+
+
+def _gcs_fs(url: str):
   """gcsfs on the emulator, to list and read what the subprocesses wrote (the plain filesystem: see above)."""
   from gcsfs.core import GCSFileSystem
   return GCSFileSystem(endpoint_url=url, token="anon")
+
+
+def _s3_fs(url: str):
+  """s3fs on the server, to list and read what the subprocesses wrote (no listing cache)."""
+  from s3fs import S3FileSystem
+  # No region: with one, s3fs's mkdir sends LocationConstraint=us-east-1, which S3 (and moto) reject.
+  return S3FileSystem(endpoint_url=url, key=S3_KEY, secret=S3_SECRET, skip_instance_cache=True,
+                      use_listings_cache=False)
+
+
+class Bucket:
+  """A bucket on a local server: ``path(name)`` for workdirs, ``env`` for subprocesses, ``fs`` to read."""
+
+  def __init__(self, scheme: str, env: dict, fs):
+    self.scheme, self.env, self.fs = scheme, env, fs
+
+  def path(self, name: str) -> str:
+    return f"{self.scheme}://{BUCKET}/{name}"
+
+  def names(self, name: str) -> set[str]:
+    """The object names under workdir ``name``, relative to it."""
+    self.fs.invalidate_cache()
+    return {o[len(f"{BUCKET}/{name}/"):] for o in self.fs.find(f"{BUCKET}/{name}")}
+
+  def cat(self, name: str) -> bytes:
+    return self.fs.cat(f"{BUCKET}/{name}")
+
+
+@pytest.fixture(params=["gs", "s3"])
+def bucket(request, tmp_path):
+  """A gs:// (GCS emulator) or s3:// (moto) bucket."""
+  if request.param == "gs":
+    url = request.getfixturevalue("gcs_server")
+    return Bucket("gs", {**subprocess_env(1), **_gcs_env(url)}, _gcs_fs(url))
+  url = request.getfixturevalue("s3_server")
+  env = subprocess_env(1)
+  for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+    env.pop(name, None)  # nothing of the developer's own AWS set-up
+  return Bucket("s3", {**env, **_s3_env(url, tmp_path)}, _s3_fs(url))
 
 
 def _check(result, what: str):
@@ -132,48 +206,51 @@ def _tensors(path) -> dict:
   return load_file(str(path))
 
 
-def test_train_resume_export_and_sample_with_a_bucket_workdir(tmp_path, cache_dir, emulator):
-  env = _bucket_env(emulator)
-  fs = _fs(emulator)
+def test_train_resume_export_and_sample_with_a_bucket_workdir(tmp_path, cache_dir, bucket):
+  env, run_path = bucket.env, bucket.path("run")
   cwd = tmp_path / "cwd"
   cwd.mkdir()
 
   # 1. Four steps into the bucket.
-  first = subprocess.run(train_command(RUN, cache_dir, **{**EXTRA, "train.num_steps": "4"}), env=env, cwd=cwd,
+  first = subprocess.run(train_command(run_path, cache_dir, **{**EXTRA, "train.num_steps": "4"}), env=env, cwd=cwd,
                          capture_output=True, text=True, timeout=600, check=False)
   _check(first, "train (4 steps) into the bucket")
   assert "resuming" not in first.stdout
-  objects = fs.find(f"{BUCKET}/run")
-  names = {o[len(f"{BUCKET}/run/"):] for o in objects}
+  names = bucket.names("run")
   assert "samples/step_0000004.png" in names, sorted(names)
   assert "metrics.jsonl" in names, sorted(names)
   assert any(n.startswith("tensorboard/events.out.tfevents.") for n in names), sorted(names)
-  assert any(n.startswith("checkpoints/4/") for n in names), sorted(names)
-  assert not (cwd / "gs:").exists() and not any(cwd.iterdir()), "a bucket path was treated as a local one"
-  metrics = [json.loads(line) for line in fs.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
+  # Steps are written in place and committed with commit_success.txt (a bucket has no atomic rename).
+  assert {"checkpoints/2/commit_success.txt", "checkpoints/4/commit_success.txt"} <= names, sorted(names)
+  assert any(n.startswith("checkpoints/4/state/") for n in names), sorted(names)
+  assert not any("orbax-checkpoint-tmp" in n for n in names), sorted(names)
+  assert not any(cwd.iterdir()), "a bucket path was treated as a local one"
+  metrics = [json.loads(line) for line in bucket.cat("run/metrics.jsonl").decode().splitlines()]
   assert [m["step"] for m in metrics] == [2, 4]
-  grid = np.asarray(Image.open(io.BytesIO(fs.cat(f"{BUCKET}/run/samples/step_0000004.png"))))
+  grid = np.asarray(Image.open(io.BytesIO(bucket.cat("run/samples/step_0000004.png"))))
   assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[-1] == 3
 
   # 2. Resumed to eight steps: the earlier metrics are kept (a bucket object cannot be appended to).
-  second = subprocess.run(train_command(RUN, cache_dir, **{**EXTRA, "train.num_steps": "8"}), env=env, cwd=cwd,
+  second = subprocess.run(train_command(run_path, cache_dir, **{**EXTRA, "train.num_steps": "8"}), env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=600, check=False)
   _check(second, "resumed training in the bucket")
-  assert f"resuming from step 4 ({RUN}/checkpoints)" in second.stdout, second.stdout[-2000:]
-  names = {o[len(f"{BUCKET}/run/"):] for o in fs.find(f"{BUCKET}/run")}
+  assert f"resuming from step 4 ({run_path}/checkpoints)" in second.stdout, second.stdout[-2000:]
+  names = bucket.names("run")
   assert {"samples/step_0000004.png", "samples/step_0000008.png"} <= names, sorted(names)
-  assert any(n.startswith("checkpoints/8/") for n in names), sorted(names)
+  assert any(n.startswith("checkpoints/8/state/") for n in names), sorted(names)
+  # Retention (the newest 3) deleted step 2 from the bucket.
+  assert {n.split("/")[1] for n in names if n.startswith("checkpoints/")} == {"4", "6", "8"}, sorted(names)
   assert sum(n.startswith("tensorboard/events.out.tfevents.") for n in names) == 2, sorted(names)
-  metrics = [json.loads(line) for line in fs.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
+  metrics = [json.loads(line) for line in bucket.cat("run/metrics.jsonl").decode().splitlines()]
   assert [m["step"] for m in metrics] == [2, 4, 6, 8]
   assert not any(cwd.iterdir())
 
   # 3. export and sample read the bucket workdir.
   exported = tmp_path / "bucket.safetensors"
-  _check(run([sys.executable, "-m", "ddim_jax.cli", "export", "--workdir", RUN, "--out", str(exported)], env),
+  _check(run([sys.executable, "-m", "ddim_jax.cli", "export", "--workdir", run_path, "--out", str(exported)], env),
          "export from the bucket")
   grid_path = tmp_path / "grid.png"
-  _check(run([sys.executable, "-m", "ddim_jax.cli", "sample", "--workdir", RUN, "--out", str(grid_path),
+  _check(run([sys.executable, "-m", "ddim_jax.cli", "sample", "--workdir", run_path, "--out", str(grid_path),
               "--num-images", "4", "--steps", "2"], env), "sample from the bucket")
   assert Image.open(grid_path).size[0] > 0
 
@@ -188,6 +265,75 @@ def test_train_resume_export_and_sample_with_a_bucket_workdir(tmp_path, cache_di
   assert sorted(got) == sorted(want)
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-  assert fs.cat(f"{BUCKET}/run/samples/step_0000008.png") == (local / "samples" / "step_0000008.png").read_bytes()
+  assert bucket.cat("run/samples/step_0000008.png") == (local / "samples" / "step_0000008.png").read_bytes()
   local_steps = [json.loads(line)["step"] for line in (local / "metrics.jsonl").read_text().splitlines()]
   assert local_steps == [2, 4, 6, 8]
+
+
+# Every leaf of the newest checkpoint of a workdir (local or bucket), dumped by a subprocess that has
+# the bucket's environment: the TrainState leaves, the step and the data-iterator position.
+DUMP = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[3])
+from train_helpers import final_state
+step, state, meta = final_state(sys.argv[1])
+np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(state)])
+with open(sys.argv[2] + ".json", "w") as f:
+  json.dump({"step": step, "data_iterator": meta["data_iterator"]}, f)
+"""
+
+
+def _dumped_state(workdir: str, out, env) -> tuple[dict, list[np.ndarray]]:
+  """({step, data_iterator}, every TrainState leaf) of ``workdir``'s newest checkpoint, read by a
+  subprocess with ``env``."""
+  _check(run([sys.executable, "-c", DUMP, workdir, str(out), os.path.dirname(os.path.abspath(__file__))], env),
+         f"reading the newest checkpoint of {workdir}")
+  with np.load(str(out) + ".npz") as arrays, open(str(out) + ".json", encoding="utf-8") as f:
+    return json.load(f), [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_dir, gcs_server):
+  """2 processes x 2 CPU devices train into gs://, are SIGKILLed mid-run, and the resumed run equals
+  an uninterrupted local 2-process run in every state leaf."""
+  env = _gcs_env(gcs_server)
+  fs = _gcs_fs(gcs_server)
+  extra = {"train.num_steps": 200, "train.checkpoint_every": 20, "train.log_every": 10}
+  reference = tmp_path / "reference"
+  procs = two_processes(train_command(reference, cache_dir, **extra), free_port())
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+
+  workdir = f"gs://{BUCKET}/run2"
+
+  def committed() -> list[int]:
+    fs.invalidate_cache()
+    found = fs.glob(f"{BUCKET}/run2/checkpoints/*/commit_success.txt")
+    return sorted(int(name.split("/")[-2]) for name in found)
+
+  cmd = train_command(workdir, cache_dir, **extra)
+  procs = two_processes(cmd, free_port(), env)
+  deadline = time.time() + 300
+  while not committed() and time.time() < deadline and all(p.poll() is None for p in procs):
+    time.sleep(0.1)
+  for p in procs:
+    p.kill()
+  for p in procs:
+    p.communicate(timeout=60)
+  steps = committed()
+  assert [p.returncode for p in procs] == [-9, -9], "a process had stopped before the SIGKILL"
+  assert steps and steps[-1] < 200, steps  # killed mid-run, after at least one committed checkpoint
+
+  procs = two_processes(cmd, free_port(), env)
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  resumed = int(re.search(r"resuming from step (\d+)", outputs[0][0]).group(1))
+  assert resumed >= steps[-1], (resumed, steps)
+  (got_meta, got), (want_meta, want) = (_dumped_state(workdir, tmp_path / "bucket", {**subprocess_env(1), **env}),
+                                        _dumped_state(str(reference), tmp_path / "local", subprocess_env(1)))
+  assert got_meta == want_meta and want_meta["step"] == 200  # the step and the data-iterator position
+  assert len(got) == len(want)
+  for i, (a, b) in enumerate(zip(got, want)):  # raw and EMA weights, BatchNorm statistics, AdamW state, step
+    np.testing.assert_array_equal(a, b, err_msg=f"leaf {i}")

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 
@@ -15,8 +14,8 @@ import numpy as np
 import pytest
 
 from ddim_jax import cli, convert, models, parallel, parity, sampling, train, trainer, visualize
-from train_helpers import (final_state, final_weights, run, subprocess_env, tiny_config, tiny_overrides,
-                           train_command)
+from train_helpers import (assert_same_state, final_state, final_weights, free_port, run, subprocess_env,
+                           tiny_config, tiny_overrides, train_command, two_processes, wait_until)
 
 
 @pytest.fixture(scope="session")
@@ -205,12 +204,6 @@ def test_steps_per_call_scan_equals_single_steps():
   assert _max_diff(fused.params, single.params) <= 1e-5
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
   """2 processes x 2 CPU devices (jax.distributed, gloo, 127.0.0.1) == 1 process x 4 devices.
 
@@ -226,7 +219,7 @@ def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
   single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
   result = run(train_command(single_dir, cache_dir, **extra), subprocess_env(4))
   assert result.returncode == 0, result.stderr[-3000:]
-  port = _free_port()
+  port = free_port()
   procs = []
   for pid in range(2):
     env = subprocess_env(2)
@@ -270,31 +263,9 @@ def uninterrupted(tmp_path_factory, cache_dir):
   return final_state(workdir)
 
 
-def _assert_same_state(got, want):
-  """Bit-exact: step, raw weights, BatchNorm statistics, AdamW moments and count, EMA, data position."""
-  (got_step, got_state, got_meta), (want_step, want_state, want_meta) = got, want
-  assert got_step == want_step == int(want_state.step)
-  assert got_meta["data_iterator"] == want_meta["data_iterator"]
-  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(want_state))
-  got_leaves = jax.tree.leaves(got_state)
-  assert len(got_leaves) == len(leaves)
-  for path, a, b in zip(paths, got_leaves, leaves):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
-
-
 def _checkpoint_steps(workdir) -> list[int]:
   directory = os.path.join(workdir, "checkpoints")
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
-
-
-def _wait_until(predicate, proc, timeout=300) -> bool:
-  """Polls ``predicate`` until it holds (True) or the process ends or ``timeout`` passes (False)."""
-  start = time.time()
-  while time.time() - start < timeout and proc.poll() is None:
-    if predicate():
-      return True
-    time.sleep(0.02)
-  return False
 
 
 def _training_under_way(workdir) -> bool:
@@ -306,7 +277,7 @@ def test_sigterm_saves_current_step_and_resume_is_exact(tmp_path, cache_dir, uni
   workdir = tmp_path / "run"
   cmd = train_command(workdir, cache_dir, **LONG)
   proc = subprocess.Popen(cmd, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  assert _wait_until(lambda: _training_under_way(workdir), proc), "training never started"
+  assert wait_until(lambda: _training_under_way(workdir), proc), "training never started"
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
@@ -317,17 +288,7 @@ def test_sigterm_saves_current_step_and_resume_is_exact(tmp_path, cache_dir, uni
   result = run(cmd, subprocess_env(1))
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resuming from step {steps[-1]}" in result.stdout
-  _assert_same_state(final_state(workdir), uninterrupted)
-
-
-def _two_processes(cmd, port):
-  """Starts ``cmd`` as processes 0 and 1 of a jax.distributed run (2 CPU devices each) on 127.0.0.1."""
-  procs = []
-  for pid in range(2):
-    env = subprocess_env(2)
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  return procs
+  assert_same_state(final_state(workdir), uninterrupted)
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
@@ -339,13 +300,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   """
   extra = {"train.num_steps": 600, "train.checkpoint_every": 300, "train.log_every": 10, "train.steps_per_call": 2}
   reference_dir, workdir = tmp_path / "reference", tmp_path / "run"
-  procs = _two_processes(train_command(reference_dir, cache_dir, **extra), _free_port())
+  procs = two_processes(train_command(reference_dir, cache_dir, **extra), free_port())
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
   cmd = train_command(workdir, cache_dir, **extra)
-  procs = _two_processes(cmd, _free_port())
-  assert _wait_until(lambda: _training_under_way(workdir), procs[0]), "training never started"
+  procs = two_processes(cmd, free_port())
+  assert wait_until(lambda: _training_under_way(workdir), procs[0]), "training never started"
   procs[1].send_signal(signal.SIGTERM)
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
@@ -353,11 +314,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   steps = _checkpoint_steps(workdir)
   assert steps and 0 < steps[-1] < 600, steps  # mid-run
   assert f"preemption notice: saved step {steps[-1]}, exiting cleanly" in outputs[0][0], outputs[0][0][-2000:]
-  procs = _two_processes(cmd, _free_port())
+  procs = two_processes(cmd, free_port())
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-  _assert_same_state(final_state(workdir), final_state(reference_dir))
+  assert_same_state(final_state(workdir), final_state(reference_dir))
 
 
 def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path, cache_dir, uninterrupted):
@@ -368,7 +329,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path, cache_dir, 
     before = _checkpoint_steps(workdir)
     proc = subprocess.Popen(cmd, env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Wait for a checkpoint newer than those the run resumed from, then kill at a random point.
-    assert _wait_until(lambda: _checkpoint_steps(workdir)[-1:] > before[-1:], proc), "no new checkpoint"
+    assert wait_until(lambda: _checkpoint_steps(workdir)[-1:] > before[-1:], proc), "no new checkpoint"
     time.sleep(float(rng.uniform(0.0, 1.0)))
     proc.kill()
     proc.wait()
@@ -377,7 +338,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path, cache_dir, 
     assert _checkpoint_steps(workdir)[-1] < 2000
   result = run(cmd, subprocess_env(1))
   assert result.returncode == 0, result.stderr[-3000:]
-  _assert_same_state(final_state(workdir), uninterrupted)
+  assert_same_state(final_state(workdir), uninterrupted)
 
 
 # ------------------------------------------------------------------------------------------------

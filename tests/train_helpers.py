@@ -1,8 +1,11 @@
-"""Shared pieces of the training tests: a tiny config and reading a run's final weights."""
+"""Shared pieces of the training tests: a tiny config, subprocess runs (one or two processes),
+reading a run's final state and comparing states bit for bit."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -67,3 +70,46 @@ def subprocess_env(devices: int = 1) -> dict:
 
 def run(cmd, env, timeout=600):
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def free_port() -> int:
+  """A free TCP port on 127.0.0.1 (coordinators, storage emulators)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def assert_same_state(got, want):
+  """Bit-exact: step, raw weights, BatchNorm statistics, AdamW moments and count, EMA, data position."""
+  import jax
+  (got_step, got_state, got_meta), (want_step, want_state, want_meta) = got, want
+  assert got_step == want_step == int(want_state.step)
+  assert got_meta["data_iterator"] == want_meta["data_iterator"]
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(want_state))
+  got_leaves = jax.tree.leaves(got_state)
+  assert len(got_leaves) == len(leaves)
+  for path, a, b in zip(paths, got_leaves, leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def wait_until(predicate, proc, timeout=300) -> bool:
+  """Polls ``predicate`` until it holds (True) or the process ends or ``timeout`` passes (False)."""
+  start = time.time()
+  while time.time() - start < timeout and proc.poll() is None:
+    if predicate():
+      return True
+    time.sleep(0.02)
+  return False
+
+
+def two_processes(cmd, port, env=None):
+  """Starts ``cmd`` as processes 0 and 1 of a jax.distributed run (2 CPU devices each) on 127.0.0.1.
+
+  ``env``: extra environment variables (a bucket's endpoint settings, ...).
+  """
+  procs = []
+  for pid in range(2):
+    env_pid = {**subprocess_env(2), **(env or {})}
+    env_pid.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(cmd, env=env_pid, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
