@@ -24,8 +24,8 @@ import time
 import jax
 import numpy as np
 
-from ddim_jax import (configs, convert, data, evaluation, figures, inference, models, sampling, schedules, trainer,
-                      visualize)
+from ddim_jax import (configs, convert, data, evaluation, figures, inference, models, parallel, sampling, schedules,
+                      trainer, visualize)
 
 # The DDIM paper's Table 2 (CIFAR10, per-dimension MSE of pixels in [0, 1]).
 DDIM_PAPER_RECONSTRUCTION = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
     build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
   try:
     return args.fn(args, extra) if getattr(args, "takes_overrides", False) else args.fn(args)
-  except (convert.WeightFileError, ValueError, FileNotFoundError) as e:
+  except (convert.WeightFileError, ValueError, FileNotFoundError, parallel.PeerProcessError) as e:
     print(f"ddim-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -108,6 +108,33 @@ def initialize_distributed(enabled: bool | None = None, **kwargs) -> bool:
   return True
 
 
+class PeerProcessError(RuntimeError):
+  """Another process of a jax.distributed run failed (its own output says why)."""
+
+
+def process_zero_first(fn, what: str):
+  """Runs ``fn()`` on process 0 first and on the other processes after it returned; returns its result.
+
+  For work that must happen once per run and that the others then read: a dataset download or a
+  data-cache build (on a shared file system the others find it; on per-host disks each host then
+  builds its own, one process per host at a time being the usual pod layout). One process: just
+  ``fn()``. If process 0 fails, the others stop with an error that points at process 0's.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  barrier = f"ddim_jax: {what} ready"
+  if jax.process_index() == 0:
+    result = fn()
+    multihost_utils.sync_global_devices(barrier)
+    return result
+  try:
+    multihost_utils.sync_global_devices(barrier)
+  except Exception as e:  # noqa: BLE001  (whatever the collective raises when process 0 is gone)
+    raise PeerProcessError(f"process 0 did not finish {what}; its own error says why ({type(e).__name__})") from e
+  return fn()
+
+
 def create_mesh(devices=None) -> Mesh:
   """A 1-D mesh named "data" over ``devices`` (default: every device of every process)."""
   devices = jax.devices() if devices is None else devices

@@ -180,7 +180,12 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   eval_model = models.create_model(**config.model)
   image_size = int(config.model.image_size)
 
-  # Data (this process's slice of every global batch) and the normaliser of the training split.
+  # Data (this process's slice of every global batch) and the normaliser of the training split. The
+  # cache (and a TFDS download, with data.download) is prepared once: process 0 first, then the others.
+  entry = parallel.process_zero_first(lambda: data.prepare_cache(config.data, image_size), "the data cache")
+  if entry.built:
+    who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+    print(f"{who}prepared the data cache {entry.path} ({entry.meta['seconds']:.1f} s)")
   train_iter, val_images, normalizer = data.create_datasets(config, image_size, jax.process_index(),
                                                             jax.process_count())
 

@@ -65,6 +65,14 @@ MUTATIONS = (
              "ddim_jax/data/iterator.py", "    self._epoch, self._index = epoch, index\n",
              "    self._epoch, self._index = epoch, max(index - 1, 0)\n",
              ("tests/test_train.py::test_sigterm_saves_current_step_and_resume_is_exact",)),
+    # --- multi-process runs -------------------------------------------------------------------
+    Mutation("preemption_by_step_number", "JAX's preemption sync point is matched against the step, not the call",
+             "ddim_jax/trainer.py", "ckpt.reached_preemption(calls)", "ckpt.reached_preemption(step)",
+             ("tests/test_train.py::test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step",)),
+    Mutation("data_prepared_by_every_process", "every process builds the data cache at once",
+             "ddim_jax/parallel.py", "  if jax.process_count() == 1:\n    return fn()\n",
+             "  if True:\n    return fn()\n",
+             ("tests/test_train.py::test_two_processes_prepare_the_data_once",)),
     # --- model, sampler, weights and metrics ------------------------------------------------
     Mutation("skip_concat_reversed", "the up path concatenates [skip, x] instead of Keras' [x, skip]",
              "ddim_jax/models.py", "x = jnp.concatenate([x, skips.pop()], axis=-1)",

@@ -245,6 +245,27 @@ def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
     assert kids[1][step] == pytest.approx(value, rel=1e-3, abs=1e-6), step
 
 
+def test_two_processes_prepare_the_data_once(tmp_path):
+  """Process 0 builds the data cache while process 1 waits, then process 1 reads it; when process 0
+  fails to prepare the data, process 1 stops with one line pointing at it (exit 2, no traceback)."""
+  cache = tmp_path / "fresh_cache"
+  procs = two_processes(train_command(tmp_path / "run", cache, **{"train.num_steps": 2}), free_port())
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "process 0: prepared the data cache" in outputs[0][0], outputs[0][0][-2000:]
+  assert "prepared the data cache" not in outputs[1][0], outputs[1][0][-2000:]  # it found process 0's
+  assert len([d for d in os.listdir(cache) if not d.startswith(".")]) == 1
+
+  procs = two_processes(train_command(tmp_path / "bad", cache, **{"data.dataset": "folder",
+                                                                   "data.folder": str(tmp_path / "missing")}),
+                        free_port())
+  outputs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outputs]
+  assert "does not exist (config.data.folder)" in outputs[0][1]
+  assert "process 0 did not finish the data cache" in outputs[1][1] and "Traceback" not in outputs[1][1]
+
+
 # ------------------------------------------------------------------------------------------------
 # Resume and preemption.
 
