@@ -75,11 +75,13 @@ def cmd_demo(args, overrides) -> int:
 
 def cmd_sample(args) -> int:
   """ddim-jax sample: a grid of EMA samples (and each image, and a trajectory strip)."""
-  source = inference.load_model(args.workdir, args.weights)
+  source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices)
   noise = inference.initial_noise(args.seed, args.num_images, source.image_shape, args.noise_file, args.numpy_noise)
   images = source.sample(args.num_images, args.steps, args.eta, args.seed, args.batch_size, initial_noise=noise)
   visualize.save_grid(images, args.out, rows=args.rows, upscale=args.upscale or 1)
-  print(f"wrote {args.out} ({len(images)} images of {source.description}, {args.steps} steps, eta={args.eta})")
+  devices = parallel.rows_mesh(min(args.batch_size, args.num_images)).size
+  print(f"wrote {args.out} ({len(images)} images of {source.description}, {args.steps} steps, eta={args.eta}, "
+        f"batches split over {devices} device{'s' * (devices > 1)})")
   if args.array_out:
     np.save(args.array_out, images)
     print(f"wrote {args.array_out} (float32 images in [0, 1], NHWC)")
@@ -99,7 +101,7 @@ def cmd_sample(args) -> int:
 
 def cmd_figures(args) -> int:
   """ddim-jax figures: the blog's forward process, reverse process and 6x6 sample grid."""
-  source = inference.load_model(args.workdir, args.weights, args.config)
+  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices)
   upscale = visualize.default_upscale(source.image_size, args.upscale)
   os.makedirs(args.out_dir, exist_ok=True)
   real = source.real_images("train", 1, start=args.image_index).astype(np.float32) / 255.0
@@ -119,14 +121,15 @@ def cmd_figures(args) -> int:
 
 def cmd_invert(args) -> int:
   """ddim-jax invert: DDIM inversion image -> noise -> image, reconstruction error per step count."""
-  source = inference.load_model(args.workdir, args.weights, args.config)
+  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices)
   steps_list = evaluation.parse_step_counts(args.steps)
   images = source.real_images(args.split, args.num_images)
   start = time.time()
   errors = evaluation.reconstruction_errors(source.model, source.variables, source.normalizer, images, steps_list,
                                             batch_size=args.batch_size, spec=source.spec)
-  print(f"DDIM inversion reconstruction error of {len(images)} {args.split} images ({source.description}), "
-        f"MSE of pixels in [0, 1]:")
+  devices = parallel.rows_mesh(min(args.batch_size, len(images))).size
+  print(f"DDIM inversion reconstruction error of {len(images)} {args.split} images ({source.description}; "
+        f"{devices} device{'s' * (devices > 1)}), MSE of pixels in [0, 1]:")
   print(f"{'steps':>6} {'MSE':>10} {'DDIM paper (CIFAR10)':>22}")
   for steps, value in errors.items():
     paper = DDIM_PAPER_RECONSTRUCTION.get(steps)
@@ -147,25 +150,26 @@ def cmd_invert(args) -> int:
 
 def cmd_interpolate(args) -> int:
   """ddim-jax interpolate: samples along a spherical interpolation between two initial noises."""
-  source = inference.load_model(args.workdir, args.weights)
+  source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices)
   if args.num_frames < 2:
     raise ValueError(f"--num-frames must be >= 2, got {args.num_frames}")
   noise = inference.initial_noise(args.seed, 2 * args.pairs, source.image_shape, args.noise_file, args.numpy_noise)
   if noise is None:
     noise = np.asarray(jax.random.normal(jax.random.key(args.seed), (2 * args.pairs,) + source.image_shape))
   weights = np.linspace(0.0, 1.0, args.num_frames, dtype=np.float32)
-  rows = [np.asarray(sampling.generate(source.model, source.variables,
-                                       sampling.slerp(noise[2 * p], noise[2 * p + 1], weights), source.normalizer,
-                                       steps=args.steps, spec=source.spec)["images"])
-          for p in range(args.pairs)]
+  mesh = parallel.rows_mesh(args.num_frames)  # each strip's frames split over this process's devices
+  rows = [parallel.gather_rows(sampling.generate(
+      source.model, source.variables, parallel.shard_rows(sampling.slerp(noise[2 * p], noise[2 * p + 1], weights), mesh),
+      source.normalizer, steps=args.steps, spec=source.spec)["images"]) for p in range(args.pairs)]
   visualize.save_rows(rows, args.out, upscale=visualize.default_upscale(source.image_size, args.upscale))
-  print(f"wrote {args.out} ({args.pairs} x {args.num_frames} frames, {args.steps} steps, from {source.description})")
+  print(f"wrote {args.out} ({args.pairs} x {args.num_frames} frames, {args.steps} steps, from {source.description}; "
+        f"{mesh.size} device{'s' * (mesh.size > 1)})")
   return 0
 
 
 def cmd_evaluate(args) -> int:
   """ddim-jax evaluate: KID of EMA samples against the validation split, per step count."""
-  source = inference.load_model(args.workdir, args.weights, args.config)
+  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices)
   steps_list = evaluation.parse_step_counts(args.steps)
   weights = evaluation.resolve_inception_weights(args.inception_weights)
   reals = source.real_images("validation", args.num_images)
@@ -175,8 +179,9 @@ def cmd_evaluate(args) -> int:
   start = time.time()
   results = evaluation.kid_for_steps(source.model, source.variables, source.normalizer, reals, feature_fn, steps_list,
                                      batch_size=batch, seed=args.seed, progress=True, spec=source.spec)
-  print(f"KID of {source.description} against {used} validation images (batches of {batch}, Inception at "
-        f"{args.image_size} px, {os.path.basename(weights)}):")
+  devices = parallel.rows_mesh(batch).size
+  print(f"KID of {source.description} against {used} validation images (batches of {batch} split over {devices} "
+        f"device{'s' * (devices > 1)}, Inception at {args.image_size} px, {os.path.basename(weights)}):")
   print(f"{'steps':>6} {'KID':>10}")
   for steps, value in results.items():
     print(f"{steps:>6} {value:>10.5f}")
@@ -234,6 +239,9 @@ def add_source_arguments(p, config_help: bool = True) -> None:
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument("--weights", help="a .safetensors file written by `ddim-jax export`")
   group.add_argument("--workdir", help="a training workdir: its newest checkpoint's EMA weights")
+  p.add_argument("--cpu-devices", default="1",
+                 help="JAX CPU devices to split every batch over: a count, or 'auto' (one per core); the "
+                      "images are the same. No effect on GPU/TPU, which use every local device")
   if config_help:
     p.add_argument("--config", default=None,
                    help="with --weights: the preset or config file whose data gives the real images (default: "

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from ddim_jax import inception, metrics, rng, sampling, schedules
+from ddim_jax import inception, metrics, parallel, rng, sampling, schedules
 
 FeatureFn = Callable[[Any], Any]
 
@@ -101,15 +101,18 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
   num_batches = len(real_images) // batch
   shape = (batch,) + real_images.shape[1:3] + (int(model.channels),)
   key = jax.random.key(seed)
+  # Every batch is split over the devices of ``mesh`` (the most that divide it; one process's).
+  mesh = parallel.rows_mesh(batch)
   # Real features once: they do not depend on the step count.
-  real_features = [feature_fn(real_images[i * batch:(i + 1) * batch]) for i in range(num_batches)]
+  real_features = [parallel.gather_rows(feature_fn(parallel.shard_rows(real_images[i * batch:(i + 1) * batch], mesh)))
+                   for i in range(num_batches)]
   results = {}
   for steps in steps_list:
     accumulator = metrics.KIDAccumulator()
-    for i in tqdm(range(num_batches), desc=f"KID ({steps} steps)", disable=not progress):
-      noise = jax.random.normal(jax.random.fold_in(key, i), shape)
+    for i in tqdm(range(num_batches), desc=f"KID ({steps} steps, {mesh.size} devices)", disable=not progress):
+      noise = parallel.shard_rows(jax.random.normal(jax.random.fold_in(key, i), shape), mesh)
       generated = sampling.generate(model, variables, noise, normalizer, steps=int(steps), spec=spec)["images"]
-      accumulator.update(real_features[i], feature_fn(generated))
+      accumulator.update(real_features[i], parallel.gather_rows(feature_fn(generated)))
     results[int(steps)] = accumulator.result()
   return results
 
@@ -135,9 +138,10 @@ def reconstruction_errors(model, variables, normalizer: Mapping[str, Any], image
     squared_error = 0.0
     for start in range(0, len(images), batch_size):
       batch = images[start:start + batch_size]
-      noises = sampling.invert(model, variables, batch, normalizer, steps=int(steps), spec=spec)["noises"]
+      sharded = parallel.shard_rows(batch, parallel.rows_mesh(len(batch)))  # over this process's devices
+      noises = sampling.invert(model, variables, sharded, normalizer, steps=int(steps), spec=spec)["noises"]
       recon = sampling.generate(model, variables, noises, normalizer, steps=int(steps), spec=spec)["images"]
-      squared_error += float(np.sum(np.square(np.asarray(recon, np.float64) - batch)))
+      squared_error += float(np.sum(np.square(parallel.gather_rows(recon).astype(np.float64) - batch)))
     results[int(steps)] = squared_error / images.size
   return results
 

@@ -9,7 +9,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import inference, sampling, schedules, visualize
+from ddim_jax import inference, parallel, sampling, schedules, visualize
 
 
 def denormalized(images, normalizer) -> np.ndarray:
@@ -87,9 +87,11 @@ def inversion_rows(model, variables, normalizer, images, steps_list,
   """Rows: ``images`` (float, [0, 1]), then per step count the reconstruction after DDIM inversion,
   with the latent noise of the last step count (shown through ``denormalize``) before its own."""
   rows = [images]
+  sharded = parallel.shard_rows(images, parallel.rows_mesh(len(images)))  # over this process's devices
   for steps in steps_list:
-    noises = sampling.invert(model, variables, images, normalizer, steps=steps, spec=spec)["noises"]
+    noises = sampling.invert(model, variables, sharded, normalizer, steps=steps, spec=spec)["noises"]
     if steps == steps_list[-1]:
-      rows.append(np.asarray(sampling.denormalize(noises, normalizer)))
-    rows.append(np.asarray(sampling.generate(model, variables, noises, normalizer, steps=steps, spec=spec)["images"]))
+      rows.append(parallel.gather_rows(sampling.denormalize(noises, normalizer)))
+    rows.append(parallel.gather_rows(sampling.generate(model, variables, noises, normalizer, steps=steps,
+                                                       spec=spec)["images"]))
   return rows

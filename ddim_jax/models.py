@@ -261,10 +261,29 @@ class UNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+# config.model.dtype names -> computation dtypes (parameters are float32 in both).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(dtype) -> Any:
+  """``config.model.dtype`` ("float32" / "bfloat16", or a dtype) -> the jnp dtype; errors name the key."""
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"config.model.dtype={dtype!r} is invalid: choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"model dtype {dtype} is not supported: use float32 or bfloat16")
+  return dtype
+
+
 def create_model(variant: str = "keras", widths=(32, 64, 96, 128), block_depth: int = 2, embedding_dims: int = 32,
-                 channels: int = 3, bn_axis_name=None, dtype=jnp.float32, **unused) -> UNet:
-  """Builds a UNet after checking its hyper-parameters (errors name the bad value)."""
+                 channels: int = 3, bn_axis_name=None, dtype="float32", **unused) -> UNet:
+  """Builds a UNet after checking its hyper-parameters (errors name the bad value).
+
+  ``dtype``: the computation dtype ("float32", "bfloat16" or a jnp dtype); parameters stay float32.
+  """
   get_variant_spec(variant)
+  dtype = compute_dtype(dtype)
   widths = tuple(int(w) for w in widths)
   if len(widths) < 2 or any(w <= 0 for w in widths):
     raise ValueError(f"model.widths must hold at least 2 positive widths, got {widths}")

@@ -27,17 +27,18 @@ PARALLEL_MODES = ("shard_map", "pmap")
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
 
-def cpu_device_count(spec, batch_size: int, num_processes: int = 1) -> int:
+def cpu_device_count(spec, batch_size: int | None, num_processes: int = 1) -> int:
   """How many JAX devices the CPU backend should expose: ``spec`` is "auto" or a positive integer.
 
   "auto": one device per available core, lowered to the largest count that divides this process's
-  share of ``batch_size`` (the sharded step needs equal shards). Why: XLA:CPU runs each
+  share of ``batch_size`` (the sharded step needs equal shards; None: no batch to divide, as for
+  inference, which splits each batch over the most devices dividing it). Why: XLA:CPU runs each
   convolution on one thread, so a one-device CPU step leaves the other cores mostly idle; one
   device per core runs one shard per core, exactly the data-parallel path of a GPU host.
   """
   if isinstance(spec, str) and spec.strip().lower() == "auto":
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_batch = max(1, int(batch_size) // max(1, int(num_processes)))
+    local_batch = cores if batch_size is None else max(1, int(batch_size) // max(1, int(num_processes)))
     count = max(1, min(cores, local_batch))
     while local_batch % count:
       count -= 1
@@ -52,7 +53,7 @@ def cpu_device_count(spec, batch_size: int, num_processes: int = 1) -> int:
   return count
 
 
-def configure_cpu_devices(spec, batch_size: int) -> int | None:
+def configure_cpu_devices(spec, batch_size: int | None) -> int | None:
   """Sets ``jax_num_cpu_devices`` from ``spec`` (see ``cpu_device_count``) before the backend starts.
 
   Only the CPU client reads it (GPU/TPU devices are unaffected). Returns the count set, or None
@@ -160,6 +161,32 @@ def replicate(tree, mesh: Mesh):
 def shard_batch(local_batch: np.ndarray, mesh: Mesh, steps_per_call: int = 1) -> jax.Array:
   """This process's slice of a global batch -> the global array sharded over "data"."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh, steps_per_call), local_batch)
+
+
+def rows_mesh(num_rows: int, devices=None) -> Mesh:
+  """The largest "data" mesh of ``devices`` (default: this process's) whose size divides ``num_rows``.
+
+  For batch-parallel inference (sampling, inversion, KID): no padding, so draws made inside a jitted
+  sampler have the shapes they have on one device, and every row sees the same computation.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  size = max(k for k in range(1, len(devices) + 1) if num_rows % k == 0)
+  return create_mesh(devices[:size])
+
+
+def shard_rows(x, mesh: Mesh, axis: int = 0) -> jax.Array:
+  """A host array (the same on every process) split along ``axis`` over the mesh's "data" axis."""
+  x = np.asarray(x)
+  spec = P(*([None] * axis), AXIS)
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+
+
+def gather_rows(x) -> np.ndarray:
+  """A (row-)sharded result -> the whole array as NumPy, on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
 
 
 def check_batch_size(global_batch_size: int, num_devices: int) -> None:

@@ -142,9 +142,11 @@ def write_sample_grid(model, variables, normalizer, config, step: int, path: str
   n = int(num_images or config.sample.num_images)
   size = int(config.model.image_size)
   noise = jax.random.normal(rng.purpose_key(config.seed, rng.SAMPLE_GRID), (n, size, size, int(config.model.channels)))
-  out = sampling.generate(model, variables, noise, normalizer, steps=int(config.sample.steps),
+  # Split over this process's devices (every process computes the same grid; process 0 writes it).
+  out = sampling.generate(model, _to_host(variables), parallel.shard_rows(noise, parallel.rows_mesh(n)),
+                          _to_host(normalizer), steps=int(config.sample.steps),
                           spec=schedules.DiffusionSpec.from_config(config))
-  images = _to_host(out["images"])
+  images = parallel.gather_rows(out["images"])
   if jax.process_index() == 0:
     visualize.save_grid(images, path, upscale=max(1, 64 // size))
   return images

@@ -112,7 +112,8 @@ class JaxWorker:
     self.jax, self.np, self.sampling = jax, np, sampling
     self.args = args
     rss0 = peak_rss_mb()
-    dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
+    # The config's own values (config.model.dtype), through the trainer's models.create_model.
+    dtype = "bfloat16" if args.precision == "bf16" else "float32"
     widths = tuple(int(w) for w in args.widths.split(","))
     kw = dict(variant=args.variant, widths=widths, block_depth=args.block_depth, dtype=dtype)
     model = models.create_model(**kw, bn_axis_name=parallel.AXIS)

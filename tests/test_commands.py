@@ -114,7 +114,9 @@ def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path,
                                                   spec=schedules.DiffusionSpec.from_config(config))["images"]
                                 for noise in noises])
     want[str(steps)] = metrics.kid(reals, generated, feature_fn, batch_size=4)
-    assert record["kid"][str(steps)] == pytest.approx(want[str(steps)], rel=1e-6, abs=1e-9), steps
+    # The CLI splits each batch over 4 devices, this reference runs on one: float32 round-off in the
+    # (random-weight, so huge) Inception features, measured 2.2e-6 relative.
+    assert record["kid"][str(steps)] == pytest.approx(want[str(steps)], rel=1e-5, abs=1e-9), steps
   # A step count evaluated twice gives the same value (same noises and real batches every time).
   again = tmp_path / "again.json"
   assert cli.main(["evaluate", "--workdir", kid_run, "--steps", "2,2", "--num-images", "8", "--batch-size", "4",

@@ -31,6 +31,7 @@ KERAS = {
     "model.widths": (32, 64, 96, 128),
     "model.block_depth": 2,
     "model.embedding_dims": 32,
+    "model.dtype": "float32",
     "diffusion.schedule": "cosine",
     "diffusion.min_signal_rate": 0.02,
     "diffusion.max_signal_rate": 0.95,

@@ -121,3 +121,23 @@ def test_noise_conventions_agree_between_the_twins():
   np.testing.assert_array_equal(inference.numpy_step_noise_generator(5).standard_normal(shape, dtype=np.float32),
                                 ref_sample.numpy_step_noise_generator(5).standard_normal(shape, dtype=np.float32))
   assert np.abs(inference.numpy_noise(5, shape) - inference.numpy_noise(6, shape)).mean() > 0.5
+
+
+def test_sample_cpu_devices_splits_the_batches_and_keeps_the_images(trained_weights, tmp_path):
+  """`sample --cpu-devices 2` (no XLA_FLAGS) runs on 2 JAX CPU devices, says so, and writes the images
+  of `--cpu-devices 1`."""
+  import subprocess
+  import sys
+  from train_helpers import subprocess_env
+  env = subprocess_env(1)
+  del env["XLA_FLAGS"]
+  arrays = {}
+  for devices in ("1", "2"):
+    arrays[devices] = tmp_path / f"images_{devices}.npy"
+    cmd = [sys.executable, "-m", "ddim_jax.cli", "sample", "--weights", trained_weights("keras"), "--num-images", "6",
+           "--batch-size", "4", "--steps", "3", "--eta", "0.5", "--cpu-devices", devices,
+           "--out", str(tmp_path / f"grid_{devices}.png"), "--array-out", str(arrays[devices])]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"batches split over {devices} device" in result.stdout, result.stdout
+  np.testing.assert_allclose(np.load(arrays["2"]), np.load(arrays["1"]), atol=1e-6)

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.widths = (32, 64, 96, 128)
   config.model.block_depth = 2
   config.model.embedding_dims = 32
+  # Computation dtype: "float32" or "bfloat16" (mixed precision: activations and matmul/convolution
+  # inputs in bf16; parameters, BatchNorm statistics, optimiser state, EMA and loss stay float32).
+  config.model.dtype = "float32"
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.schedule = "cosine"  # "cosine" | "linear" (R)
