@@ -239,9 +239,9 @@ def add_source_arguments(p, config_help: bool = True) -> None:
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument("--weights", help="a .safetensors file written by `ddim-jax export`")
   group.add_argument("--workdir", help="a training workdir: its newest checkpoint's EMA weights")
-  p.add_argument("--cpu-devices", default="1",
-                 help="JAX CPU devices to split every batch over: a count, or 'auto' (one per core); the "
-                      "images are the same. No effect on GPU/TPU, which use every local device")
+  p.add_argument("--cpu-devices", default="auto",
+                 help="JAX CPU devices to split every batch over: 'auto' (one per core, default) or a count; "
+                      "the images are the same. No effect on GPU/TPU, which use every local device")
   if config_help:
     p.add_argument("--config", default=None,
                    help="with --weights: the preset or config file whose data gives the real images (default: "

@@ -9,6 +9,7 @@ github.com/dfalbel/denoising-diffusion). The demo preset is this project's own (
 presets"). Also here: unknown presets and keys, and the ``cpu_devices`` setting.
 """
 
+import os
 import math
 
 import jax
@@ -139,7 +140,9 @@ def test_unknown_preset_and_key_are_named():
     configs.load_config("demo", ["--config.train.stepz=3"])
 
 
-def test_cpu_devices_default_and_auto_override():
-  assert parallel.cpu_device_count(configs.load_config("demo").cpu_devices, 64) == 1  # one device unless asked
-  assert configs.load_config("demo", ["--config.cpu_devices=auto"]).cpu_devices == "auto"
+def test_cpu_devices_default_and_auto_override(monkeypatch):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+  assert configs.load_config("demo").cpu_devices == "auto"  # one JAX CPU device per core by default
+  assert parallel.cpu_device_count(configs.load_config("demo").cpu_devices, 64) == 2
+  assert configs.load_config("demo", ["--config.cpu_devices=1"]).cpu_devices == "1"
   assert configs.load_config("default", ["--config.cpu_devices=2"]).cpu_devices == "2"

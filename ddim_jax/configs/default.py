@@ -14,11 +14,11 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.parallel = "shard_map"  # or "pmap"
-  # JAX devices of the CPU backend: an integer, or "auto" = one per core (dividing the batch; about
-  # 1.36x faster CPU training, but opt-in: one 2-device `demo` run on 2 cores aborted at step 1043
-  # in an all-reduce rendezvous timeout inside XLA:CPU, see docs/benchmarks.md). Only the CPU
-  # client reads it; XLA_FLAGS=--xla_force_host_platform_device_count=N takes precedence.
-  config.cpu_devices = "1"  # a string, so that --config.cpu_devices=auto parses
+  # JAX devices of the CPU backend: "auto" = one per core (the largest count dividing the batch;
+  # XLA:CPU runs each convolution on one thread, so this is how a CPU step uses every core), or an
+  # integer. Only the CPU client reads it; XLA_FLAGS=--xla_force_host_platform_device_count=N takes
+  # precedence. (It was 1 until the trainer bounded its calls in flight; see docs/benchmarks.md.)
+  config.cpu_devices = "auto"  # a string, so that --config.cpu_devices=1 parses as well
 
   config.model = ml_collections.ConfigDict()
   config.model.variant = "keras"  # "keras" | "r"
