@@ -80,7 +80,7 @@ def kid_batch_size(num_images: int, batch_size: int) -> int:
 
 def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, feature_fn: FeatureFn,
                   steps_list: Sequence[int], *, batch_size: int = 64, seed: int = 0, progress: bool = False,
-                  spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC) -> dict[int, float]:
+                  spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC, mesh=None) -> dict[int, float]:
   """KID of EMA samples against ``real_images`` for each step count (same batches, same noises).
 
   Args:
@@ -92,6 +92,8 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
     seed: seed of the generated batches' noises.
     progress: show a progress bar.
     spec: the model's diffusion (schedule, signal-rate bounds, target).
+    mesh: the devices to split each batch over when their number divides it (training: every
+      device of every process); default, or when it does not divide: this process's devices.
 
   Returns:
     {steps: KID}.
@@ -101,8 +103,9 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
   num_batches = len(real_images) // batch
   shape = (batch,) + real_images.shape[1:3] + (int(model.channels),)
   key = jax.random.key(seed)
-  # Every batch is split over the devices of ``mesh`` (the most that divide it; one process's).
-  mesh = parallel.rows_mesh(batch)
+  # Every batch is split over the devices of ``mesh`` (by default the most of this process's that divide it).
+  mesh = mesh if mesh is not None and batch % mesh.size == 0 else parallel.rows_mesh(batch)
+  variables, normalizer = parallel.replicate(variables, mesh), parallel.replicate(normalizer, mesh)
   # Real features once: they do not depend on the step count.
   real_features = [parallel.gather_rows(feature_fn(parallel.shard_rows(real_images[i * batch:(i + 1) * batch], mesh)))
                    for i in range(num_batches)]
@@ -150,14 +153,15 @@ def reconstruction_errors(model, variables, normalizer: Mapping[str, Any], image
 # KID during training.
 
 
-def make_training_kid(config, model, val_images) -> Callable | None:
+def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
   """The training loop's KID: ``fn(variables, normalizer) -> val_kid``, or None when KID is off.
 
   KID is on when ``config.train.kid_every > 0`` and an Inception weights file is found
   (``config.eval.inception_weights`` or the torch hub cache); without one a single warning says
   how to get it and training goes on without KID. Settings: ``config.eval.kid_steps`` (Keras 5),
   ``kid_image_size`` (75 Keras, 299 R), ``num_kid_images`` (None: the whole validation split),
-  ``kid_batch_size`` (64). The same noises are used at every evaluation.
+  ``kid_batch_size`` (64). The same noises are used at every evaluation. ``mesh``: the training
+  mesh, over which each KID batch is split (see ``kid_for_steps``).
   """
   kid_every = int(config.train.get("kid_every", 0) or 0)
   if kid_every <= 0:
@@ -183,7 +187,7 @@ def make_training_kid(config, model, val_images) -> Callable | None:
 
   def evaluate(variables, normalizer) -> float:
     return kid_for_steps(model, variables, normalizer, reals, feature_fn, [steps], batch_size=batch_size, seed=seed,
-                         spec=spec)[steps]
+                         spec=spec, mesh=mesh)[steps]
 
   return evaluate
 

@@ -137,14 +137,19 @@ class MetricWriter:
         shutil.rmtree(self._staging, ignore_errors=True)
 
 
-def write_sample_grid(model, variables, normalizer, config, step: int, path: str, num_images: int | None = None):
-  """A PNG grid of EMA samples (same noise every time: the grids of a run are comparable)."""
+def write_sample_grid(model, variables, normalizer, config, step: int, path: str, num_images: int | None = None,
+                      mesh=None):
+  """A PNG grid of EMA samples (same noise every time: the grids of a run are comparable).
+
+  The images are split over ``mesh`` (the training mesh: every device of every process) when its
+  size divides their number, else over this process's devices; process 0 writes the file.
+  """
   n = int(num_images or config.sample.num_images)
   size = int(config.model.image_size)
   noise = jax.random.normal(rng.purpose_key(config.seed, rng.SAMPLE_GRID), (n, size, size, int(config.model.channels)))
-  # Split over this process's devices (every process computes the same grid; process 0 writes it).
-  out = sampling.generate(model, _to_host(variables), parallel.shard_rows(noise, parallel.rows_mesh(n)),
-                          _to_host(normalizer), steps=int(config.sample.steps),
+  mesh = mesh if mesh is not None and n % mesh.size == 0 else parallel.rows_mesh(n)
+  out = sampling.generate(model, parallel.replicate(_to_host(variables), mesh), parallel.shard_rows(noise, mesh),
+                          parallel.replicate(_to_host(normalizer), mesh), steps=int(config.sample.steps),
                           spec=schedules.DiffusionSpec.from_config(config))
   images = parallel.gather_rows(out["images"])
   if jax.process_index() == 0:
@@ -192,7 +197,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
                                                             jax.process_count())
 
   # KID on the validation split (None when off or without Inception weights: one warning then).
-  kid_fn = evaluation.make_training_kid(config, eval_model, val_images)
+  kid_fn = evaluation.make_training_kid(config, eval_model, val_images, mesh)
   kid_every = int(config.train.get("kid_every", 0) or 0) if kid_fn is not None else 0
 
   # State: the newest checkpoint that restores, or a fresh init.
@@ -266,8 +271,8 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
                   metrics={k: float(v) for k, v in host_metrics.items()}, force=preempted)
         writer.sync()
       if int(config.train.sample_every) and step % int(config.train.sample_every) == 0:
-        write_sample_grid(eval_model, state.variables(ema=True), normalizer_dev, config, step,
-                          str(epath.Path(workdir) / "samples" / f"step_{step:07d}.png"))
+        write_sample_grid(eval_model, state.variables(ema=True), normalizer_dev, config, step, mesh=mesh,
+                          path=str(epath.Path(workdir) / "samples" / f"step_{step:07d}.png"))
       if preempted:
         if is_main:
           print(f"preemption notice: saved step {step}, exiting cleanly")
