@@ -140,4 +140,6 @@ def test_sample_cpu_devices_splits_the_batches_and_keeps_the_images(trained_weig
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"batches split over {devices} device" in result.stdout, result.stdout
-  np.testing.assert_allclose(np.load(arrays["2"]), np.load(arrays["1"]), atol=1e-6)
+  # The same per-example math; the two processes' XLA:CPU thread pools (1 vs 2 devices) pick other
+  # convolution loops: float32 round-off, measured up to 1.1e-6 in [0, 1] pixels.
+  np.testing.assert_allclose(np.load(arrays["2"]), np.load(arrays["1"]), atol=1e-5)
