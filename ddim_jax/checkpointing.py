@@ -16,7 +16,7 @@ API:
   `Checkpointer(directory, max_to_keep=3, best_metric=None, best_mode="min", async_save=True,
                 verify=True, preemption_flag=None)`
   `.save(step, state, meta, metrics=None, force=False) -> bool`
-  `.restore_latest(abstract_state) -> (step, state, meta) | None`
+  `.restore_latest(abstract_state) -> (step, state, meta) | None`, `.restore(step, abstract_state) -> (state, meta)`
   `.latest_step()`, `.all_steps()`, `.best_step()`, `.metrics(step)`, `.reached_preemption(step)`,
   `.wait_until_finished()`, `.close()`, and use as a context manager.
   `install_sigterm_handler(flag=None, signums=(SIGTERM,)) -> PreemptionFlag`, `PREEMPTION_FLAG`.
@@ -71,6 +71,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from ddim_jax import errors
 
 _STATE, _META, _INFO = "state", "meta", "info"
 QUARANTINE_DIRNAME = "quarantined"
@@ -130,7 +132,7 @@ def _route_s3_paths_to_tensorstore() -> None:
   ts_utils._ddim_jax_s3 = True
 
 
-class CheckpointError(Exception):
+class CheckpointError(errors.Error):
   """Base class of this module's errors."""
 
 
@@ -337,9 +339,9 @@ class Checkpointer:
       NotADirectoryError, PermissionError: the directory is a file or is not writable.
     """
     if max_to_keep is not None and max_to_keep < 1:
-      raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
+      raise errors.ConfigError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
     if best_mode not in ("min", "max"):
-      raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+      raise errors.ConfigError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     self.directory = _prepare_directory(directory)
     self.max_to_keep = max_to_keep
     self.best_metric = best_metric
@@ -432,6 +434,12 @@ class Checkpointer:
             f"restored content differs from the digest saved with it at {len(bad)} leaves: "
             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     return state, meta
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores checkpoint ``step`` (no fallback): (state, meta); see `restore_latest` for ``abstract_state``."""
+    self.wait_until_finished()
+    self._mngr.reload()
+    return self._restore_step(int(step), abstract_state)
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """Restores the newest checkpoint that restores cleanly.

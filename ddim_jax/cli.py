@@ -18,17 +18,25 @@ This module parses and prints; the work is done by the library modules (``traine
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
 import jax
 import numpy as np
 
-from ddim_jax import (configs, convert, data, evaluation, figures, inference, models, parallel, sampling, schedules,
-                      trainer, visualize)
+from ddim_jax import (configs, convert, data, errors, evaluation, figures, inference, models, parallel, sampling,
+                      schedules, trainer, visualize)
 
 # The DDIM paper's Table 2 (CIFAR10, per-dimension MSE of pixels in [0, 1]).
 DDIM_PAPER_RECONSTRUCTION = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
+
+STEP_HELP = ("with --workdir: which checkpoint: latest (default), best (the lowest KID logged in training) or a "
+             "step number")
+
+# Expected failures: one line and exit status 2 (3 for a non-finite loss), no traceback. Paths that
+# do not exist or cannot be read are the user's input too; every other exception is a bug.
+EXPECTED_ERRORS = (errors.Error, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -38,20 +46,18 @@ DDIM_PAPER_RECONSTRUCTION = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
 def cmd_train(args, overrides) -> int:
   """ddim-jax train: trains a config preset or file in a workdir (resuming from its checkpoints)."""
   config = configs.load_config(args.config, overrides)
-  try:
-    trainer.train_and_evaluate(config, args.workdir, distributed=True if args.distributed else None)
-  except trainer.NonFiniteLossError as e:
-    print(f"ddim-jax train: error: {e}", file=sys.stderr)
-    return 3
+  trainer.train_and_evaluate(config, args.workdir, distributed=True if args.distributed else None,
+                             config_source=shlex.join([args.config, *overrides]))
   return 0
 
 
 def cmd_export(args) -> int:
   """ddim-jax export: the newest checkpoint's EMA (or raw) weights as a safetensors weight file."""
-  model, variables, normalizer, config, step = inference.restore_checkpoint(args.workdir, ema=not args.raw)
+  model, variables, normalizer, config, step, how = inference.restore_checkpoint_described(
+      args.workdir, ema=not args.raw, step=args.step)
   convert.save_weights(args.out, model, variables, normalizer, int(config.model.image_size),
                        schedules.DiffusionSpec.from_config(config), weights="raw" if args.raw else "ema", step=step)
-  print(f"wrote {args.out} ({'raw' if args.raw else 'EMA'} weights of step {step})")
+  print(f"wrote {args.out} ({'raw' if args.raw else 'EMA'} weights of step {step}, {how})")
   return 0
 
 
@@ -59,7 +65,7 @@ def cmd_demo(args, overrides) -> int:
   """ddim-jax demo: trains the demo preset on the bundled digits, then writes a sample grid and weights."""
   config = configs.load_config("demo", overrides)
   start = time.time()
-  trainer.train_and_evaluate(config, args.workdir)
+  trainer.train_and_evaluate(config, args.workdir, config_source=shlex.join(["demo", *overrides]))
   model, variables, normalizer, config, step = inference.restore_checkpoint(args.workdir)
   weights = os.path.join(args.workdir, "demo.safetensors")
   spec = schedules.DiffusionSpec.from_config(config)
@@ -75,7 +81,7 @@ def cmd_demo(args, overrides) -> int:
 
 def cmd_sample(args) -> int:
   """ddim-jax sample: a grid of EMA samples (and each image, and a trajectory strip)."""
-  source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices)
+  source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
   noise = inference.initial_noise(args.seed, args.num_images, source.image_shape, args.noise_file, args.numpy_noise)
   images = source.sample(args.num_images, args.steps, args.eta, args.seed, args.batch_size, initial_noise=noise)
   visualize.save_grid(images, args.out, rows=args.rows, upscale=args.upscale or 1)
@@ -101,7 +107,7 @@ def cmd_sample(args) -> int:
 
 def cmd_figures(args) -> int:
   """ddim-jax figures: the blog's forward process, reverse process and 6x6 sample grid."""
-  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices)
+  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
   upscale = visualize.default_upscale(source.image_size, args.upscale)
   os.makedirs(args.out_dir, exist_ok=True)
   real = source.real_images("train", 1, start=args.image_index).astype(np.float32) / 255.0
@@ -121,7 +127,7 @@ def cmd_figures(args) -> int:
 
 def cmd_invert(args) -> int:
   """ddim-jax invert: DDIM inversion image -> noise -> image, reconstruction error per step count."""
-  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices)
+  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
   steps_list = evaluation.parse_step_counts(args.steps)
   images = source.real_images(args.split, args.num_images)
   start = time.time()
@@ -150,9 +156,9 @@ def cmd_invert(args) -> int:
 
 def cmd_interpolate(args) -> int:
   """ddim-jax interpolate: samples along a spherical interpolation between two initial noises."""
-  source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices)
+  source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
   if args.num_frames < 2:
-    raise ValueError(f"--num-frames must be >= 2, got {args.num_frames}")
+    raise errors.ConfigError(f"--num-frames must be >= 2, got {args.num_frames}")
   noise = inference.initial_noise(args.seed, 2 * args.pairs, source.image_shape, args.noise_file, args.numpy_noise)
   if noise is None:
     noise = np.asarray(jax.random.normal(jax.random.key(args.seed), (2 * args.pairs,) + source.image_shape))
@@ -169,7 +175,7 @@ def cmd_interpolate(args) -> int:
 
 def cmd_evaluate(args) -> int:
   """ddim-jax evaluate: KID of EMA samples against the validation split, per step count."""
-  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices)
+  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
   steps_list = evaluation.parse_step_counts(args.steps)
   weights = evaluation.resolve_inception_weights(args.inception_weights)
   reals = source.real_images("validation", args.num_images)
@@ -238,7 +244,8 @@ def add_source_arguments(p, config_help: bool = True) -> None:
   """--weights FILE | --workdir DIR (and --config, whose data gives the real images of a weight file)."""
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument("--weights", help="a .safetensors file written by `ddim-jax export`")
-  group.add_argument("--workdir", help="a training workdir: its newest checkpoint's EMA weights")
+  group.add_argument("--workdir", help="a training workdir: the EMA weights of its checkpoint --step")
+  p.add_argument("--step", default="latest", help=STEP_HELP)
   p.add_argument("--cpu-devices", default="auto",
                  help="JAX CPU devices to split every batch over: 'auto' (one per core, default) or a count; "
                       "the images are the same. No effect on GPU/TPU, which use every local device")
@@ -278,6 +285,7 @@ def add_export_parser(sub) -> None:
   p = sub.add_parser("export", help="write a checkpoint's weights as a safetensors file")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
+  p.add_argument("--step", default="latest", help=STEP_HELP)
   p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
   p.set_defaults(fn=cmd_export)
 
@@ -390,19 +398,30 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   for add_parser in SUBCOMMAND_PARSERS:
     add_parser(sub)
+  for p in [parser, *sub.choices.values()]:  # before or after the subcommand
+    p.add_argument("--debug", action="store_true", default=False if p is parser else argparse.SUPPRESS,
+                   help=f"show tracebacks of expected errors too (or set {errors.DEBUG_ENV}=1)")
   return parser
 
 
 def main(argv=None) -> int:
-  """Entry point of the ``ddim-jax`` console script."""
+  """Entry point of the ``ddim-jax`` console script.
+
+  Exit status: 0 done, 2 an expected failure (one line naming the fix; ``errors.Error`` and missing
+  or unreadable paths), 3 a non-finite loss. Any other exception is a bug and keeps its traceback;
+  ``--debug`` or ``DDIM_JAX_DEBUG=1`` shows the traceback of expected failures too.
+  """
   args, extra = build_parser().parse_known_args(argv)
   if extra and not getattr(args, "takes_overrides", False):
     build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+  debug = args.debug or os.environ.get(errors.DEBUG_ENV, "") not in ("", "0")
   try:
     return args.fn(args, extra) if getattr(args, "takes_overrides", False) else args.fn(args)
-  except (convert.WeightFileError, ValueError, FileNotFoundError, parallel.PeerProcessError) as e:
+  except EXPECTED_ERRORS as e:
+    if debug:
+      raise
     print(f"ddim-jax {args.command}: error: {e}", file=sys.stderr)
-    return 2
+    return 3 if isinstance(e, trainer.NonFiniteLossError) else 2
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from ddim_jax import models
+from ddim_jax import errors, models
 
 FORMAT = "ddim-jax-weights"
 FORMAT_VERSION = "1"
@@ -38,7 +38,7 @@ NORMALIZER_KEYS = ("normalizer.mean", "normalizer.variance")
 MODEL_KEYS = ("variant", "widths", "block_depth", "embedding_dims", "channels")
 
 
-class WeightFileError(ValueError):
+class WeightFileError(errors.InputError):
   """A weight file that cannot be used: the message names the tensor or field and the fix."""
 
 

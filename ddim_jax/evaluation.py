@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from ddim_jax import inception, metrics, parallel, rng, sampling, schedules
+from ddim_jax import errors, inception, metrics, parallel, rng, sampling, schedules
 
 FeatureFn = Callable[[Any], Any]
 
@@ -32,9 +32,9 @@ def parse_step_counts(text: str) -> list[int]:
   try:
     steps = [int(x) for x in text.split(",") if x.strip()]
   except ValueError as e:
-    raise ValueError(f"--steps {text!r}: expected comma-separated integers such as 10,20,50") from e
+    raise errors.ConfigError(f"--steps {text!r}: expected comma-separated integers such as 10,20,50") from e
   if not steps or min(steps) < 1:
-    raise ValueError(f"--steps {text!r}: expected positive step counts")
+    raise errors.ConfigError(f"--steps {text!r}: expected positive step counts")
   return steps
 
 
@@ -74,7 +74,7 @@ def resolve_inception_weights(path: str | None) -> str:
 def kid_batch_size(num_images: int, batch_size: int) -> int:
   """The KID batch: ``batch_size``, or all the images when there are fewer (at least 2 are needed)."""
   if num_images < 2:
-    raise ValueError(f"KID needs at least 2 real images, got {num_images}")
+    raise errors.InputError(f"KID needs at least 2 real images, got {num_images}")
   return min(batch_size, num_images)
 
 
@@ -168,8 +168,8 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
     return None
   steps_per_call = int(config.train.get("steps_per_call", 1))
   if kid_every % steps_per_call:
-    raise ValueError(f"config.train.kid_every={kid_every} is invalid: must be a multiple of "
-                     f"train.steps_per_call={steps_per_call}")
+    raise errors.ConfigError(f"config.train.kid_every={kid_every} is invalid: must be a multiple of "
+                             f"train.steps_per_call={steps_per_call}")
   eval_config = config.get("eval", {})
   try:
     weights = resolve_inception_weights(eval_config.get("inception_weights"))

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax import errors
+
 FLAVOURS = ("torchvision", "fid")
 KERAS_IMAGE_SIZE = 75  # the Keras example's kid_image_size, Inception's minimum input
 R_IMAGE_SIZE = 299  # the R port's kid_img_size, Inception's native size
@@ -79,7 +81,7 @@ POOL_SPECS = {
 def get_pool_spec(flavour: str) -> PoolSpec:
   """Returns the pool-branch layout of weight ``flavour`` ('torchvision' or 'fid')."""
   if flavour not in POOL_SPECS:
-    raise ValueError(f"unknown Inception flavour {flavour!r}; choose one of {FLAVOURS}")
+    raise errors.ConfigError(f"unknown Inception flavour {flavour!r}; choose one of {FLAVOURS}")
   return POOL_SPECS[flavour]
 
 
@@ -262,14 +264,14 @@ def preprocess(images: jax.Array, image_size: int = KERAS_IMAGE_SIZE, antialias:
     docstring for why ``2x - 1`` for both flavours).
   """
   if image_size < MIN_IMAGE_SIZE:
-    raise ValueError(f"InceptionV3 needs image_size >= {MIN_IMAGE_SIZE}, got {image_size}")
+    raise errors.ConfigError(f"InceptionV3 needs image_size >= {MIN_IMAGE_SIZE}, got {image_size}")
   images = jnp.asarray(images)
   images = images.astype(jnp.promote_types(images.dtype, jnp.float32))
   b, h, w, c = images.shape
   if c == 1:
     images = jnp.broadcast_to(images, (b, h, w, 3))
   elif c != 3:
-    raise ValueError(f"expected 1 or 3 channels, got images of shape {images.shape}")
+    raise errors.InputError(f"expected 1 or 3 channels, got images of shape {images.shape}")
   if (h, w) != (image_size, image_size):
     # Half-pixel bilinear, as tf.image.resize and F.interpolate(align_corners=False).
     images = jax.image.resize(images, (b, image_size, image_size, 3), "bilinear", antialias=antialias)
@@ -333,23 +335,23 @@ def find_inception_weights(path: Optional[str] = None) -> str:
   if path:
     if os.path.isfile(path):
       return path
-    raise FileNotFoundError(missing_weights_message(f"no file at {path!r}"))
+    raise errors.MissingInputError(missing_weights_message(f"no file at {path!r}"))
   for name in (TORCHVISION_WEIGHTS_FILE, FID_WEIGHTS_FILE):
     candidate = os.path.join(_torch_hub_dir(), name)
     if os.path.isfile(candidate):
       return candidate
-  raise FileNotFoundError(missing_weights_message(f"no path given and none in {_torch_hub_dir()}"))
+  raise errors.MissingInputError(missing_weights_message(f"no path given and none in {_torch_hub_dir()}"))
 
 
 def detect_flavour(state_dict: Mapping[str, Any]) -> str:
   """'torchvision' (fc of 1000 classes) or 'fid' (1008 classes) from a torch state dict."""
   if "fc.weight" not in state_dict:
-    raise ValueError("cannot tell the Inception flavour: the state dict has no fc.weight; pass flavour=")
+    raise errors.InputError("cannot tell the Inception flavour: the state dict has no fc.weight; pass flavour=")
   num_classes = tuple(state_dict["fc.weight"].shape)[0]
   for flavour, n in NUM_CLASSES.items():
     if n == num_classes:
       return flavour
-  raise ValueError(f"fc.weight has {num_classes} classes; expected 1000 (torchvision) or 1008 (fid)")
+  raise errors.InputError(f"fc.weight has {num_classes} classes; expected 1000 (torchvision) or 1008 (fid)")
 
 
 def _is_ignored_key(key: str) -> bool:
@@ -368,7 +370,7 @@ def _flax_location(key: str) -> Tuple[str, Tuple[str, ...], bool]:
       ("bn", "running_var"): ("batch_stats", "var", False),
   }
   if (layer, leaf) not in table:
-    raise ValueError(f"unexpected key {key!r} in the InceptionV3 state dict")
+    raise errors.InputError(f"unexpected key {key!r} in the InceptionV3 state dict")
   collection, name, transpose = table[(layer, leaf)]
   return collection, (*modules, layer, name), transpose
 
@@ -401,16 +403,16 @@ def variables_from_state_dict(state_dict: Mapping[str, Any],
     collection, path, transpose = _flax_location(key)
     location = (collection, *path)
     if location not in expected:
-      raise ValueError(f"unexpected key {key!r} for the {flavour} InceptionV3")
+      raise errors.InputError(f"unexpected key {key!r} for the {flavour} InceptionV3")
     array = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, np.float32)
     if transpose:
       array = array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     if array.shape != tuple(expected[location]):
-      raise ValueError(f"{key}: shape {array.shape} (after conversion), expected {expected[location]}")
+      raise errors.InputError(f"{key}: shape {array.shape} (after conversion), expected {expected[location]}")
     found[location] = jnp.asarray(array)
   missing = sorted(".".join(loc) for loc in expected if loc not in found)
   if missing:
-    raise ValueError(f"{len(missing)} InceptionV3 variables missing from the state dict, e.g. {missing[:3]}")
+    raise errors.InputError(f"{len(missing)} InceptionV3 variables missing from the state dict, e.g. {missing[:3]}")
   return model, _unflatten(found)
 
 
@@ -426,7 +428,12 @@ def load_inception_weights(path: Optional[str] = None,
     FileNotFoundError: no weights file; the message names both files and where to get them.
   """
   path = find_inception_weights(path)
-  import torch  # pylint: disable=import-outside-toplevel  (torch only to read the file)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel  (torch only to read the file)
+  except ImportError as e:
+    raise errors.MissingDependencyError(
+        f"reading the InceptionV3 weights {path} needs PyTorch: pip install 'ddim-jax[torch]' (the CPU build is "
+        "enough; see the README's Set-up)") from e
   state_dict = torch.load(path, map_location="cpu", weights_only=True)
   return variables_from_state_dict(state_dict, flavour)
 

@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from ddim_jax import checkpointing, configs, convert, data, models, parallel, sampling, schedules, train
+from ddim_jax import checkpointing, configs, convert, data, errors, models, parallel, sampling, schedules, train
 
 
 def numpy_noise(seed: int, shape) -> np.ndarray:
@@ -54,8 +54,8 @@ def load_noise_file(path: str, num: int, image_shape) -> np.ndarray:
   """The first ``num`` initial noises of an NHWC float32 .npy file of images shaped ``image_shape``."""
   noise = np.load(path)
   if noise.ndim != 4 or noise.shape[1:] != tuple(image_shape) or len(noise) < num:
-    raise ValueError(f"--noise-file {path!r} holds shape {noise.shape}; need (N >= {num}, "
-                     f"{', '.join(map(str, image_shape))}) (NHWC float32)")
+    raise errors.InputError(f"--noise-file {path!r} holds shape {noise.shape}; need (N >= {num}, "
+                            f"{', '.join(map(str, image_shape))}) (NHWC float32)")
   return noise[:num].astype(np.float32)
 
 
@@ -106,42 +106,88 @@ def sample_images(model, variables, normalizer, num_images: int, image_size: int
   return np.concatenate(out)
 
 
-def restore_checkpoint(workdir: str, ema: bool = True):
-  """(model, variables, normalizer, config, step) of the newest checkpoint in ``workdir`` (on one device).
+def select_step(ckpt: checkpointing.Checkpointer, which: str | int | None = "latest") -> tuple[int, str]:
+  """The checkpoint step that ``which`` names, and how it was chosen (for messages).
 
-  ``variables`` are the EMA weights (default) or the raw ones, as NumPy. ``workdir`` may be a
-  bucket (``gs://...``): it is read through ``etils.epath``, as orbax does.
+  Args:
+    ckpt: the workdir's checkpoints.
+    which: "latest" (or None), "best" (the lowest ``val_kid`` that training logged) or a step number.
+
+  Raises:
+    errors.MissingInputError: no checkpoint, or none of that step.
+    errors.ConfigError: ``which`` is none of the above, or "best" where no checkpoint has a KID.
   """
+  steps = ckpt.all_steps()
+  if not steps:
+    raise errors.MissingInputError(f"{ckpt.directory} holds no complete checkpoint; train first")
+  which = "latest" if which is None else str(which).strip()
+  if which == "latest":
+    return steps[-1], "latest"
+  if which == "best":
+    kids = {s: (ckpt.metrics(s) or {}).get("val_kid") for s in steps}
+    kids = {s: float(v) for s, v in kids.items() if v is not None and np.isfinite(v)}
+    if not kids:
+      raise errors.ConfigError(
+          f"--step best: none of the checkpoints in {ckpt.directory} (steps {steps}) has a KID; training "
+          "computes one every train.kid_every steps when Inception weights are available (eval.inception_weights). "
+          "Use --step latest or a step number")
+    best = min(kids, key=lambda s: (kids[s], s))
+    return best, f"best: val_kid {kids[best]:.5f}"
+  try:
+    step = int(which)
+  except ValueError:
+    raise errors.ConfigError(f"--step {which!r}: use latest, best or a step number") from None
+  if step not in steps:
+    raise errors.MissingInputError(f"no checkpoint of step {step} in {ckpt.directory}; it holds steps {steps}")
+  return step, f"step {step}"
+
+
+def restore_checkpoint(workdir: str, ema: bool = True, step: str | int | None = "latest"):
+  """(model, variables, normalizer, config, step) of a checkpoint in ``workdir`` (on one device).
+
+  ``step``: "latest" (the newest that restores), "best" (lowest KID) or a step number
+  (``select_step``). ``variables`` are the EMA weights (default) or the raw ones, as NumPy.
+  ``workdir`` may be a bucket (``gs://...``): it is read through ``etils.epath``, as orbax does.
+  """
+  return restore_checkpoint_described(workdir, ema, step)[:5]
+
+
+def restore_checkpoint_described(workdir: str, ema: bool = True, step: str | int | None = "latest"):
+  """``restore_checkpoint`` plus how the step was chosen ("latest", "best: val_kid ...", "step N")."""
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.is_dir():
-    raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {directory}); train first with "
-                            f"`ddim-jax train --workdir {workdir}`")
+    raise errors.MissingInputError(f"no checkpoints in {workdir!r} (expected {directory}); train first with "
+                                   f"`ddim-jax train --workdir {workdir}`")
   with checkpointing.Checkpointer(directory, async_save=False) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{directory} holds no complete checkpoint; train first")
-    config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
+    chosen, how = select_step(ckpt, step)
+    config = ml_collections.ConfigDict(ckpt.read_meta(chosen)["config"])
     model = models.create_model(**config.model)
     step_config = train.StepConfig.from_config(config)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = train.abstract_train_state(model, step_config, int(config.model.image_size), jax.random.key(0), sharding)
-    step, state, meta = ckpt.restore_latest(abstract)
+    if how == "latest":  # falls back to an older step if the newest does not restore
+      chosen, state, meta = ckpt.restore_latest(abstract)
+    else:
+      state, meta = ckpt.restore(chosen, abstract)
   normalizer = {k: np.asarray(v, np.float32) for k, v in meta["normalizer"].items()}
-  return model, jax.device_get(state.variables(ema=ema)), normalizer, config, step
+  return model, jax.device_get(state.variables(ema=ema)), normalizer, config, chosen, how
 
 
 def load_model(workdir: str | None = None, weights: str | None = None, config: str | None = None,
-               cpu_devices: str | int | None = None) -> "InferenceModel":
-  """The model of a workdir's newest checkpoint (EMA) or of a weight file (exactly one of the two).
+               cpu_devices: str | int | None = None, step: str | int | None = None) -> "InferenceModel":
+  """The model of a workdir's checkpoint (EMA) or of a weight file (exactly one of the two).
 
+  ``step`` (workdir only): "latest" (default), "best" or a step number (``select_step``).
   ``cpu_devices`` ("auto": one per core, or a count): the JAX CPU devices that sampling, inversion
   and KID split their batches over (set before the backend starts; no effect on GPU/TPU).
   """
   if bool(workdir) == bool(weights):
-    raise ValueError("give exactly one of a workdir (--workdir) and a weight file (--weights)")
+    raise errors.ConfigError("give exactly one of a workdir (--workdir) and a weight file (--weights)")
+  if weights and step not in (None, "latest"):
+    raise errors.ConfigError("--step chooses a checkpoint of a --workdir; a weight file holds one step")
   if cpu_devices is not None:
     parallel.configure_cpu_devices(cpu_devices, None)
-  return InferenceModel.from_workdir(workdir) if workdir else InferenceModel.from_weights(weights, config)
+  return InferenceModel.from_workdir(workdir, step) if workdir else InferenceModel.from_weights(weights, config)
 
 
 @dataclasses.dataclass
@@ -167,11 +213,12 @@ class InferenceModel:
   step: int | None = None
 
   @classmethod
-  def from_workdir(cls, workdir: str) -> "InferenceModel":
-    """The EMA weights of the newest checkpoint of a training workdir."""
-    model, variables, normalizer, config, step = restore_checkpoint(workdir)
+  def from_workdir(cls, workdir: str, step: str | int | None = "latest") -> "InferenceModel":
+    """The EMA weights of a checkpoint of a training workdir (``step``: see ``select_step``)."""
+    model, variables, normalizer, config, step, how = restore_checkpoint_described(workdir, step=step)
+    chosen = "" if how == f"step {step}" else f", {how}"
     return cls(model, variables, normalizer, int(config.model.image_size), schedules.DiffusionSpec.from_config(config),
-               config.data, f"{workdir} step {step} (EMA)", step)
+               config.data, f"{workdir} step {step} (EMA{chosen})", step)
 
   @classmethod
   def from_weights(cls, path: str, config: str | None = None) -> "InferenceModel":

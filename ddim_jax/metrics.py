@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax import errors
+
 FeatureFn = Callable[[jax.Array], jax.Array]
 
 
@@ -62,7 +64,7 @@ def kid_batch(real_features: jax.Array, generated_features: jax.Array) -> jax.Ar
   """
   for name, f in (("real", real_features), ("generated", generated_features)):
     if f.ndim != 2 or f.shape[0] < 2:
-      raise ValueError(f"{name} features must be (B >= 2, d), got shape {f.shape}")
+      raise errors.InputError(f"{name} features must be (B >= 2, d), got shape {f.shape}")
   k_rr = polynomial_kernel(real_features, real_features)
   k_gg = polynomial_kernel(generated_features, generated_features)
   k_rg = polynomial_kernel(real_features, generated_features)
@@ -133,9 +135,9 @@ def kid(real_images, generated_images, feature_fn: FeatureFn, batch_size: int = 
   """
   n = len(real_images)
   if len(generated_images) != n:
-    raise ValueError(f"{n} real images but {len(generated_images)} generated ones")
+    raise errors.ConfigError(f"{n} real images but {len(generated_images)} generated ones")
   if batch_size < 2 or n < batch_size:
-    raise ValueError(f"need batch_size >= 2 and at least one full batch; got {n} images, batch {batch_size}")
+    raise errors.ConfigError(f"need batch_size >= 2 and at least one full batch; got {n} images, batch {batch_size}")
   accumulator = KIDAccumulator(feature_fn)
   for start in range(0, n - batch_size + 1, batch_size):
     batch = slice(start, start + batch_size)

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax import errors
+
 VARIANTS = ("keras", "r")
 
 
@@ -46,7 +48,7 @@ VARIANT_SPECS = {
 def get_variant_spec(variant: str) -> VariantSpec:
   """Returns the numerics of U-Net ``variant`` ('keras' or 'r')."""
   if variant not in VARIANT_SPECS:
-    raise ValueError(f"unknown model variant {variant!r}; choose one of {VARIANTS}")
+    raise errors.ConfigError(f"unknown model variant {variant!r}; choose one of {VARIANTS}")
   return VARIANT_SPECS[variant]
 
 
@@ -269,10 +271,10 @@ def compute_dtype(dtype) -> Any:
   """``config.model.dtype`` ("float32" / "bfloat16", or a dtype) -> the jnp dtype; errors name the key."""
   if isinstance(dtype, str):
     if dtype not in DTYPES:
-      raise ValueError(f"config.model.dtype={dtype!r} is invalid: choose one of {sorted(DTYPES)}")
+      raise errors.ConfigError(f"config.model.dtype={dtype!r} is invalid: choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-    raise ValueError(f"model dtype {dtype} is not supported: use float32 or bfloat16")
+    raise errors.ConfigError(f"model dtype {dtype} is not supported: use float32 or bfloat16")
   return dtype
 
 
@@ -286,11 +288,11 @@ def create_model(variant: str = "keras", widths=(32, 64, 96, 128), block_depth: 
   dtype = compute_dtype(dtype)
   widths = tuple(int(w) for w in widths)
   if len(widths) < 2 or any(w <= 0 for w in widths):
-    raise ValueError(f"model.widths must hold at least 2 positive widths, got {widths}")
+    raise errors.ConfigError(f"model.widths must hold at least 2 positive widths, got {widths}")
   if block_depth < 1:
-    raise ValueError(f"model.block_depth must be >= 1, got {block_depth}")
+    raise errors.ConfigError(f"model.block_depth must be >= 1, got {block_depth}")
   if embedding_dims < 2 or embedding_dims % 2:
-    raise ValueError(f"model.embedding_dims must be a positive even number, got {embedding_dims}")
+    raise errors.ConfigError(f"model.embedding_dims must be a positive even number, got {embedding_dims}")
   return UNet(variant=variant, widths=widths, block_depth=int(block_depth), embedding_dims=int(embedding_dims),
               channels=int(channels), bn_axis_name=bn_axis_name, dtype=dtype)
 
@@ -299,8 +301,8 @@ def check_image_size(model: UNet, image_size: int) -> None:
   """Raises if ``image_size`` cannot be halved once per down level of ``model``."""
   levels = len(model.widths) - 1 if model.variant == "keras" else len(model.widths)
   if image_size <= 0 or image_size % (2 ** levels):
-    raise ValueError(f"image_size {image_size} must be a positive multiple of {2 ** levels} for the "
-                     f"{model.variant} U-Net with {len(model.widths)} widths ({levels} 2x2 poolings)")
+    raise errors.ConfigError(f"image_size {image_size} must be a positive multiple of {2 ** levels} for the "
+                             f"{model.variant} U-Net with {len(model.widths)} widths ({levels} 2x2 poolings)")
 
 
 def init_variables(model: UNet, key, image_size: int):

@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddim_jax import errors
+
 
 AXIS = "data"
 PARALLEL_MODES = ("shard_map", "pmap")
@@ -48,8 +50,8 @@ def cpu_device_count(spec, batch_size: int | None, num_processes: int = 1) -> in
   except (TypeError, ValueError):
     count = 0
   if count < 1 or str(spec).strip() != str(count):
-    raise ValueError(f"config.cpu_devices={spec!r} is invalid: use 'auto' (one JAX CPU device per core) or a "
-                     f"positive integer")
+    raise errors.ConfigError(f"config.cpu_devices={spec!r} is invalid: use 'auto' (one JAX CPU device per core) or a "
+                             f"positive integer")
   return count
 
 
@@ -109,7 +111,7 @@ def initialize_distributed(enabled: bool | None = None, **kwargs) -> bool:
   return True
 
 
-class PeerProcessError(RuntimeError):
+class PeerProcessError(errors.Error, RuntimeError):
   """Another process of a jax.distributed run failed (its own output says why)."""
 
 
@@ -193,8 +195,8 @@ def check_batch_size(global_batch_size: int, num_devices: int) -> None:
   """Raises a ValueError naming ``train.batch_size`` when it does not split over the devices."""
   if global_batch_size < 1 or global_batch_size % num_devices:
     suggestion = max(1, global_batch_size // num_devices) * num_devices
-    raise ValueError(f"train.batch_size={global_batch_size} must be a positive multiple of the device count "
-                     f"({num_devices}); e.g. --config.train.batch_size={suggestion}")
+    raise errors.ConfigError(f"train.batch_size={global_batch_size} must be a positive multiple of the device count "
+                             f"({num_devices}); e.g. --config.train.batch_size={suggestion}")
 
 
 def make_train_fn(step_fn, mesh: Mesh, mode: str = "shard_map", steps_per_call: int = 1):
@@ -214,7 +216,7 @@ def make_train_fn(step_fn, mesh: Mesh, mode: str = "shard_map", steps_per_call: 
     with shard_map its buffers are donated.
   """
   if mode not in PARALLEL_MODES:
-    raise ValueError(f"config.parallel={mode!r} is not one of {PARALLEL_MODES}")
+    raise errors.ConfigError(f"config.parallel={mode!r} is not one of {PARALLEL_MODES}")
   if mode == "shard_map":
     images_spec = P(AXIS) if steps_per_call == 1 else P(None, AXIS)
     # check_vma=False: per-device (pmap) semantics, where the gradient of the local loss is local

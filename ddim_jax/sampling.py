@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import schedules
+from ddim_jax import errors, schedules
 
 TARGETS = schedules.TARGETS
 DEFAULT_SPEC = schedules.DiffusionSpec()
@@ -58,7 +58,7 @@ def denoise(network_output, noisy_images, noise_rates, signal_rates, target: str
     pred_images = network_output
     pred_noises = (noisy_images - signal_rates * pred_images) / noise_rates
   else:
-    raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+    raise errors.ConfigError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
   return pred_noises, pred_images
 
 
@@ -97,7 +97,7 @@ def time_grid(steps: int) -> tuple[np.ndarray, np.ndarray]:
   Formed in float64 NumPy and rounded to float32 so that both twins use the same times.
   """
   if steps < 1:
-    raise ValueError(f"steps must be >= 1 (network evaluations), got {steps}")
+    raise errors.ConfigError(f"steps must be >= 1 (network evaluations), got {steps}")
   i = np.arange(steps, dtype=np.float64)
   return (1.0 - i / steps).astype(np.float32), (1.0 - (i + 1) / steps).astype(np.float32)
 
@@ -135,7 +135,7 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *,
     'pred_trajectory' (S, B, H, W, C).
   """
   if eta < 0:
-    raise ValueError(f"eta must be >= 0, got {eta}")
+    raise errors.ConfigError(f"eta must be >= 0, got {eta}")
   if eta > 0 and step_noises is None and key is None:
     raise ValueError("eta > 0 needs step_noises or a PRNG key")
   batch = initial_noise.shape[0]
@@ -202,7 +202,7 @@ def inversion_rates(steps: int, spec: schedules.DiffusionSpec = DEFAULT_SPEC) ->
   time j/S (clean for j = 0) to (j + 1)/S. Evaluated in float64 NumPy like ``step_rates``.
   """
   if steps < 1:
-    raise ValueError(f"steps must be >= 1 (network evaluations), got {steps}")
+    raise errors.ConfigError(f"steps must be >= 1 (network evaluations), got {steps}")
   next_times = ((np.arange(steps, dtype=np.float64) + 1) / steps).astype(np.float32)
   next_noise_rates, next_signal_rates = spec.rate_table(next_times)
   noise_rates = np.concatenate([[0.0], next_noise_rates[:-1]]).astype(np.float32)
@@ -236,7 +236,7 @@ def ddim_inversion(network_fn: Callable, images, steps: int, *, spec: schedules.
   """
   target = spec.target
   if target != "noise":
-    raise ValueError(f"DDIM inversion needs a noise-predicting model (target 'noise'), got target {target!r}")
+    raise errors.ConfigError(f"DDIM inversion needs a noise-predicting model (target 'noise'), got target {target!r}")
   batch = images.shape[0]
   rates = tuple(jnp.asarray(r) for r in inversion_rates(steps, spec))
 

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from ddim_jax import errors
+
 MIN_SIGNAL_RATE = 0.02
 MAX_SIGNAL_RATE = 0.95
 SCHEDULES = ("cosine", "linear")
@@ -74,7 +76,7 @@ def linear_schedule(diffusion_times, min_signal_rate=MIN_SIGNAL_RATE, max_signal
 def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate=MAX_SIGNAL_RATE, xp=jnp):
   """Returns the schedule ``diffusion_times -> (noise_rates, signal_rates)`` called ``name``."""
   if not 0.0 < min_signal_rate < max_signal_rate < 1.0:
-    raise ValueError(
+    raise errors.ConfigError(
         f"signal rates must satisfy 0 < min_signal_rate < max_signal_rate < 1, got min={min_signal_rate}, "
         f"max={max_signal_rate}")
   if name == "cosine":
@@ -82,7 +84,7 @@ def get_schedule(name="cosine", min_signal_rate=MIN_SIGNAL_RATE, max_signal_rate
   elif name == "linear":
     fn = linear_schedule
   else:
-    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
+    raise errors.ConfigError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
   return lambda diffusion_times: fn(diffusion_times, min_signal_rate, max_signal_rate, xp=xp)
 
 
@@ -114,7 +116,7 @@ class DiffusionSpec:
   def __post_init__(self):
     get_schedule(self.schedule, self.min_signal_rate, self.max_signal_rate)  # validates both
     if self.target not in TARGETS:
-      raise ValueError(f"unknown prediction target {self.target!r}; choose one of {TARGETS}")
+      raise errors.ConfigError(f"unknown prediction target {self.target!r}; choose one of {TARGETS}")
 
   @classmethod
   def from_config(cls, config) -> "DiffusionSpec":

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddim_jax import models, sampling, schedules
+from ddim_jax import errors, models, sampling, schedules
 
 LOSSES = ("mae", "mse")
 
@@ -129,7 +129,7 @@ def compute_loss(params, batch_stats, model, images, noises, noise_rates, signal
   elif loss == "mse":
     value = jnp.mean(jnp.square(prediction - truth))
   else:
-    raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    raise errors.ConfigError(f"unknown loss {loss!r}; choose one of {LOSSES}")
   metrics = {"loss": value, "noise_loss": jnp.mean(jnp.abs(pred_noises - noises)),
              "image_loss": jnp.mean(jnp.abs(pred_images - images))}
   return value, (metrics, updates["batch_stats"])
@@ -220,6 +220,12 @@ def per_device_step(model, step_config: StepConfig, steps_per_call: int = 1, axi
     raise ValueError(f"the model must be built with bn_axis_name={axis_name!r} for synchronised BatchNorm")
   step_fn = train_step if steps_per_call == 1 else train_steps
   return functools.partial(step_fn, model=model, step_config=step_config, axis_name=axis_name)
+
+
+def state_is_finite(state: TrainState) -> jax.Array:
+  """A bool scalar: every floating-point leaf of ``state`` is finite (what a checkpoint may hold)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves))
 
 
 def abstract_train_state(model, step_config, image_size, key, sharding):

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 
@@ -22,15 +23,17 @@ from etils import epath
 from tqdm import tqdm
 
 from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams as tensorboard_hparams
 
-from ddim_jax import checkpointing, data, evaluation, models, parallel, rng, sampling, schedules, train, visualize
+from ddim_jax import (checkpointing, data, errors, evaluation, models, parallel, rng, run_record, sampling, schedules,
+                      train, visualize)
 
 
 # Training calls dispatched ahead of the one whose results the loop has waited for (see the loop).
 MAX_CALLS_IN_FLIGHT = 2
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.Error, FloatingPointError):
   """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
@@ -40,7 +43,7 @@ def validate_config(config, num_devices: int) -> None:
 
   def require(ok, key, value, what):
     if not ok:
-      raise ValueError(f"config.{key}={value!r} is invalid: {what}")
+      raise errors.ConfigError(f"config.{key}={value!r} is invalid: {what}")
 
   require(int(t.num_steps) > 0, "train.num_steps", t.num_steps, "must be a positive number of steps")
   parallel.check_batch_size(int(t.batch_size), num_devices)
@@ -65,6 +68,10 @@ def validate_config(config, num_devices: int) -> None:
                          config.diffusion.max_signal_rate)
   models.check_image_size(models.create_model(**config.model), int(config.model.image_size))
   require(int(config.sample.steps) >= 1, "sample.steps", config.sample.steps, "must be >= 1")
+  window = parse_profile_steps(t.get("profile_steps", ""))
+  if window:
+    require(window[0] % k == 0 and window[1] % k == 0, "train.profile_steps", t.profile_steps,
+            f"both steps must be multiples of train.steps_per_call={k}")
 
 
 def _to_host(tree):
@@ -78,6 +85,20 @@ def _is_remote(path) -> bool:
   return "://" in os.fspath(path)
 
 
+# TensorBoard tags of the metrics that are not training metrics (the rest go to train/<name>).
+TENSORBOARD_TAGS = {"val_kid": "val/kid"}
+
+
+def _truncate_records(path: pathlib.Path, last_step: int) -> None:
+  """Keeps the records of ``path`` (JSON lines with a "step") up to ``last_step``; atomic rewrite."""
+  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+  if len(kept) != len(lines):
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class MetricWriter:
   """Metrics to ``metrics.jsonl`` and TensorBoard event files in the workdir (process 0 only).
 
@@ -89,27 +110,48 @@ class MetricWriter:
   run trains again.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
+    """Opens the writers; records after ``start_step`` (left by a run that crashed after its last
+    checkpoint, and trained again now) are dropped from ``metrics.jsonl`` and purged in TensorBoard."""
     self.enabled = enabled
     if enabled:
       self._workdir = epath.Path(workdir)
       self._staging = tempfile.mkdtemp(prefix="ddim_jax_metrics_") if _is_remote(workdir) else None
       self._synced = {}  # staged file -> size last copied up
-      local = self._staging or os.fspath(workdir)
+      self.local_dir = self._staging or os.fspath(workdir)
+      local_jsonl = pathlib.Path(self.local_dir, "metrics.jsonl")
       remote_jsonl = self._workdir / "metrics.jsonl"
       if self._staging and remote_jsonl.exists():  # a resumed run keeps the earlier records
-        pathlib.Path(local, "metrics.jsonl").write_bytes(remote_jsonl.read_bytes())
-      self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(local, "tensorboard"))
+        local_jsonl.write_bytes(remote_jsonl.read_bytes())
+      if local_jsonl.exists():
+        _truncate_records(local_jsonl, start_step)
+      self._jsonl = open(local_jsonl, "a", encoding="utf-8")
+      # purge_step: TensorBoard hides the points of earlier event files at steps >= it.
+      self._tb = SummaryWriter(os.path.join(self.local_dir, "tensorboard"), purge_step=int(start_step) + 1)
 
   def write(self, step: int, metrics: dict) -> None:
-    """Appends one record {step, **metrics}."""
+    """Appends one record {step, **metrics}; TensorBoard tags ``train/<name>``, KID as ``val/kid``."""
     if not self.enabled:
       return
     self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
     self._jsonl.flush()
     for name, value in metrics.items():
-      self._tb.add_scalar(f"train/{name}", float(value), int(step))
+      self._tb.add_scalar(TENSORBOARD_TAGS.get(name, f"train/{name}"), float(value), int(step))
+
+  def write_image(self, tag: str, step: int, image: np.ndarray) -> None:
+    """A (H, W, 3) uint8 image (a sample grid) to TensorBoard's images tab."""
+    if self.enabled:
+      self._tb.add_image(tag, image, int(step), dataformats="HWC")
+
+  def write_hparams(self, config) -> None:
+    """The config's scalar keys to TensorBoard's HParams tab, and the whole config as text."""
+    if not self.enabled:
+      return
+    flat = {k: (v if isinstance(v, (bool, int, float, str)) else json.dumps(v))
+            for k, v in run_record.flatten(json.loads(config.to_json())).items()}
+    for summary in tensorboard_hparams(flat, {"train/loss": None, "val/kid": None}):
+      self._tb.file_writer.add_summary(summary)
+    self._tb.add_text("config", "```\n" + config.to_json(indent=2, sort_keys=True) + "\n```")
 
   def sync(self) -> None:
     """Copies the staged files that changed up to a bucket workdir (nothing to do for a local one)."""
@@ -139,7 +181,8 @@ class MetricWriter:
 
 def write_sample_grid(model, variables, normalizer, config, step: int, path: str, num_images: int | None = None,
                       mesh=None):
-  """A PNG grid of EMA samples (same noise every time: the grids of a run are comparable).
+  """A PNG grid of EMA samples (same noise every time: the grids of a run are comparable); returns
+  the grid (H, W, 3) uint8.
 
   The images are split over ``mesh`` (the training mesh: every device of every process) when its
   size divides their number, else over this process's devices; process 0 writes the file.
@@ -151,10 +194,10 @@ def write_sample_grid(model, variables, normalizer, config, step: int, path: str
   out = sampling.generate(model, parallel.replicate(_to_host(variables), mesh), parallel.shard_rows(noise, mesh),
                           parallel.replicate(_to_host(normalizer), mesh), steps=int(config.sample.steps),
                           spec=schedules.DiffusionSpec.from_config(config))
-  images = parallel.gather_rows(out["images"])
+  grid = visualize.make_grid(parallel.gather_rows(out["images"]), upscale=visualize.default_upscale(size))
   if jax.process_index() == 0:
-    visualize.save_grid(images, path, upscale=max(1, 64 // size))
-  return images
+    visualize.save_png(grid, path)
+  return grid
 
 
 def _checkpoint_meta(config, normalizer, data_state, step: int) -> dict:
@@ -163,14 +206,166 @@ def _checkpoint_meta(config, normalizer, data_state, step: int) -> dict:
           "normalizer": {k: np.asarray(v, np.float32).tolist() for k, v in normalizer.items()}}
 
 
-def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
-                       progress: bool = True) -> train.TrainState:
+def check_resume_config(config, workdir: str) -> dict:
+  """The config changes since the newest checkpoint of ``workdir`` whose metadata reads ({} if none).
+
+  Raises:
+    errors.ConfigError: an incompatible change (``run_record.check_resume``).
+  """
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.exists():
+    return {}
+  with checkpointing.Checkpointer(directory, async_save=False) as ckpt:
+    for step in reversed(ckpt.all_steps()):
+      try:
+        stored = ckpt.read_meta(step)["config"]
+      except Exception:  # noqa: BLE001  (an unreadable step: restore_latest falls back past it too)
+        continue
+      return run_record.check_resume(stored, config, workdir, step)
+  return {}
+
+
+def parse_profile_steps(text) -> tuple[int, int] | None:
+  """``train.profile_steps`` "A,B" -> (A, B): trace the steps after step A up to step B; "" -> None."""
+  text = str(text or "").strip()
+  if not text:
+    return None
+  try:
+    first, last = (int(v) for v in text.split(","))
+  except ValueError as e:
+    raise errors.ConfigError(f"config.train.profile_steps={text!r} is invalid: use 'A,B' (two step numbers, "
+                             "e.g. 100,110: trace steps 101 to 110) or '' (off)") from e
+  if not 0 <= first < last:
+    raise errors.ConfigError(f"config.train.profile_steps={text!r} is invalid: need 0 <= A < B")
+  return first, last
+
+
+class ProfileWindow:
+  """A ``jax.profiler`` trace of the steps after step A up to step B (``train.profile_steps``).
+
+  The trace (TensorBoard's profile plugin files and a Perfetto ``perfetto_trace.json.gz``) goes to
+  ``directory/plugins/profile/<time>/``. Only one process traces (``directory`` None elsewhere).
+  """
+
+  def __init__(self, window: tuple[int, int] | None, directory: str | None):
+    self.window = window if directory else None
+    self.directory = directory
+    self.active = False
+
+  def before_call(self, step: int, state) -> None:
+    """Starts the trace before the call that runs step A + 1, once the steps before it finished."""
+    if self.window and not self.active and self.window[0] <= step < self.window[1]:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.active = True
+
+  def after_call(self, step: int, state) -> None:
+    """Stops the trace once step B has been dispatched, after it finished."""
+    if self.active and step >= self.window[1]:
+      jax.block_until_ready(state)
+      self.close()
+      print(f"wrote a profile of steps {self.window[0] + 1}-{step} to {self.directory} (TensorBoard's profile tab, "
+            "or perfetto_trace.json.gz at ui.perfetto.dev)")
+      self.window = None
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressReport:
+  """Training progress: a tqdm bar on a terminal, one plain line per log step otherwise.
+
+  Both count FINISHED steps (the loop dispatches ahead), so rates and ETAs do not jump. A plain
+  line is written when stderr is not a terminal (a redirected log, a batch job), where tqdm's
+  carriage returns would make one very long line.
+  """
+
+  def __init__(self, num_steps: int, start_step: int, enabled: bool = True, interactive: bool | None = None):
+    self.num_steps, self.start_step, self.enabled = num_steps, start_step, enabled
+    self.interactive = sys.stderr.isatty() if interactive is None else interactive
+    self.done = start_step
+    self._start = time.time()
+    self._bar = tqdm(total=num_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
+                     disable=not (enabled and self.interactive))
+
+  def finished(self, step: int) -> None:
+    """Every step up to ``step`` has finished on the devices."""
+    if step > self.done:
+      self._bar.update(step - self.done)
+      self.done = step
+
+  def log(self, step: int, metrics: dict) -> None:
+    """A log step's metrics: the bar's postfix, or one printed line."""
+    if not self.enabled:
+      return
+    if self.interactive:
+      self._bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{metrics['images_per_second']:.0f}")
+      return
+    elapsed = time.time() - self._start
+    rate = (step - self.start_step) / max(elapsed, 1e-9)
+    eta = (self.num_steps - step) / rate if rate > 0 else 0.0
+    extra = "".join(f" {k} {float(metrics[k]):.5f}" for k in ("val_kid",) if k in metrics)
+    print(f"step {step}/{self.num_steps} loss {float(metrics['loss']):.4f}{extra} "
+          f"{metrics['images_per_second']:.0f} img/s elapsed {_duration(elapsed)} eta {_duration(eta)}", flush=True)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def start_banner(config, workdir: str, config_source: str | None, step: int, state, train_iter, val_images,
+                 kid_every: int) -> str:
+  """The one-screen summary printed when training starts."""
+  devices = jax.devices()
+  t = config.train
+  num_params = models.count_parameters(_to_host(state.params))
+  per_device = int(t.batch_size) // len(devices)
+  lines = [
+      f"ddim-jax train: {config_source or 'a config'} -> {workdir}",
+      f"  devices    {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), {jax.process_count()} "
+      f"process(es), {jax.local_device_count()} on this one",
+      f"  model      {config.model.variant} U-Net, widths {tuple(config.model.widths)}, depth "
+      f"{config.model.block_depth}, {config.model.image_size}x{config.model.image_size}x{config.model.channels}, "
+      f"{num_params:,} parameters, {config.model.dtype}",
+      f"  data       {config.data.dataset}: {len(train_iter.images):,} training images"
+      f"{f' (each {train_iter.repetitions}x per epoch)' if train_iter.repetitions > 1 else ''}, "
+      f"{len(val_images):,} validation images",
+      f"  batch      {t.batch_size} global = {per_device} per device, {t.get('steps_per_call', 1)} step(s) per call",
+      f"  steps      {'from step ' + str(step) if step else 'from scratch'} to {t.num_steps}; checkpoint every "
+      f"{t.checkpoint_every}, log every {t.log_every}, sample grids "
+      f"{'every ' + str(t.sample_every) if t.sample_every else 'off'}, KID "
+      f"{'every ' + str(kid_every) if kid_every else 'off'}",
+      f"  workdir    {workdir}: {run_record.CONFIG_FILE}, {run_record.RUNS_FILE}, metrics.jsonl, tensorboard/, "
+      "checkpoints/, samples/",
+  ]
+  return "\n".join(lines)
+
+
+def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None, progress: bool = True,
+                       config_source: str | None = None) -> train.TrainState:
   """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
 
-  Writes ``checkpoints/`` (orbax: state, normaliser, config, data-iterator position),
-  ``metrics.jsonl``, ``tensorboard/`` and ``samples/step_<n>.png`` (EMA samples). A SIGTERM (or
-  an orbax preemption notice) finishes the current step, saves a checkpoint and returns. A
-  non-finite loss raises ``NonFiniteLossError``; the last good checkpoint is kept.
+  Writes ``config.json`` and ``runs.jsonl`` (``run_record``), ``checkpoints/`` (orbax: state,
+  normaliser, config, data-iterator position), ``metrics.jsonl``, ``tensorboard/`` (scalars, sample
+  grids, hyper-parameters), ``samples/step_<n>.png`` (EMA samples) and, with
+  ``train.profile_steps``, ``profile/``. A SIGTERM (or a preemption notice) finishes the current
+  step, saves a checkpoint and returns. A non-finite loss or state raises ``NonFiniteLossError``;
+  the last good checkpoint is kept. Resuming with an incompatible config raises
+  ``errors.ConfigError`` before anything is loaded.
+
+  Args:
+    config: the run's ConfigDict.
+    workdir: a local folder or a bucket path (gs://, s3://).
+    distributed: see ``parallel.initialize_distributed``.
+    progress: a progress bar on a terminal, plain log lines otherwise (False: neither).
+    config_source: where the config came from (the preset or file and the overrides), for the
+      banner and ``runs.jsonl``.
 
   Returns:
     The final TrainState (replicated over the devices).
@@ -180,6 +375,8 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   validate_config(config, jax.device_count())
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
+  # A workdir of another config is refused before anything is prepared, compiled or restored.
+  changes = check_resume_config(config, workdir)
   mesh = parallel.create_mesh()
   steps_per_call = int(config.train.get("steps_per_call", 1))
   step_config = train.StepConfig.from_config(config)
@@ -215,36 +412,49 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
     normalizer = {k: np.asarray(v, np.float32) for k, v in meta["normalizer"].items()}
     if is_main:
       print(f"resuming from step {step} ({workdir}/checkpoints)")
+      if changes:
+        print(f"config changed since the checkpoint (recorded in {run_record.RUNS_FILE}): "
+              f"{run_record.format_changes(changes)}")
   else:
     step = 0
     state = parallel.replicate(jax.jit(train.create_train_state, static_argnums=(0, 1, 3))(
         model, step_config, init_key, image_size), mesh)
+  run_record.write_run_files(workdir, config, run_record.run_record(config_source, step, changes))
+  if is_main and progress:
+    print(start_banner(config, workdir, config_source, step, state, train_iter, val_images, kid_every),
+          flush=True)
   normalizer_dev = parallel.replicate(normalizer, mesh)
   base_key = parallel.replicate(jax.random.key_data(rng.purpose_key(config.seed, rng.TRAIN_DRAWS)), mesh)
   train_fn = parallel.make_train_fn(train.per_device_step(model, step_config, steps_per_call, parallel.AXIS),
                                     mesh, config.parallel, steps_per_call)
-  writer = MetricWriter(workdir, enabled=is_main)
+  state_is_finite = jax.jit(train.state_is_finite)
+  writer = MetricWriter(workdir, enabled=is_main, start_step=step)
+  writer.write_hparams(config)
   num_steps = int(config.train.num_steps)
-  bar = tqdm(total=num_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main),
-             dynamic_ncols=True)
+  report = ProgressReport(num_steps, step, enabled=progress and is_main)
+  profile = ProfileWindow(parse_profile_steps(config.train.get("profile_steps", "")),
+                          os.path.join(writer.local_dir, "profile") if is_main else None)
   timer, logged_step = time.time(), step
   in_flight, calls = collections.deque(), 0
   try:
     while step < num_steps:
+      profile.before_call(step, state)
       batches = [next(train_iter)["images"] for _ in range(steps_per_call)]
       local = batches[0] if steps_per_call == 1 else np.stack(batches)
       state, metrics = train_fn(state, local, normalizer_dev, base_key)
+      step += steps_per_call
+      calls += 1
       # Bound the dispatched-but-unfinished calls: XLA:CPU runs every device's program on one
       # shared thread pool, and with many calls queued a device blocked in a collective starved
       # the program its peer waited for (2 processes x 2 devices hung at ~step 80 with no bound,
       # ran with 2 or 8). Waiting for the call MAX_CALLS_IN_FLIGHT back is a local wait, not a
-      # host sync, and leaves the accelerator a queue.
-      in_flight.append(metrics)
+      # host sync, and leaves the accelerator a queue. The progress bar counts the calls waited for.
+      in_flight.append((step, metrics))
       if len(in_flight) > MAX_CALLS_IN_FLIGHT:
-        jax.block_until_ready(in_flight.popleft())
-      step += steps_per_call
-      calls += 1
-      bar.update(steps_per_call)
+        done_step, done_metrics = in_flight.popleft()
+        jax.block_until_ready(done_metrics)
+        report.finished(done_step)
+      profile.after_call(step, state)
       preempted = ckpt.reached_preemption(calls)
       log_now = step % int(config.train.log_every) == 0 or step == num_steps or preempted
       save_now = step % int(config.train.checkpoint_every) == 0 or step == num_steps or preempted
@@ -252,7 +462,10 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
       kid_now = bool(kid_every) and step % kid_every == 0
       save_now = save_now or kid_now
       if log_now or save_now:
+        jax.block_until_ready(metrics)  # every call dispatched so far has finished on every local device
         host_metrics = _to_host(metrics)
+        in_flight.clear()
+        report.finished(step)
         if not all(np.isfinite(v) for v in host_metrics.values()):
           raise NonFiniteLossError(
               f"non-finite loss at step {step} ({ {k: float(v) for k, v in host_metrics.items()} }); the last good "
@@ -265,20 +478,28 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
           host_metrics["val_kid"] = kid_fn(_to_host(state.variables(ema=True)), normalizer)
           timer = time.time()  # the KID time does not count against the training speed
         writer.write(step, host_metrics)
-        bar.set_postfix(loss=f"{float(host_metrics['loss']):.4f}", img_s=f"{host_metrics['images_per_second']:.0f}")
+        report.log(step, host_metrics)
       if save_now:
+        # The loss above was computed from the weights before this step's update: check what is saved.
+        if not bool(_to_host(state_is_finite(state))):
+          raise NonFiniteLossError(
+              f"non-finite training state after step {step} (loss {float(host_metrics['loss']):.4g}); the last "
+              f"good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/checkpoints. Lower "
+              f"train.learning_rate or check the data")
         ckpt.save(step, state, _checkpoint_meta(config, normalizer, train_iter.get_state(), step),
                   metrics={k: float(v) for k, v in host_metrics.items()}, force=preempted)
         writer.sync()
       if int(config.train.sample_every) and step % int(config.train.sample_every) == 0:
-        write_sample_grid(eval_model, state.variables(ema=True), normalizer_dev, config, step, mesh=mesh,
-                          path=str(epath.Path(workdir) / "samples" / f"step_{step:07d}.png"))
+        grid = write_sample_grid(eval_model, state.variables(ema=True), normalizer_dev, config, step, mesh=mesh,
+                                 path=str(epath.Path(workdir) / "samples" / f"step_{step:07d}.png"))
+        writer.write_image("samples", step, grid)
       if preempted:
         if is_main:
           print(f"preemption notice: saved step {step}, exiting cleanly")
         break
   finally:
-    bar.close()
+    profile.close()
+    report.close()
     writer.close()
     ckpt.wait_until_finished()
     ckpt.close()

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_jax import (checkpointing, cli, data, evaluation, inference, metrics, sampling, schedules, trainer,
-                      visualize)
+from ddim_jax import (checkpointing, cli, convert, data, evaluation, inference, metrics, sampling, schedules,
+                      trainer, visualize)
 from ddim_torch_ref import sample as ref_sample
 from inception_helpers import random_torch_inception
 from train_helpers import REPO, subprocess_env, tiny_config
@@ -75,6 +75,46 @@ def test_kid_during_training_logs_val_kid_and_keeps_the_best_checkpoint(kid_run)
     assert ckpt.best_step() == best
     assert ckpt.all_steps() == sorted({8, best})  # the newest one plus the best-KID one
     assert ckpt.metrics(best)["val_kid"] == pytest.approx(kids[best])
+
+
+def test_step_chooses_the_best_latest_or_a_numbered_checkpoint(kid_run, tmp_path, capsys):
+  """--step best loads the lowest-KID checkpoint that training kept, and says which step it used."""
+  with checkpointing.Checkpointer(os.path.join(kid_run, "checkpoints"), async_save=False) as ckpt:
+    steps = ckpt.all_steps()
+    kids = {s: ckpt.metrics(s)["val_kid"] for s in steps}
+  best = min(kids, key=kids.get)
+  for which, want in (("best", best), ("latest", 8), (str(steps[0]), steps[0])):
+    out = tmp_path / f"{which}.safetensors"
+    assert cli.main(["export", "--workdir", kid_run, "--out", str(out), "--step", which]) == 0
+    assert f"of step {want}," in capsys.readouterr().out
+    _, variables, _, config, step = inference.restore_checkpoint(kid_run, step=want)
+    written, metadata = convert.read_weight_file(str(out))
+    assert step == want and int(metadata["step"]) == want
+    expected = convert.flax_to_torch_state_dict(variables)
+    for name, value in expected.items():
+      np.testing.assert_array_equal(written[name], value, err_msg=f"{which}: {name}")
+  if best != 8:  # the two checkpoints differ: best really is not the newest
+    best_weights = convert.read_weight_file(str(tmp_path / "best.safetensors"))[0]
+    latest_weights = convert.read_weight_file(str(tmp_path / "latest.safetensors"))[0]
+    assert any(np.any(best_weights[k] != latest_weights[k]) for k in best_weights)
+  assert cli.main(["sample", "--workdir", kid_run, "--step", "best", "--num-images", "2", "--steps", "2",
+                   "--out", str(tmp_path / "s.png")]) == 0
+  assert f"step {best} (EMA, best: val_kid" in capsys.readouterr().out
+  assert cli.main(["export", "--workdir", kid_run, "--out", str(tmp_path / "x.safetensors"), "--step", "5"]) == 2
+  assert f"no checkpoint of step 5 in {kid_run}" in capsys.readouterr().err
+  assert cli.main(["export", "--workdir", kid_run, "--out", str(tmp_path / "x.safetensors"), "--step", "good"]) == 2
+  assert "use latest, best or a step number" in capsys.readouterr().err
+
+
+def test_step_best_without_kid_is_a_clear_error(tmp_path, trained_weights, capsys):
+  config = tiny_config(tmp_path / "cache", **{"train.num_steps": 2})
+  trainer.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert cli.main(["sample", "--workdir", str(tmp_path / "run"), "--step", "best", "--out",
+                   str(tmp_path / "s.png")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "has a KID" in err and "--step latest" in err, err
+  assert cli.main(["sample", "--weights", trained_weights("keras"), "--step", "best"]) == 2
+  assert "a weight file holds one step" in capsys.readouterr().err
 
 
 def test_training_kid_without_inception_weights_warns_once_and_is_off(tmp_path):

@@ -387,6 +387,10 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path, cache_dir, 
   result = run(cmd, subprocess_env(1))
   assert result.returncode == 0, result.stderr[-3000:]
   assert_same_state(final_state(workdir), uninterrupted)
+  # The steps logged after the restored checkpoints and trained again are in metrics.jsonl once.
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    logged = [json.loads(line)["step"] for line in f]
+  assert logged == list(range(10, 2001, 10)), logged[:50]
 
 
 # ------------------------------------------------------------------------------------------------

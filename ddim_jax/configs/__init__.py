@@ -5,13 +5,15 @@ import importlib
 import importlib.util
 import os
 
+from ddim_jax import errors
+
 PRESETS = ("default", "r_variant", "demo")
 
 
 def get_preset(name: str):
   """Returns the ConfigDict of preset ``name``."""
   if name not in PRESETS:
-    raise ValueError(f"unknown config preset {name!r}; choose one of {PRESETS} or pass a path to a config file")
+    raise errors.ConfigError(f"unknown config preset {name!r}; choose one of {PRESETS} or pass a path to a config file")
   return importlib.import_module(f"ddim_jax.configs.{name}").get_config()
 
 
@@ -21,7 +23,7 @@ def config_path(spec: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{spec}.py")
   if os.path.isfile(spec):
     return spec
-  raise ValueError(f"unknown config preset {spec!r}; choose one of {PRESETS} or pass a path to a config file")
+  raise errors.ConfigError(f"unknown config preset {spec!r}; choose one of {PRESETS} or pass a path to a config file")
 
 
 def _parse_value(key: str, raw: str, kind):
@@ -40,24 +42,24 @@ def _parse_value(key: str, raw: str, kind):
       return kind(ast.literal_eval(raw)) if kind is float else int(raw)
     return raw if kind is str or kind is type(None) else kind(raw)
   except (ValueError, SyntaxError) as e:
-    raise ValueError(f"bad config override --config.{key}={raw}: expected a {kind.__name__}") from e
+    raise errors.ConfigError(f"bad config override --config.{key}={raw}: expected a {kind.__name__}") from e
 
 
 def apply_overrides(config, overrides=()):
   """Applies ``--config.a.b=value`` strings to ``config`` in place, typed by the existing field."""
   for override in overrides:
     if not override.startswith("--config.") or "=" not in override:
-      raise ValueError(f"unexpected argument {override!r}; overrides look like --config.train.num_steps=100")
+      raise errors.ConfigError(f"unexpected argument {override!r}; overrides look like --config.train.num_steps=100")
     key, raw = override[len("--config."):].split("=", 1)
     *parents, leaf = key.split(".")
     node = config
     for i, name in enumerate(parents):
       if name not in node:
-        raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r} in --config.{key}")
+        raise errors.ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} in --config.{key}")
       node = node[name]
     if leaf not in node:
-      raise ValueError(f"unknown config key {key!r}; known keys under {'.'.join(parents) or 'config'}: "
-                       f"{sorted(node.keys())}")
+      raise errors.ConfigError(f"unknown config key {key!r}; known keys under {'.'.join(parents) or 'config'}: "
+                               f"{sorted(node.keys())}")
     node[leaf] = _parse_value(key, raw, node.get_type(leaf))
   return config
 

@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   # is kept besides the last keep_checkpoints. 511 steps = one Keras epoch (6552 images x 5 / 64).
   # Needs Inception weights (eval.inception_weights); without them training warns once and goes on.
   config.train.kid_every = 511
+  # "A,B": a jax.profiler trace of steps A+1..B into <workdir>/profile (TensorBoard's profile tab,
+  # Perfetto); "" off. E.g. --config.train.profile_steps=100,110 (after compilation and warm-up).
+  config.train.profile_steps = ""
 
   config.sample = ml_collections.ConfigDict()
   config.sample.steps = 20

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ddim_jax import errors
 from ddim_jax.data.images import compute_normalizer
 from ddim_jax.data.options import CACHE_FORMAT, LOCAL_SOURCES, SPLITS, DataOptions, data_options
 from ddim_jax.data.sources import _build_digits, _build_folder, _folder_fingerprint, list_image_files
@@ -146,7 +147,7 @@ def load_split(config_data: Any, split: str, image_size: int, mmap: bool = False
     mmap: memory-map the array instead of reading it (large caches, many processes per host).
   """
   if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raise errors.ConfigError(f"split must be one of {SPLITS}, got {split!r}")
   entry = prepare_cache(config_data, image_size)
   return np.load(entry.split_path(split), mmap_mode="r" if mmap else None)
 

@@ -15,8 +15,10 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
+from ddim_jax import errors
 
-class BadImageError(ValueError):
+
+class BadImageError(errors.InputError):
   """A file or record that cannot be decoded as an image."""
 
 
@@ -106,7 +108,7 @@ def resize_weights(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
     float64 array (out_size, in_size) with rows summing to 1.
   """
   if in_size <= 0 or out_size <= 0:
-    raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
+    raise errors.ConfigError(f"resize sizes must be positive, got {in_size} -> {out_size}")
   kernel_scale = max(in_size / out_size, 1.0) if antialias else 1.0
   samples = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size)
   distance = (np.arange(in_size, dtype=np.float64)[None, :] + 0.5 - samples[:, None]) / kernel_scale
@@ -168,11 +170,11 @@ def compute_normalizer(images: np.ndarray) -> dict[str, np.ndarray]:
   """
   images = np.asarray(images)
   if images.dtype != np.uint8:
-    raise ValueError(f"compute_normalizer expects uint8 images, got {images.dtype}")
+    raise errors.InputError(f"compute_normalizer expects uint8 images, got {images.dtype}")
   channels = images.shape[-1]
   flat = images.reshape(-1, channels)
   if flat.shape[0] == 0:
-    raise ValueError("compute_normalizer needs at least one image")
+    raise errors.InputError("compute_normalizer needs at least one image")
   values = np.arange(256, dtype=np.float64) / 255.0
   mean, variance = np.zeros(channels), np.zeros(channels)
   for c in range(channels):

@@ -6,6 +6,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from ddim_jax import errors
 from ddim_jax.data.cache import load_normalizer, load_split
 
 
@@ -43,14 +44,14 @@ class BatchIterator:
       num_epochs: stop after this many epochs; None iterates forever.
     """
     if images.ndim != 4 or images.dtype != np.uint8:
-      raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+      raise errors.InputError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
     if process_count < 1 or not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+      raise errors.ConfigError(f"process_index {process_index} not in [0, process_count={process_count})")
     if global_batch_size < 1 or global_batch_size % process_count:
-      raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the "
-                       f"process count {process_count}")
+      raise errors.ConfigError(f"global batch size {global_batch_size} must be a positive multiple of the "
+                               f"process count {process_count}")
     if repetitions < 1:
-      raise ValueError(f"repetitions must be >= 1, got {repetitions}")
+      raise errors.ConfigError(f"repetitions must be >= 1, got {repetitions}")
     self.images = images
     self.global_batch_size = int(global_batch_size)
     self.local_batch_size = self.global_batch_size // process_count
@@ -67,8 +68,8 @@ class BatchIterator:
     else:
       self.steps_per_epoch = -(-self.epoch_size // self.global_batch_size)
     if self.steps_per_epoch == 0:
-      raise ValueError(f"{len(images)} images x {repetitions} repetitions make no full batch of "
-                       f"{global_batch_size}")
+      raise errors.ConfigError(f"{len(images)} images x {repetitions} repetitions make no full batch of "
+                               f"{global_batch_size}")
     self._epoch = 0
     self._index = 0
     self._order_epoch = None
@@ -112,7 +113,7 @@ class BatchIterator:
     """Restores a position saved by `get_state` (from an iterator with the same arguments)."""
     epoch, index = int(state["epoch"]), int(state["index"])
     if epoch < 0 or not 0 <= index < self.steps_per_epoch:
-      raise ValueError(f"iterator state {dict(state)} is outside [0, {self.steps_per_epoch}) steps per epoch")
+      raise errors.InputError(f"iterator state {dict(state)} is outside [0, {self.steps_per_epoch}) steps per epoch")
     self._epoch, self._index = epoch, index
 
 

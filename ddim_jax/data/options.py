@@ -6,6 +6,8 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
+from ddim_jax import errors
+
 CACHE_FORMAT = 1  # bump when the cached bytes for the same key would change
 DEFAULT_CACHE_DIR = "~/.cache/ddim_jax"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -71,9 +73,9 @@ def data_options(config_data: Any) -> DataOptions:
       download=bool(get("download")),
   )
   if options.split not in ("keras", "r"):
-    raise ValueError(f"config.data.split must be 'keras' or 'r', got {options.split!r}")
+    raise errors.ConfigError(f"config.data.split must be 'keras' or 'r', got {options.split!r}")
   if not 0.0 <= options.validation_fraction < 1.0:
-    raise ValueError(f"config.data.validation_fraction must be in [0, 1), got {options.validation_fraction}")
+    raise errors.ConfigError(f"config.data.validation_fraction must be in [0, 1), got {options.validation_fraction}")
   if options.dataset == "folder" and not options.folder:
-    raise ValueError("config.data.dataset='folder' needs config.data.folder=PATH (a directory of images)")
+    raise errors.ConfigError("config.data.dataset='folder' needs config.data.folder=PATH (a directory of images)")
   return options

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ddim_jax import errors
 from ddim_jax.data.cache import load_normalizer, prepare_cache
 from ddim_jax.data.options import DEFAULT_CACHE_DIR, LOCAL_SOURCES
 from ddim_jax.data.tfds_source import prepare_tfds
@@ -38,9 +39,9 @@ def prepare_source(dataset: str, source_dir: str | None = None, data_dir: str | 
       return prepare_tfds(dataset, source_dir=source_dir, data_dir=data_dir)
     except ImportError as e:
       # A missing optional extra is the user's to fix: a ValueError, which the CLI reports in one line.
-      raise ValueError(str(e)) from e
+      raise errors.ConfigError(str(e)) from e
   if source_dir:
-    raise ValueError("--source-dir is for TFDS datasets; use --folder for an image folder")
+    raise errors.ConfigError("--source-dir is for TFDS datasets; use --folder for an image folder")
   return None
 
 

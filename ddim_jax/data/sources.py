@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ddim_jax import errors
 from ddim_jax.data.decode_pool import _preprocess_many, _warn_skipped
 from ddim_jax.data.images import BadImageError, decode_image, quantize, resize_weights
 from ddim_jax.data.options import _NUM_NAMES_IN_WARNING, IMAGE_EXTENSIONS, DataOptions
@@ -60,11 +61,11 @@ def _read_file(path: str) -> Callable[[], np.ndarray]:
 def _build_folder(options: DataOptions, image_size: int) -> tuple[dict, dict]:
   folder = options.folder
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f"image folder {folder!r} does not exist (config.data.folder)")
+    raise errors.MissingInputError(f"image folder {folder!r} does not exist (config.data.folder)")
   files, others = list_image_files(folder)
   if not files:
-    raise ValueError(f"image folder {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}, searched "
-                     f"recursively; {len(others)} other files ignored)")
+    raise errors.InputError(f"image folder {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}, searched "
+                            f"recursively; {len(others)} other files ignored)")
   train_idx, val_idx = random_split(len(files), 1.0 - options.validation_fraction, options.split_seed)
   arrays, skipped, upsampled = {}, [], 0
   for split, idx in (("train", train_idx), ("validation", val_idx)):
@@ -75,10 +76,10 @@ def _build_folder(options: DataOptions, image_size: int) -> tuple[dict, dict]:
     upsampled += small
   _warn_skipped(f"image folder {folder}", skipped, len(files))
   if len(arrays["train"]) + len(arrays["validation"]) == 0:
-    raise ValueError(f"image folder {folder!r}: none of its {len(files)} image files could be read "
-                     f"(first: {', '.join(n for n, _ in skipped[:_NUM_NAMES_IN_WARNING])})")
+    raise errors.InputError(f"image folder {folder!r}: none of its {len(files)} image files could be read "
+                            f"(first: {', '.join(n for n, _ in skipped[:_NUM_NAMES_IN_WARNING])})")
   if len(arrays["train"]) == 0:
-    raise ValueError(f"image folder {folder!r}: no readable image landed in the training split")
+    raise errors.InputError(f"image folder {folder!r}: no readable image landed in the training split")
   info = {"source": folder, "files": len(files), "ignored_non_image_files": len(others),
           "skipped": len(skipped), "skipped_names": [n for n, _ in skipped[:20]], "upsampled": upsampled}
   return arrays, info

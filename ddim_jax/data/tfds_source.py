@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ddim_jax import errors
 from ddim_jax.data.decode_pool import _preprocess_many, _warn_skipped
 from ddim_jax.data.images import decode_image
 from ddim_jax.data.options import SPLITS, DataOptions
@@ -34,14 +35,15 @@ def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError("TFDS datasets need tensorflow-datasets: pip install 'ddim-jax[tfds]' "
+    raise errors.MissingDependencyError("TFDS datasets need tensorflow-datasets: pip install 'ddim-jax[tfds]' "
                       "(or use config.data.dataset='digits' or 'folder', which need nothing)") from e
   return tfds
 
 
 def _require_tensorflow(what: str) -> None:
   if importlib.util.find_spec("tensorflow") is None:
-    raise ImportError(f"{what} runs the TFDS builder, which needs TensorFlow: pip install 'ddim-jax[tfds]'")
+    raise errors.MissingDependencyError(
+        f"{what} runs the TFDS builder, which needs TensorFlow: pip install 'ddim-jax[tfds]'")
 
 
 def _tfds_builder(name: str, data_dir: str | None):
@@ -49,7 +51,7 @@ def _tfds_builder(name: str, data_dir: str | None):
   try:
     return tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except  # DatasetNotFoundError and friends
-    raise ValueError(f"unknown dataset {name!r}: not 'digits', 'folder' or a TFDS dataset ({e})") from e
+    raise errors.ConfigError(f"unknown dataset {name!r}: not 'digits', 'folder' or a TFDS dataset ({e})") from e
 
 
 def _source_filenames(builder) -> list[str]:
@@ -116,18 +118,18 @@ def prepare_tfds(name: str, source_dir: str | None = None, data_dir: str | None 
     if source_dir is not None:
       source_dir = os.path.abspath(os.path.expanduser(source_dir))
       if not os.path.isdir(source_dir):
-        raise FileNotFoundError(f"--source-dir {source_dir!r} is not a directory")
+        raise errors.MissingInputError(f"--source-dir {source_dir!r} is not a directory")
       expected = _source_filenames(builder)
       missing = [f for f in expected if not os.path.exists(os.path.join(source_dir, f))]
       if missing:
         # Without this check TFDS would silently try to download the missing files.
-        raise FileNotFoundError(f"{source_dir} lacks {', '.join(missing)} (the original files of {name}: "
+        raise errors.MissingInputError(f"{source_dir} lacks {', '.join(missing)} (the original files of {name}: "
                                 f"{', '.join(expected)})")
       download_config = tfds.download.DownloadConfig(manual_dir=source_dir)
     else:
       unreachable = _unreachable_host(list((type(builder).url_infos or {}).keys()))
       if unreachable:
-        raise FileNotFoundError(f"cannot reach {unreachable} to download {name}.\n"
+        raise errors.MissingInputError(f"cannot reach {unreachable} to download {name}.\n"
                                 + missing_data_message(name, data_dir, _source_filenames(builder)))
     try:
       builder.download_and_prepare(download_config=download_config, file_format="array_record")
@@ -135,8 +137,8 @@ def prepare_tfds(name: str, source_dir: str | None = None, data_dir: str | None 
       if type(e).__name__ != "NonMatchingChecksumError":
         raise
       where = f"in {source_dir}" if source_dir else "downloaded"
-      raise ValueError(f"a file {where} is not the original of {name} (size/SHA-256 differ from the ones "
-                       f"TFDS registered): {e}") from e
+      raise errors.InputError(f"a file {where} is not the original of {name} (size/SHA-256 differ from the ones "
+                              f"TFDS registered): {e}") from e
   return {"name": name, "data_dir": str(builder.data_dir),
           "splits": {k: int(v.num_examples) for k, v in builder.info.splits.items()},
           "seconds": time.time() - start, "already_prepared": already}
@@ -156,15 +158,15 @@ def find_image_key(features: Mapping[str, Any], image_type: type, image_key: str
   images = [k for k, f in features.items() if isinstance(f, image_type)]
   if image_key is not None:
     if image_key not in images:
-      raise ValueError(f"config.data.image_key={image_key!r} is not an image feature; image features: {images}")
+      raise errors.ConfigError(f"config.data.image_key={image_key!r} is not an image feature; image features: {images}")
     return image_key
   if "image" in images:
     return "image"
   if len(images) == 1:
     return images[0]
   if not images:
-    raise ValueError(f"the dataset has no image feature (features: {list(features)})")
-  raise ValueError(f"the dataset has several image features {images}: set config.data.image_key")
+    raise errors.ConfigError(f"the dataset has no image feature (features: {list(features)})")
+  raise errors.ConfigError(f"the dataset has several image features {images}: set config.data.image_key")
 
 
 def _ordered_tfds_splits(names: Sequence[str]) -> list[str]:
@@ -199,22 +201,22 @@ def _build_tfds(options: DataOptions, image_size: int) -> tuple[dict, dict]:
   builder = _tfds_builder(name, options.data_dir)
   if not builder.is_prepared():
     if not options.download:
-      raise FileNotFoundError(missing_data_message(name, options.data_dir, _source_filenames(builder)))
+      raise errors.MissingInputError(missing_data_message(name, options.data_dir, _source_filenames(builder)))
     _require_tensorflow(f"downloading {name}")
     unreachable = _unreachable_host(list((type(builder).url_infos or {}).keys()))
     if unreachable:
       # TFDS would retry for minutes before failing; say what to do now.
-      raise FileNotFoundError(f"cannot reach {unreachable} to download {name}.\n"
+      raise errors.MissingInputError(f"cannot reach {unreachable} to download {name}.\n"
                               + missing_data_message(name, options.data_dir, _source_filenames(builder)))
     try:
       builder.download_and_prepare(file_format="array_record")
     except Exception as e:  # pylint: disable=broad-except  # network errors come in many types
-      raise FileNotFoundError(f"downloading {name} failed ({type(e).__name__}: {e}).\n"
+      raise errors.MissingInputError(f"downloading {name} failed ({type(e).__name__}: {e}).\n"
                               + missing_data_message(name, options.data_dir, _source_filenames(builder))) from e
   image_key = find_image_key(builder.info.features, tfds.features.Image, options.image_key)
   split_names = list(options.tfds_splits or _ordered_tfds_splits(list(builder.info.splits.keys())))
   if not split_names:
-    raise ValueError(f"TFDS dataset {name!r} reports no splits; name them in config.data.tfds_splits")
+    raise errors.ConfigError(f"TFDS dataset {name!r} reports no splits; name them in config.data.tfds_splits")
   readers = {s: _tfds_split_reader(tfds, builder, s, image_key) for s in split_names}
   assignment = assign_tfds_splits([(s, readers[s][0]) for s in split_names], options)
   arrays, skipped, upsampled = {}, [], 0
@@ -238,8 +240,8 @@ def _build_tfds(options: DataOptions, image_size: int) -> tuple[dict, dict]:
   total = sum(readers[s][0] for s in split_names)
   _warn_skipped(f"TFDS {name}", skipped, total)
   if len(arrays["train"]) == 0:
-    raise ValueError(f"TFDS dataset {name!r}: no usable image in the training split "
-                     f"({len(skipped)} of {total} records unreadable)")
+    raise errors.InputError(f"TFDS dataset {name!r}: no usable image in the training split "
+                            f"({len(skipped)} of {total} records unreadable)")
   info = {"source": f"tfds:{name}", "data_dir": str(builder.data_dir), "image_key": image_key,
           "tfds_splits": {s: readers[s][0] for s in split_names}, "files": total,
           "skipped": len(skipped), "skipped_names": [n for n, _ in skipped[:20]], "upsampled": upsampled}
