@@ -1,5 +1,6 @@
 """The README's examples: every shell command in its code blocks is valid shell as written (a
-copy-pasted `--config.model.widths=(32,64,96,128)` is a bash syntax error unless quoted).
+copy-pasted `--config.model.widths=(32,64,96,128)` is a bash syntax error unless quoted), and the
+"Python API" section's code runs and produces what it says.
 """
 
 import os
@@ -7,7 +8,9 @@ import re
 import shlex
 import subprocess
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -103,3 +106,41 @@ def test_shell_commands_in_the_docs_are_valid_shell(path):
       pytest.fail(f"{where}: {command!r} does not split as shell words: {e}")
     result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"{where}: {command!r} is not valid bash (quote it): {result.stderr.strip()}"
+
+
+def python_api_code() -> str:
+  """The ```python blocks under the README's "Python API" heading, in order."""
+  with open(README, encoding="utf-8") as f:
+    blocks = [body for language, heading, body in code_blocks(f.read())
+              if language == "python" and heading == "Python API"]
+  assert blocks, "no ```python block under '## Python API'"
+  return "\n".join(line for body in blocks for _, line in body)
+
+
+def test_python_api_example_runs(trained_weights, tmp_path, monkeypatch):
+  """The section's code, with the demo weight file replaced by the small trained 16x16 model."""
+  code = python_api_code()
+  code, count = re.subn(r'^weights = "[^"]*"', f"weights = {trained_weights('keras')!r}", code, flags=re.M)
+  assert count == 1, "the example's first line names the weight file: weights = \"...\""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("DDIM_JAX_CACHE_DIR", str(tmp_path / "cache"))  # the digits cache of real_images
+  namespace = {}
+  exec(compile(code, "README.md (Python API)", "exec"), namespace)  # pylint: disable=exec-used
+
+  images, real, recon, strip = (np.asarray(namespace[k]) for k in ("images", "real", "recon", "strip"))
+  assert namespace["upscale"] == 4  # 16 px tiles -> 64 px
+  assert images.shape == (16, 16, 16, 3) and images.dtype == np.float32
+  assert images.min() >= 0.0 and images.max() <= 1.0 and images.std() > 0.05
+  tile = 16 * 4 + 2
+  assert Image.open("grid.png").size == (4 * tile + 2, 4 * tile + 2)
+  assert real.shape == recon.shape == (8, 16, 16, 3) and 0.0 <= recon.min() and recon.max() <= 1.0
+  assert Image.open("inversion.png").size == (8 * tile + 2, 2 * tile + 2)
+  errors = namespace["errors"]
+  assert sorted(errors) == [10, 20] and 0 < errors[20] < errors[10] < 0.1
+  np.testing.assert_allclose(errors[20], np.mean(np.square(recon.astype(np.float64) - real)), rtol=1e-3)
+  assert strip.shape == (9, 16, 16, 3) and Image.open("interpolation.png").size == (9 * tile + 2, tile + 2)
+  # slerp returns its endpoints exactly, so the first and last frames are the samples of the two noises.
+  source, frames = namespace["source"], np.asarray(namespace["frames"])
+  np.testing.assert_array_equal(frames[[0, -1]], np.stack([namespace["start"], namespace["end"]]))
+  ends = source.sample(2, steps=20, initial_noise=frames[[0, -1]])
+  np.testing.assert_allclose(strip[[0, -1]], ends, atol=1e-5)
