@@ -4,15 +4,21 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# The CPU build of torch; a plain `torch` requirement would pull a multi-GB CUDA build.
+# The torch requirement, optionally followed by pip options. Where pip is set up with a local
+# CPU-wheel mirror (as on the project's machines) this pin installs the CPU build 2.13.0+cpu; from
+# the public PyPI index on Linux it is the CUDA build (several GB of NVIDIA libraries). CPU only:
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# The requirement is quoted (so `torch>=2.3` works), the options after it are passed as they are.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_REQUIREMENT := $(firstword $(TORCH_SPEC))
+TORCH_PIP_OPTIONS := $(wordlist 2,$(words $(TORCH_SPEC)),$(TORCH_SPEC))
 
 .PHONY: setup setup-tfds demo test parity bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TORCH_REQUIREMENT)" $(TORCH_PIP_OPTIONS)
 	$(PIP) install -q -e ".[torch,dev]"
 	touch $@
 

@@ -73,7 +73,8 @@ def cmd_demo(args, overrides) -> int:
                        step=step)
   images = inference.sample_images(model, variables, normalizer, int(config.sample.num_images),
                                    int(config.model.image_size), int(config.sample.steps), 0.0, config.seed, 64, spec)
-  out = visualize.save_grid(images, os.path.join(args.workdir, "samples.png"), upscale=4)
+  out = visualize.save_grid(images, os.path.join(args.workdir, "samples.png"),
+                            upscale=visualize.default_upscale(int(config.model.image_size)))
   print(f"demo done in {time.time() - start:.0f}s: {out} (EMA samples, step {step}); weights {weights}; "
         f"metrics {os.path.join(args.workdir, 'metrics.jsonl')}")
   return 0
@@ -84,7 +85,8 @@ def cmd_sample(args) -> int:
   source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
   noise = inference.initial_noise(args.seed, args.num_images, source.image_shape, args.noise_file, args.numpy_noise)
   images = source.sample(args.num_images, args.steps, args.eta, args.seed, args.batch_size, initial_noise=noise)
-  visualize.save_grid(images, args.out, rows=args.rows, upscale=args.upscale or 1)
+  visualize.save_grid(images, args.out, rows=args.rows,
+                      upscale=visualize.default_upscale(source.image_size, args.upscale))
   devices = parallel.rows_mesh(min(args.batch_size, args.num_images)).size
   print(f"wrote {args.out} ({len(images)} images of {source.description}, {args.steps} steps, eta={args.eta}, "
         f"batches split over {devices} device{'s' * (devices > 1)})")
@@ -300,7 +302,9 @@ def add_sample_parser(sub) -> None:
   add_noise_arguments(p)
   p.add_argument("--rows", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--upscale", type=int, default=None, help="integer pixel upscaling of the PNGs (grid default 1)")
+  p.add_argument("--upscale", type=int, default=None,
+                 help="integer pixel upscaling of the PNGs (default: tiles of about 64 px in the grid and the "
+                      "trajectory, as `demo`; the --out-dir images at their native size)")
   p.add_argument("--out-dir", default=None, help="also write every image as out-dir/sample_00000.png, ...")
   p.add_argument("--array-out", default=None, help="also write the images as a float32 .npy (N, H, W, C) in [0, 1]")
   p.add_argument("--trajectory", default=None, help="write the noise-to-image strip of the first samples here")

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--noise-file", default=None, help="initial noise from a .npy file, (N, H, W, C) float32")
   parser.add_argument("--rows", type=int, default=None)
   parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--upscale", type=int, default=1)
+  parser.add_argument("--upscale", type=int, default=None,
+                      help="integer pixel upscaling of the grid (default: tiles of about 64 px, as ddim-jax sample)")
   parser.add_argument("--array-out", default=None, help="also write the images as a float32 .npy (N, H, W, C)")
   return parser
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     noise = numpy_noise(args.seed, (args.num_images, size, size, channels))
   images = sample_images(model, normalizer, noise, args.steps, args.eta, args.seed, args.batch_size,
                          schedules.DiffusionSpec.from_metadata(metadata))
-  visualize.save_grid(images, args.out, rows=args.rows, upscale=args.upscale)
+  visualize.save_grid(images, args.out, rows=args.rows, upscale=visualize.default_upscale(size, args.upscale))
   if args.array_out:
     np.save(args.array_out, images)
   print(f"wrote {args.out} ({len(images)} images, {args.steps} steps, eta={args.eta}, torch)")

@@ -17,7 +17,7 @@ def test_sample_and_info_from_a_weight_file(tmp_path, capsys, trained_weights):
   assert cli.main(["sample", "--weights", weights, "--out", out, "--num-images", "6", "--steps", "5",
                    "--rows", "2"]) == 0
   grid = np.asarray(Image.open(out))
-  assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3)  # 2 rows x 3 cols of 16px tiles, 2px padding
+  assert grid.shape == (2 * 66 + 2, 3 * 66 + 2, 3)  # 2 rows x 3 cols of 16px tiles upscaled x4 (the default), 2px pads
   assert grid.std() > 10  # not a blank image
   assert cli.main(["info", "--weights", weights]) == 0
   assert '"variant": "keras"' in capsys.readouterr().out
@@ -49,8 +49,13 @@ def test_demo_train_export_sample_end_to_end(tmp_path):
   raw = convert.read_weight_file(str(tmp_path / "w1.safetensors"))
   assert ema[1]["weights"] == "ema" and raw[1]["weights"] == "raw" and ema[1]["step"] == "4"
   assert any(np.any(ema[0][k] != raw[0][k]) for k in ema[0])  # the EMA is not the raw weights
+  # `sample` of the exported file, with demo's numbers (4 images, 3 steps, seed 0), writes demo's grid: the
+  # same images at the same default upscale (x4 for 16 px).
   assert cli.main(["sample", "--weights", str(tmp_path / "w0.safetensors"), "--out", str(tmp_path / "s.png"),
-                   "--num-images", "2", "--steps", "3"]) == 0
+                   "--num-images", "4", "--steps", "3", "--seed", "0"]) == 0
+  sampled, demo = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (tmp_path / "s.png",
+                                                                                 workdir / "samples.png"))
+  assert sampled.shape == demo.shape and np.abs(sampled - demo).max() <= 1
 
 
 def test_export_without_checkpoints_is_a_clear_error(tmp_path, capsys):

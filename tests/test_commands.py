@@ -172,7 +172,7 @@ def test_sample_from_a_workdir_writes_grid_images_and_trajectory(kid_run, tmp_pa
   assert cli.main(["sample", "--workdir", kid_run, "--num-images", "5", "--steps", "3", "--rows", "1",
                    "--batch-size", "2", "--out", str(grid), "--out-dir", str(tmp_path / "each"),
                    "--array-out", str(arrays), "--trajectory", str(traj), "--trajectory-images", "2"]) == 0
-  assert _png(grid).shape == (18 + 2, 5 * 18 + 2, 3)
+  assert _png(grid).shape == (TILE + 2, 5 * TILE + 2, 3)  # x4, as demo's grid; the --out-dir images at 16 px:
   files = sorted(os.listdir(tmp_path / "each"))
   assert files == [f"sample_{i:05d}.png" for i in range(5)]
   assert _png(tmp_path / "each" / files[0]).shape == (16, 16, 3)
