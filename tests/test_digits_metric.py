@@ -88,11 +88,13 @@ def test_shipped_weights_are_what_the_training_script_produces():
   assert record["validation_accuracy"] >= 0.95 and record["train_accuracy"] >= 0.98
   assert record["validation_accuracy"] == pytest.approx(float(meta["validation_accuracy"]), abs=0.006)
   assert (record["train_images"], record["validation_images"]) == (1437, 360)
-  # The same features of the validation digits (scale: their standard deviation, about 1-10).
+  # The same features of the validation digits. Measured: identical here; the tolerance leaves room
+  # for another CPU's float32 rounding, amplified by 1,350 Adam steps, while another recipe (other
+  # epochs or seed) moves them by 0.4 (29 epochs) to 7 (seed 1) standard deviations at most.
   splits = digits_metric.training_data()
   want, _ = digits_metric.features_and_logits(shipped, splits["validation"][0])
   got, _ = digits_metric.features_and_logits(params, splits["validation"][0])
-  assert np.max(np.abs(got - want)) <= 1e-3 * np.std(want)
+  assert np.max(np.abs(got - want)) <= 1e-2 * np.std(want)
   # The shipped weights classify the held-out digits as their metadata says.
   assert digits_metric.accuracy(shipped, *splits["validation"]) == pytest.approx(
       float(meta["validation_accuracy"]), abs=1e-9)
