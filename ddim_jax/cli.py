@@ -25,11 +25,12 @@ import time
 import jax
 import numpy as np
 
-from ddim_jax import (configs, convert, data, errors, evaluation, figures, inference, models, parallel, sampling,
-                      schedules, trainer, visualize)
+from ddim_jax import (configs, convert, data, digits_metric, errors, evaluation, figures, inference, models,
+                      parallel, sampling, schedules, trainer, visualize)
 
 # The DDIM paper's Table 2 (CIFAR10, per-dimension MSE of pixels in [0, 1]).
 DDIM_PAPER_RECONSTRUCTION = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
+DIGITS_METRIC_IMAGES = 500  # samples of `evaluate`'s digits metric by default
 
 STEP_HELP = ("with --workdir: which checkpoint: latest (default), best (the lowest KID logged in training) or a "
              "step number")
@@ -75,6 +76,15 @@ def cmd_demo(args, overrides) -> int:
                                    int(config.model.image_size), int(config.sample.steps), 0.0, config.seed, 64, spec)
   out = visualize.save_grid(images, os.path.join(args.workdir, "samples.png"),
                             upscale=visualize.default_upscale(int(config.model.image_size)))
+  if digits_metric.is_digits(config.data):
+    num, steps = int(config.eval.num_quality_images), int(config.sample.steps)
+    metric = digits_metric.DigitsMetric.for_data(config.data, int(config.model.image_size))
+    scores = {f"model ({steps} steps)": metric.score(inference.sample_images(
+        model, variables, normalizer, num, int(config.model.image_size), steps, 0.0, config.seed, 64, spec))}
+    scores.update(metric.calibration(num))
+    print(f"digits metric of {num} EMA samples against the {metric.num_reference} validation digits (as `ddim-jax "
+          f"evaluate --workdir {args.workdir} --steps {steps} --seed {config.seed}`), then the calibration points:")
+    print("\n".join(digits_metric.table_lines(scores)))
   print(f"demo done in {time.time() - start:.0f}s: {out} (EMA samples, step {step}); weights {weights}; "
         f"metrics {os.path.join(args.workdir, 'metrics.jsonl')}")
   return 0
@@ -176,9 +186,11 @@ def cmd_interpolate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-  """ddim-jax evaluate: KID of EMA samples against the validation split, per step count."""
+  """ddim-jax evaluate: KID (the digits metric for the bundled digits) of EMA samples, per step count."""
   source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
   steps_list = evaluation.parse_step_counts(args.steps)
+  if args.metric == "digits" or (args.metric == "auto" and digits_metric.is_digits(source.data_config)):
+    return cmd_evaluate_digits(args, source, steps_list)
   weights = evaluation.resolve_inception_weights(args.inception_weights)
   reals = source.real_images("validation", args.num_images)
   batch = evaluation.kid_batch_size(len(reals), args.batch_size)
@@ -197,6 +209,31 @@ def cmd_evaluate(args) -> int:
     text = evaluation.write_json(args.json, {
         "kid": {str(k): v for k, v in results.items()}, "steps": steps_list, "num_images": used,
         "batch_size": batch, "image_size": args.image_size, "inception_weights": weights,
+        "checkpoint_step": source.step, "seed": args.seed, "seconds": time.time() - start})
+    print(text if args.json == "-" else f"wrote {args.json}")
+  return 0
+
+
+def cmd_evaluate_digits(args, source, steps_list) -> int:
+  """ddim-jax evaluate on the bundled digits: the digits metric per step count, then its calibration points."""
+  if not digits_metric.is_digits(source.data_config):
+    raise errors.ConfigError("--metric digits needs a model of the bundled digits (config.data.dataset='digits')")
+  num = args.num_images or DIGITS_METRIC_IMAGES
+  start = time.time()
+  metric = digits_metric.DigitsMetric.for_data(source.data_config, source.image_size)
+  results = {steps: metric.score(source.sample(num, steps, 0.0, args.seed, args.batch_size)) for steps in steps_list}
+  calibration = metric.calibration(num)
+  print(f"digits metric of {source.description}: {num} samples (seed {args.seed}) against the {metric.num_reference} "
+        f"validation digits, features of {os.path.basename(metric.weights)}:")
+  print("\n".join(digits_metric.table_lines(results, "steps")))
+  print(f"calibration ({num} images each; real digits from the training split):")
+  print("\n".join(digits_metric.table_lines(calibration)))
+  if args.json:
+    text = evaluation.write_json(args.json, {
+        "metric": "digits", "steps": steps_list, "num_images": num, "reference_images": metric.num_reference,
+        **{key: {str(k): getattr(v, key) for k, v in results.items()} for key in ("frechet_distance", "coverage")},
+        "histogram": {str(k): list(v.histogram) for k, v in results.items()},
+        "calibration": [{"name": k, **v.to_json()} for k, v in calibration.items()], "feature_weights": metric.weights,
         "checkpoint_step": source.step, "seed": args.seed, "seconds": time.time() - start})
     print(text if args.json == "-" else f"wrote {args.json}")
   return 0
@@ -350,10 +387,13 @@ def add_interpolate_parser(sub) -> None:
 
 
 def add_evaluate_parser(sub) -> None:
-  p = sub.add_parser("evaluate", help="KID against the validation split for each step count")
+  p = sub.add_parser("evaluate", help="KID (digits: the digits metric) against the validation split per step count")
   add_source_arguments(p)
   p.add_argument("--steps", default="5,10,20,50", help="comma-separated step counts")
-  p.add_argument("--num-images", type=int, default=None, help="validation images (default: all)")
+  p.add_argument("--metric", default="auto", choices=("auto", "kid", "digits"),
+                 help="auto: the digits metric (no Inception weights) for the bundled digits, else KID")
+  p.add_argument("--num-images", type=int, default=None,
+                 help=f"KID: validation images (default: all); digits: samples (default {DIGITS_METRIC_IMAGES})")
   p.add_argument("--batch-size", type=int, default=64, help="images per KID batch (Keras 64, R 128)")
   p.add_argument("--inception-weights", default=None,
                  help="torchvision's inception_v3_google-0cc3c7bd.pth or pytorch-fid's pt_inception-2015-12-05-"

@@ -135,8 +135,8 @@ def test_training_kid_without_inception_weights_warns_once_and_is_off(tmp_path):
 
 def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path, capsys):
   out = tmp_path / "kid.json"
-  assert cli.main(["evaluate", "--workdir", kid_run, "--steps", "2,3", "--num-images", "8", "--batch-size", "4",
-                   "--inception-weights", inception_file, "--json", str(out)]) == 0
+  assert cli.main(["evaluate", "--workdir", kid_run, "--metric", "kid", "--steps", "2,3", "--num-images", "8",
+                   "--batch-size", "4", "--inception-weights", inception_file, "--json", str(out)]) == 0
   record = json.loads(out.read_text())
   assert set(record["kid"]) == {"2", "3"} and all(np.isfinite(v) for v in record["kid"].values())
   assert record["kid"]["2"] != record["kid"]["3"]  # the step count changes the samples
@@ -159,11 +159,13 @@ def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path,
     assert record["kid"][str(steps)] == pytest.approx(want[str(steps)], rel=1e-5, abs=1e-9), steps
   # A step count evaluated twice gives the same value (same noises and real batches every time).
   again = tmp_path / "again.json"
-  assert cli.main(["evaluate", "--workdir", kid_run, "--steps", "2,2", "--num-images", "8", "--batch-size", "4",
-                   "--inception-weights", inception_file, "--json", str(again)]) == 0
+  assert cli.main(["evaluate", "--workdir", kid_run, "--metric", "kid", "--steps", "2,2", "--num-images", "8",
+                   "--batch-size", "4", "--inception-weights", inception_file, "--json", str(again)]) == 0
   repeated = json.loads(again.read_text())
   assert repeated["steps"] == [2, 2] and repeated["kid"] == {"2": record["kid"]["2"]}
-  assert cli.main(["evaluate", "--workdir", kid_run, "--inception-weights", str(tmp_path / "none.pth")]) == 2
+  # The bundled digits get the digits metric by default (--metric auto); --metric kid asks for KID.
+  assert cli.main(["evaluate", "--workdir", kid_run, "--metric", "kid", "--inception-weights",
+                   str(tmp_path / "none.pth")]) == 2
   assert "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
 
 

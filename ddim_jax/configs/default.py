@@ -83,4 +83,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.kid_image_size = 75  # Inception input side: 75 (Keras) or 299 (R)
   config.eval.num_kid_images = ml_collections.config_dict.placeholder(int)  # None: the whole validation split
   config.eval.kid_batch_size = 64  # images per KID batch (Keras 64, R 128)
+  # `ddim-jax demo` on the bundled digits: samples scored by the digits metric at its end (ddim_jax.digits_metric).
+  config.eval.num_quality_images = 500
   return config

@@ -22,6 +22,7 @@ Entry points:
   load_normalizer(config_data, image_size) -> {"mean": (3,) f32, "variance": (3,) f32}
   prepare_cache(config_data, image_size) -> CacheEntry (builds the cache entry on a miss)
   load_digits_images(image_size) -> uint8 (1797, S, S, 3)
+  load_digits_labels() -> int64 (1797,); digits_split_indices(options) -> {"train", "validation"}: indices
   BatchIterator(images, global_batch_size, seed, process_index, process_count, ...)
   prepare_tfds(name, source_dir=None, data_dir=None): run a TFDS builder (offline from local files)
   prepare_source(dataset, ...), build_cache(dataset, image_size, ...): ``ddim-jax prepare-data``
@@ -32,11 +33,12 @@ from ddim_jax.data.images import BadImageError, compute_normalizer
 from ddim_jax.data.iterator import BatchIterator, create_datasets
 from ddim_jax.data.options import DEFAULT_CACHE_DIR, SPLITS, DataOptions, data_options
 from ddim_jax.data.prepare import build_cache, prepare_source
-from ddim_jax.data.sources import load_digits_images
+from ddim_jax.data.sources import digits_split_indices, load_digits_images, load_digits_labels
 from ddim_jax.data.tfds_source import prepare_tfds
 
 __all__ = [
     "DEFAULT_CACHE_DIR", "SPLITS", "BadImageError", "BatchIterator", "CacheEntry", "DataOptions", "build_cache",
-    "compute_normalizer", "create_datasets", "data_options", "load_digits_images", "load_normalizer", "load_split",
+    "compute_normalizer", "create_datasets", "data_options", "digits_split_indices", "load_digits_images",
+    "load_digits_labels", "load_normalizer", "load_split",
     "prepare_cache", "prepare_source", "prepare_tfds",
 ]

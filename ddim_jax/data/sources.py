@@ -106,9 +106,24 @@ def load_digits_images(image_size: int) -> np.ndarray:
   return np.repeat(gray[..., None], 3, axis=-1)
 
 
+NUM_DIGITS = 1797  # images in scikit-learn's digits
+
+
+def load_digits_labels() -> np.ndarray:
+  """scikit-learn's labels (0..9) of the digits of ``load_digits_images``, int64 (1797,)."""
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  return np.asarray(load_digits().target, np.int64)
+
+
+def digits_split_indices(options: DataOptions) -> dict[str, np.ndarray]:
+  """{"train", "validation"}: the indices into ``load_digits_images`` of the digits' splits."""
+  train_idx, val_idx = random_split(NUM_DIGITS, 1.0 - options.validation_fraction, options.split_seed)
+  return {"train": train_idx, "validation": val_idx}
+
+
 def _build_digits(options: DataOptions, image_size: int) -> tuple[dict, dict]:
   images = load_digits_images(image_size)
-  train_idx, val_idx = random_split(len(images), 1.0 - options.validation_fraction, options.split_seed)
-  arrays = {"train": images[train_idx], "validation": images[val_idx]}
+  indices = digits_split_indices(options)
+  arrays = {split: images[idx] for split, idx in indices.items()}
   return arrays, {"source": "sklearn.datasets.load_digits", "files": len(images), "skipped": 0,
                   "skipped_names": [], "upsampled": len(images) if image_size > 8 else 0}
