@@ -30,7 +30,7 @@ CONFIG_FILE = "config.json"
 RUNS_FILE = "runs.jsonl"
 
 # Keys (or key prefixes ending in ".") whose change makes a checkpoint meaningless for the run.
-INCOMPATIBLE = ("model.", "diffusion.", "data.", "train.batch_size")
+INCOMPATIBLE = ("model.", "diffusion.", "data.", "train.batch_size", "train.lr_schedule", "train.warmup_steps")
 # Exceptions under those prefixes: they move or fetch the same data, or change only the compute dtype.
 COMPATIBLE = ("model.dtype", "data.data_dir", "data.cache_dir", "data.download")
 
@@ -83,7 +83,9 @@ def check_resume(stored_config: Mapping[str, Any], config, workdir: str, step: i
       keys and the fix (a new workdir, or the stored values).
   """
   changes = config_changes(stored_config, json.loads(config.to_json()))
-  refused = {k: v for k, v in changes.items() if is_incompatible(k)}
+  # A key the stored config lacks (written by an older version, which had its default) is recorded, not refused.
+  stored_keys = flatten(stored_config)
+  refused = {k: v for k, v in changes.items() if is_incompatible(k) and k in stored_keys}
   if refused:
     raise errors.ConfigError(
         f"{workdir} holds a run of another config: its checkpoint (step {step}) has {format_changes(refused)} "

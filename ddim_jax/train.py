@@ -51,18 +51,43 @@ class StepConfig:
   ema_warmup: bool = False
   loss: str = "mae"
   diffusion: schedules.DiffusionSpec = schedules.DiffusionSpec()
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  num_steps: int = 0  # the horizon of the "cosine" schedule
 
   @classmethod
   def from_config(cls, config) -> "StepConfig":
     """Reads ``config.train`` and ``config.diffusion``."""
     return cls(learning_rate=float(config.train.learning_rate), weight_decay=float(config.train.weight_decay),
                ema_decay=float(config.train.ema_decay), ema_warmup=bool(config.train.get("ema_warmup", False)),
-               loss=config.train.loss, diffusion=schedules.DiffusionSpec.from_config(config))
+               loss=config.train.loss, diffusion=schedules.DiffusionSpec.from_config(config),
+               lr_schedule=str(config.train.get("lr_schedule", "constant")),
+               warmup_steps=int(config.train.get("warmup_steps", 0) or 0), num_steps=int(config.train.num_steps))
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(step_config: StepConfig):
+  """The learning rate: a float (constant, no warm-up: the Keras and R originals), else a schedule
+  of the optimiser step: a linear warm-up from 0 over ``warmup_steps``, then constant or a cosine
+  decay to 0 at ``num_steps``."""
+  lr, warmup = step_config.learning_rate, step_config.warmup_steps
+  if step_config.lr_schedule not in LR_SCHEDULES:
+    raise errors.ConfigError(f"config.train.lr_schedule={step_config.lr_schedule!r} is invalid: choose one of "
+                             f"{LR_SCHEDULES}")
+  if step_config.lr_schedule == "constant" and warmup == 0:
+    return lr
+  if step_config.lr_schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(step_config.num_steps, warmup + 1), end_value=0.0)
 
 
 def make_optimizer(step_config: StepConfig) -> optax.GradientTransformation:
-  """AdamW (b1 0.9, b2 0.999, eps 1e-8, decoupled weight decay on every parameter), no schedule."""
-  return optax.adamw(step_config.learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=step_config.weight_decay)
+  """AdamW (b1 0.9, b2 0.999, eps 1e-8, decoupled weight decay on every parameter) at
+  ``learning_rate_schedule`` (weight decay scales with the scheduled rate, as in optax)."""
+  return optax.adamw(learning_rate_schedule(step_config), b1=0.9, b2=0.999, eps=1e-8,
+                     weight_decay=step_config.weight_decay)
 
 
 def create_train_state(model, step_config: StepConfig, key, image_size: int) -> TrainState:

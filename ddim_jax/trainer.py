@@ -60,6 +60,9 @@ def validate_config(config, num_devices: int) -> None:
   require(float(t.learning_rate) > 0, "train.learning_rate", t.learning_rate, "must be > 0")
   require(float(t.weight_decay) >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
   require(t.loss in train.LOSSES, "train.loss", t.loss, f"choose one of {train.LOSSES}")
+  require(t.get("lr_schedule", "constant") in train.LR_SCHEDULES, "train.lr_schedule", t.get("lr_schedule"),
+          f"choose one of {train.LR_SCHEDULES}")
+  require(int(t.get("warmup_steps", 0) or 0) >= 0, "train.warmup_steps", t.get("warmup_steps"), "must be >= 0")
   require(config.diffusion.target in sampling.TARGETS, "diffusion.target", config.diffusion.target,
           f"choose one of {sampling.TARGETS}")
   require(config.parallel in parallel.PARALLEL_MODES, "parallel", config.parallel,
@@ -292,6 +295,7 @@ class ProgressReport:
     self.interactive = sys.stderr.isatty() if interactive is None else interactive
     self.done = start_step
     self._start = time.time()
+    self._first = None  # (time, step) of the first log line
     self._bar = tqdm(total=num_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
                      disable=not (enabled and self.interactive))
 
@@ -308,8 +312,12 @@ class ProgressReport:
     if self.interactive:
       self._bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", img_s=f"{metrics['images_per_second']:.0f}")
       return
-    elapsed = time.time() - self._start
-    rate = (step - self.start_step) / max(elapsed, 1e-9)
+    now = time.time()
+    elapsed = now - self._start
+    # The rate since the first log step: the time before it includes compilation.
+    first_time, first_step = self._first or (self._start, self.start_step)
+    self._first = self._first or (now, step)
+    rate = (step - first_step) / max(now - first_time, 1e-9)
     eta = (self.num_steps - step) / rate if rate > 0 else 0.0
     extra = "".join(f" {k} {float(metrics[k]):.5f}" for k in ("val_kid",) if k in metrics)
     print(f"step {step}/{self.num_steps} loss {float(metrics['loss']):.4f}{extra} "

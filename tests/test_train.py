@@ -128,6 +128,35 @@ def test_production_train_step_equals_the_closed_form_step():
   assert int(got.step) == 4
 
 
+def test_learning_rate_schedules_closed_forms_and_the_first_warmup_step_moves_nothing():
+  lr = 2e-3
+  assert train.learning_rate_schedule(train.StepConfig(learning_rate=lr)) == lr  # the originals: a constant
+  cosine = train.learning_rate_schedule(train.StepConfig(learning_rate=lr, lr_schedule="cosine", warmup_steps=10,
+                                                         num_steps=110))
+  for step, want in ((0, 0.0), (5, lr / 2), (10, lr), (60, lr / 2), (110, 0.0)):
+    assert float(cosine(step)) == pytest.approx(want, abs=1e-9), step
+  warm = train.learning_rate_schedule(train.StepConfig(learning_rate=lr, warmup_steps=4))
+  assert [float(warm(s)) for s in (0, 2, 4, 100)] == pytest.approx([0.0, lr / 2, lr, lr])
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train.learning_rate_schedule(train.StepConfig(lr_schedule="linear"))
+  # Through the optimiser: the first step of a warm-up has rate 0, so AdamW (and its decoupled weight
+  # decay, scaled by the rate) leaves the weights as they were; the second step moves them.
+  model = models.create_model("keras", widths=(8, 16))
+  variables = models.init_variables(model, jax.random.key(0), 16)
+  step_config = train.StepConfig(lr_schedule="cosine", warmup_steps=10, num_steps=100)
+  state = train.TrainState(step=jnp.asarray(0, jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=train.make_optimizer(step_config).init(variables["params"]),
+                           ema_params=variables["params"], ema_batch_stats=variables["batch_stats"])
+  images = np.random.default_rng(0).uniform(0.0, 1.0, (4, 16, 16, 3)).astype(np.float32)
+  normalizer = {"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.1, np.float32)}
+  step = jax.jit(functools.partial(train.train_step, model=model, step_config=step_config, axis_name=None))
+  first, _ = step(state, images, normalizer, jax.random.key(1))
+  second, _ = step(first, images, normalizer, jax.random.key(1))
+  assert _tree_rel(first.params, state.params) == 0.0
+  assert _tree_rel(second.params, first.params) > 1e-4
+
+
 def test_a_short_jax_training_run_on_the_digits_gives_a_denoiser():
   """The production step trains: 100 steps on the bundled digits beat predicting zero noise widely.
 

@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.num_steps = 25_550
   config.train.batch_size = 64  # global
   config.train.learning_rate = 1e-3
+  # "constant" (Keras, R) or "cosine" (decay to 0 at num_steps), after a linear warm-up of
+  # warmup_steps (0: none). Either one changes the optimiser state: a workdir keeps its choice.
+  config.train.lr_schedule = "constant"
+  config.train.warmup_steps = 0
   config.train.weight_decay = 1e-4
   config.train.ema_decay = 0.999
   config.train.loss = "mae"  # "mae" | "mse"
