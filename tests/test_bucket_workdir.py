@@ -243,6 +243,10 @@ def test_train_resume_export_and_sample_with_a_bucket_workdir(tmp_path, cache_di
   assert sum(n.startswith("tensorboard/events.out.tfevents.") for n in names) == 2, sorted(names)
   metrics = [json.loads(line) for line in bucket.cat("run/metrics.jsonl").decode().splitlines()]
   assert [m["step"] for m in metrics] == [2, 4, 6, 8]
+  # The run record: the newest start's config, and one record per start (rewritten whole each time).
+  assert json.loads(bucket.cat("run/config.json"))["train"]["num_steps"] == 8
+  runs = [json.loads(line) for line in bucket.cat("run/runs.jsonl").decode().splitlines()]
+  assert [r["start_step"] for r in runs] == [0, 4] and runs[1]["config_changes"] == {"train.num_steps": [4, 8]}
   assert not any(cwd.iterdir())
 
   # 3. export and sample read the bucket workdir.

@@ -158,7 +158,8 @@ def test_a_redirected_run_prints_the_banner_and_plain_log_lines(tmp_path, cache_
   assert result.returncode == 0, result.stderr[-3000:]
   assert "\r" not in result.stdout + result.stderr
   lines = result.stdout.splitlines()
-  banner = next(i for i, line in enumerate(lines) if line.startswith("ddim-jax train: demo '--config.model.widths=(8,16)' "))
+  first = "ddim-jax train: demo '--config.model.widths=(8,16)' "
+  banner = next(i for i, line in enumerate(lines) if line.startswith(first))
   assert lines[banner + 1].startswith("  devices    2 x cpu (cpu), 1 process(es)")
   assert "10,011 parameters" in lines[banner + 2]  # the tiny U-Net, counted
   assert "1,437 training images" in lines[banner + 3] and "360 validation images" in lines[banner + 3]
@@ -261,8 +262,8 @@ def test_missing_torch_for_inception_weights_is_one_line(tmp_path, trained_weigh
   pth = tmp_path / "inception_v3_google-0cc3c7bd.pth"
   pth.write_bytes(b"present")
   monkeypatch.setitem(sys.modules, "torch", None)
-  assert cli.main(["evaluate", "--weights", trained_weights("keras"), "--inception-weights", str(pth),
-                   "--num-images", "8", "--batch-size", "4", "--steps", "2"]) == 2
+  assert cli.main(["evaluate", "--metric", "kid", "--weights", trained_weights("keras"), "--inception-weights",
+                   str(pth), "--num-images", "8", "--batch-size", "4", "--steps", "2"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "needs PyTorch" in err and "ddim-jax[torch]" in err, err
 
