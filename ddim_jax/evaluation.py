@@ -112,7 +112,9 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
   results = {}
   for steps in steps_list:
     accumulator = metrics.KIDAccumulator()
-    for i in tqdm(range(num_batches), desc=f"KID ({steps} steps, {mesh.size} devices)", disable=not progress):
+    bar = tqdm(range(num_batches), desc=f"KID ({steps} steps, {mesh.size} devices)",
+               disable=None if progress else True)  # None: only on a terminal (no carriage returns in logs)
+    for i in bar:
       noise = parallel.shard_rows(jax.random.normal(jax.random.fold_in(key, i), shape), mesh)
       generated = sampling.generate(model, variables, noise, normalizer, steps=int(steps), spec=spec)["images"]
       accumulator.update(real_features[i], parallel.gather_rows(feature_fn(generated)))

@@ -85,7 +85,7 @@ def sample_images(model, variables, normalizer, num_images: int, image_size: int
   out = []
   devices = parallel.rows_mesh(min(batch_size, num_images)).size
   with tqdm(total=num_images, desc=f"sampling ({steps} steps, {devices} device{'s' * (devices > 1)})", unit="img",
-            disable=num_images <= batch_size) as bar:
+            disable=True if num_images <= batch_size else None) as bar:  # None: off when stderr is no terminal
     for start in range(0, num_images, batch_size):
       n = min(batch_size, num_images - start)
       mesh = parallel.rows_mesh(n)

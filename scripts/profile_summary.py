@@ -19,9 +19,10 @@ import re
 import sys
 
 # Op-name patterns -> kind, first match wins. XLA names ops after the HLO instruction
-# ("convolution.18", "broadcast_add_fusion.5", "all-reduce.1", "psum.301").
+# ("convolution.18", "ynn_fusion.3", "broadcast_add_fusion.5", "all-reduce.1", "psum.301").
 KINDS = (
-    ("convolution", re.compile(r"^(convolution|conv|cudnn|.*conv.*fusion)")),
+    # XLA:CPU hands convolutions and matmuls to YNNPACK (XNNPACK before it) as "ynn_fusion" ops.
+    ("convolution / matmul", re.compile(r"^(convolution|conv|cudnn|.*conv.*fusion|ynn_fusion|xnn_fusion)")),
     ("collective", re.compile(r"^(all-reduce|psum|pmean|all-gather|reduce-scatter|collective|ncclAllReduce)")),
     ("wait at a collective", re.compile(r"^(Rendezvous|Wait: |Wait for rendezvous)")),
     ("fusion", re.compile(r"fusion")),
