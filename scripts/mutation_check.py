@@ -191,7 +191,7 @@ MUTATIONS = (
              ("tests/test_run_record.py::test_the_loop_reports_steps_only_after_they_finished",)),
     Mutation("best_is_newest", "`--step best` loads the newest checkpoint with a KID",
              "ddim_jax/inference.py", "best = min(kids, key=lambda s: (kids[s], s))", "best = max(kids)",
-             ("tests/test_commands.py::test_step_chooses_the_best_latest_or_a_numbered_checkpoint",)),
+             ("tests/test_run_record.py::test_select_step_best_is_the_lowest_kid_not_the_newest",)),
     Mutation("every_value_error_one_line", "the CLI turns every ValueError (bugs too) into one line",
              "ddim_jax/cli.py", "EXPECTED_ERRORS = (errors.Error, FileNotFoundError,",
              "EXPECTED_ERRORS = (errors.Error, ValueError, FileNotFoundError,",

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddim_jax import cli, errors, run_record, train, trainer
+from ddim_jax import cli, errors, inference, run_record, train, trainer
 from train_helpers import final_weights, run, subprocess_env, tiny_config, tiny_overrides
 
 
@@ -244,6 +244,38 @@ def test_profile_steps_write_a_trace(tmp_path, cache_dir):
   for bad in ("4,2", "x", "3,5"):  # the last: steps_per_call=2 needs even steps
     with pytest.raises(errors.ConfigError, match="profile_steps"):
       trainer.validate_config(tiny_config(cache_dir, **{"train.profile_steps": bad, "train.steps_per_call": 2}), 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing a checkpoint.
+
+
+class _Checkpoints:
+  """What ``inference.select_step`` reads of a Checkpointer: steps, their metrics, the directory."""
+
+  def __init__(self, kids):
+    self.kids, self.directory = kids, "/run/checkpoints"
+
+  def all_steps(self):
+    return sorted(self.kids)
+
+  def metrics(self, step):
+    return None if self.kids[step] is None else {"loss": 0.1, "val_kid": self.kids[step]}
+
+
+def test_select_step_best_is_the_lowest_kid_not_the_newest():
+  ckpt = _Checkpoints({2: 0.5, 4: 0.1, 6: 0.3, 8: None, 10: float("nan")})
+  assert inference.select_step(ckpt, "best") == (4, "best: val_kid 0.10000")
+  assert inference.select_step(ckpt, "latest") == (10, "latest")
+  assert inference.select_step(ckpt, None) == (10, "latest")
+  assert inference.select_step(ckpt, "6") == (6, "step 6")
+  assert inference.select_step(_Checkpoints({2: 0.2, 4: 0.2}), "best")[0] == 2  # a tie: the earlier step
+  with pytest.raises(errors.MissingInputError, match=r"no checkpoint of step 7 .* steps \[2, 4, 6, 8, 10\]"):
+    inference.select_step(ckpt, "7")
+  with pytest.raises(errors.ConfigError, match="none of the checkpoints .* has a KID"):
+    inference.select_step(_Checkpoints({2: None, 4: None}), "best")
+  with pytest.raises(errors.MissingInputError, match="no complete checkpoint"):
+    inference.select_step(_Checkpoints({}), "latest")
 
 
 # ------------------------------------------------------------------------------------------------
