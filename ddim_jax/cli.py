@@ -2,18 +2,20 @@
 
   ddim-jax demo    --workdir DIR                       the offline demo: trains on the bundled digits
   ddim-jax train   --config PRESET_OR_FILE --workdir DIR [--config.a.b=value ...]
-  ddim-jax export  --workdir DIR --out FILE.safetensors [--raw]
+  ddim-jax export  --workdir DIR --out FILE.safetensors [--raw] [--step latest|best|N]
   ddim-jax sample  --weights FILE | --workdir DIR --out grid.png [--num-images N --steps S --eta E --seed K]
                    [--out-dir DIR] [--trajectory strip.png] [--numpy-noise | --noise-file noise.npy]
   ddim-jax figures --weights FILE | --workdir DIR --out-dir DIR    the blog's forward/reverse/sample figures
   ddim-jax invert  --weights FILE | --workdir DIR --steps 10,20,50,100   DDIM inversion reconstruction error
   ddim-jax interpolate --weights FILE | --workdir DIR --out strip.png     spherical interpolation of noises
-  ddim-jax evaluate --workdir DIR --steps 5,10,20,50 [--inception-weights FILE]   KID per step count
+  ddim-jax evaluate --workdir DIR --steps 5,10,20,50 [--inception-weights FILE] [--metric auto|kid|digits]
+                   KID per step count (the digits metric for the bundled digits)
   ddim-jax info    --weights FILE.safetensors          what a weight file holds
   ddim-jax prepare-data --dataset NAME ...             prepare a TFDS dataset offline
 
+Every command reading a workdir takes ``--step latest|best|N``; every command takes ``--debug``.
 This module parses and prints; the work is done by the library modules (``trainer``,
-``inference``, ``figures``, ``evaluation``, ``convert``, ``data``).
+``inference``, ``figures``, ``evaluation``, ``digits_metric``, ``convert``, ``data``).
 """
 
 import argparse
