@@ -293,8 +293,9 @@ def test_missing_tfds_extra_is_one_line_naming_the_extra(tmp_path, monkeypatch, 
 def test_missing_torch_for_inception_weights_is_one_line(tmp_path, trained_weights, monkeypatch, capsys):
   pth = tmp_path / "inception_v3_google-0cc3c7bd.pth"
   pth.write_bytes(b"present")
+  weights = trained_weights("keras")  # built (with torch) before torch is hidden
   monkeypatch.setitem(sys.modules, "torch", None)
-  assert cli.main(["evaluate", "--metric", "kid", "--weights", trained_weights("keras"), "--inception-weights",
+  assert cli.main(["evaluate", "--metric", "kid", "--weights", weights, "--inception-weights",
                    str(pth), "--num-images", "8", "--batch-size", "4", "--steps", "2"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "needs PyTorch" in err and "ddim-jax[torch]" in err, err
