@@ -291,10 +291,15 @@ def _metric_score(metrics: Any, name: str, mode: str) -> float:
   return value
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for a bucket path (``gs://...``, ``s3://...``, any ``scheme://``), False for a local one."""
+  return "://" in os.fspath(path)
+
+
 def _prepare_directory(directory: str | os.PathLike) -> str:
   """Absolute checkpoint directory, created if needed; clear errors for files and permissions."""
   directory = os.fspath(directory)
-  if "://" in directory:  # gs:// and friends: let orbax/epath deal with remote storage.
+  if is_remote(directory):  # gs:// and friends: let orbax/epath deal with remote storage.
     if directory.startswith("s3://"):
       _route_s3_paths_to_tensorstore()
     return directory
@@ -484,7 +489,7 @@ class Checkpointer:
 
   def _quarantine(self, steps: Sequence[int]) -> None:
     """Moves broken step directories aside so that the resumed run can save those steps again."""
-    if "://" not in self.directory and jax.process_index() == 0:
+    if not is_remote(self.directory) and jax.process_index() == 0:
       target = pathlib.Path(self.directory) / QUARANTINE_DIRNAME
       target.mkdir(exist_ok=True)
       for step in steps:

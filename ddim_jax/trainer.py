@@ -83,11 +83,6 @@ def _to_host(tree):
                       tree)
 
 
-def _is_remote(path) -> bool:
-  """True for a bucket path (``gs://...``, any ``scheme://``), False for a local one."""
-  return "://" in os.fspath(path)
-
-
 # TensorBoard tags of the metrics that are not training metrics (the rest go to train/<name>).
 TENSORBOARD_TAGS = {"val_kid": "val/kid"}
 
@@ -119,7 +114,7 @@ class MetricWriter:
     self.enabled = enabled
     if enabled:
       self._workdir = epath.Path(workdir)
-      self._staging = tempfile.mkdtemp(prefix="ddim_jax_metrics_") if _is_remote(workdir) else None
+      self._staging = tempfile.mkdtemp(prefix="ddim_jax_metrics_") if checkpointing.is_remote(workdir) else None
       self._synced = {}  # staged file -> size last copied up
       self.local_dir = self._staging or os.fspath(workdir)
       local_jsonl = pathlib.Path(self.local_dir, "metrics.jsonl")
