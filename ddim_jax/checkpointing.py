@@ -7,16 +7,18 @@ One checkpoint is one step directory holding three orbax items:
   meta     a JSON dict (`JsonSave`/`JsonRestore`): normaliser statistics, config, data-iterator
            position, ... whatever the trainer passes; returned unchanged by `restore_latest`.
   info     a JSON dict written by this module: {"metrics": the step's metrics, "digest": {leaf
-           key path: uint32 digest of the state}}. The digest exists because a flipped bit inside a
+           key path: uint32 digest of the state}, "meta_sha256": the SHA-256 of the canonical JSON of
+           `meta` (normaliser, config, data position: what the weights mean)}. The digest exists because a flipped bit inside a
            compressed tensorstore chunk restores *silently* to wrong values (verified with orbax
            0.12.8); truncated or missing files do raise. The metrics live here because orbax
            writes its own `metrics` item only when `best_fn` is set (it is, with `best_metric`).
 
 API:
   `Checkpointer(directory, max_to_keep=3, best_metric=None, best_mode="min", async_save=True,
-                verify=True, preemption_flag=None)`
+                verify=True, preemption_flag=None, read_only=False)`
   `.save(step, state, meta, metrics=None, force=False) -> bool`
   `.restore_latest(abstract_state) -> (step, state, meta) | None`, `.restore(step, abstract_state) -> (state, meta)`
+  `.newest_readable_meta() -> (step, meta) | None`,
   `.latest_step()`, `.all_steps()`, `.best_step()`, `.metrics(step)`, `.reached_preemption(step)`,
   `.wait_until_finished()`, `.close()`, and use as a context manager.
   `install_sigterm_handler(flag=None, signums=(SIGTERM,)) -> PreemptionFlag`, `PREEMPTION_FLAG`.
@@ -33,9 +35,14 @@ after all items are written (`AtomicRenameTemporaryPath`); steps are found only 
 names, so a save killed mid-way leaves a tmp directory that is never restored, and
 `cleanup_tmp_directories=True` deletes it when the next `Checkpointer` starts.
 
+Readers and writers. Only a trainer opens a directory for writing. Every other command (export,
+sample, evaluate, a second trainer's resume check, ...) opens it with `read_only=True`: orbax's
+read-only mode, no tmp-directory clean-up, nothing created, moved or quarantined, no write check.
+A reader's clean-up of `<step>.orbax-checkpoint-tmp` once deleted a live trainer's save in progress.
+
 Failed restores. `restore_latest` walks back from the newest step; a step that fails to restore
 (missing or truncated file, digest mismatch) is reported with a `CheckpointRestoreWarning` and
-moved to `<directory>/quarantined/` once an older step restored, so that the resumed run can save
+moved to `<directory>/quarantined/` once an older step restored (writers only), so that the resumed run can save
 that step number again (orbax skips saving a step <= the latest existing one). If *no* step
 restores, nothing is moved and `CheckpointRestoreError` is raised: that pattern means a wrong
 abstract state far more often than every checkpoint being corrupt.
@@ -53,6 +60,7 @@ step. (The flag all-gathered at every call, as before, cost one blocking collect
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -255,6 +263,12 @@ def tree_digest(tree: Any) -> dict[str, int]:
   return {key: int(d) for (key, _), d in zip(leaves, digests)}
 
 
+def meta_digest(meta: Mapping[str, Any]) -> str:
+  """SHA-256 (hex) of the canonical JSON of a checkpoint's ``meta`` (sorted keys)."""
+  text = json.dumps(meta, sort_keys=True, allow_nan=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _digest_mismatches(expected: Mapping[str, int], actual: Mapping[str, int]) -> list[str]:
   keys = sorted(set(expected) | set(actual))
   return [k for k in keys if expected.get(k) != actual.get(k)]
@@ -296,8 +310,11 @@ def is_remote(path: str | os.PathLike) -> bool:
   return "://" in os.fspath(path)
 
 
-def _prepare_directory(directory: str | os.PathLike) -> str:
-  """Absolute checkpoint directory, created if needed; clear errors for files and permissions."""
+def _prepare_directory(directory: str | os.PathLike, read_only: bool = False) -> str:
+  """Absolute checkpoint directory; a writer's is created if needed and checked for writing.
+
+  Clear errors for files, permissions and (read-only) a missing directory.
+  """
   directory = os.fspath(directory)
   if is_remote(directory):  # gs:// and friends: let orbax/epath deal with remote storage.
     if directory.startswith("s3://"):
@@ -306,6 +323,10 @@ def _prepare_directory(directory: str | os.PathLike) -> str:
   path = pathlib.Path(directory).expanduser().absolute()
   if path.exists() and not path.is_dir():
     raise NotADirectoryError(f"checkpoint directory {path} exists and is not a directory")
+  if read_only:
+    if not path.is_dir():
+      raise errors.MissingInputError(f"no checkpoint directory {path}; train first")
+    return str(path)
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -327,8 +348,8 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3,
                best_metric: str | None = None, best_mode: str = "min", async_save: bool = True,
-               verify: bool = True, preemption_flag: PreemptionFlag | None = None):
-    """Opens (creating if needed) a checkpoint directory.
+               verify: bool = True, preemption_flag: PreemptionFlag | None = None, read_only: bool = False):
+    """Opens (a writer: creating if needed) a checkpoint directory.
 
     Args:
       directory: where step directories live; created if missing.
@@ -338,16 +359,20 @@ class Checkpointer:
       async_save: write in a background thread (`save` returns after the device-to-host copy).
       verify: write a digest of the state with each save and check it on restore.
       preemption_flag: flag polled by `reached_preemption`; defaults to `PREEMPTION_FLAG`.
+      read_only: a reader: restores only; writes, creates, cleans up and quarantines nothing
+        (`save` raises). Every command but the trainer opens checkpoints this way.
 
     Raises:
       ValueError: bad `max_to_keep` or `best_mode`.
-      NotADirectoryError, PermissionError: the directory is a file or is not writable.
+      NotADirectoryError, PermissionError: the directory is a file or (a writer's) is not writable.
+      errors.MissingInputError: a reader's directory does not exist.
     """
     if max_to_keep is not None and max_to_keep < 1:
       raise errors.ConfigError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
     if best_mode not in ("min", "max"):
       raise errors.ConfigError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-    self.directory = _prepare_directory(directory)
+    self.read_only = read_only
+    self.directory = _prepare_directory(directory, read_only)
     self.max_to_keep = max_to_keep
     self.best_metric = best_metric
     self.best_mode = best_mode
@@ -357,6 +382,11 @@ class Checkpointer:
     self._mngr = self._make_manager(async_save)
 
   def _make_manager(self, async_save: bool) -> ocp.CheckpointManager:
+    if self.read_only:
+      # No retention policy (a reader deletes nothing), no tmp clean-up, no directory creation.
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                             max_to_keep=None, enable_async_checkpointing=False)
+      return ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META, _INFO))
     cm = ocp.checkpoint_managers
     policies = [cm.LatestN(n=self.max_to_keep)]
     best_fn = None
@@ -408,13 +438,16 @@ class Checkpointer:
     """
     if self._closed:
       raise RuntimeError("Checkpointer.save called after close()")
+    if self.read_only:
+      raise RuntimeError(f"Checkpointer.save on a read-only Checkpointer of {self.directory}")
     meta = _checked_json(dict(meta), "meta")
     metrics = _checked_json(_metrics_to_json(metrics), "metrics")
     digest = tree_digest(state) if self.verify else {}
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state),
         _META: ocp.args.JsonSave(meta),
-        _INFO: ocp.args.JsonSave({"metrics": metrics, "digest": digest}),
+        _INFO: ocp.args.JsonSave({"metrics": metrics, "digest": digest,
+                                   **({"meta_sha256": meta_digest(meta)} if self.verify else {})}),
     })
     return bool(self._mngr.save(int(step), args=args, metrics=metrics, force=force))
 
@@ -422,6 +455,25 @@ class Checkpointer:
     """The JSON ``meta`` item of ``step`` alone (e.g. the config, to build the abstract state)."""
     restored = self._mngr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
     return restored[_META]
+
+  def newest_readable_meta(self) -> tuple[int, dict] | None:
+    """(step, meta) of the newest step whose ``meta`` item reads, or None (no step, or none reads).
+
+    A step whose metadata is truncated or missing is passed over (with a `CheckpointRestoreWarning`),
+    as `restore_latest` passes over a step that does not restore.
+    """
+    self._mngr.reload()
+    for step in sorted(self._mngr.all_steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+        if not isinstance(meta, Mapping) or not isinstance(meta.get("config"), Mapping):
+          raise CheckpointCorruptError("its metadata holds no config")
+        return step, dict(meta)
+      except Exception as e:  # noqa: BLE001  (any failure: try the previous step)
+        warnings.warn(f"checkpoint step {step} in {self.directory}: metadata unreadable "
+                      f"({type(e).__name__}: {str(e)[:300]}); trying the previous step", CheckpointRestoreWarning,
+                      stacklevel=2)
+    return None
 
   def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores one step and checks its digest; raises on any problem."""
@@ -431,13 +483,18 @@ class Checkpointer:
         _INFO: ocp.args.JsonRestore(),
     })
     restored = self._mngr.restore(step, args=args)
-    state, meta, expected = restored[_STATE], restored[_META], restored[_INFO]["digest"]
+    state, meta, info = restored[_STATE], restored[_META], restored[_INFO]
+    expected = info["digest"]
     if self.verify and expected:
       bad = _digest_mismatches(expected, tree_digest(state))
       if bad:
         raise CheckpointCorruptError(
             f"restored content differs from the digest saved with it at {len(bad)} leaves: "
             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    # Checkpoints written before the metadata digest existed have none: nothing to check then.
+    if self.verify and info.get("meta_sha256") and info["meta_sha256"] != meta_digest(meta):
+      raise CheckpointCorruptError("restored metadata (normaliser, config, data position) differs from the "
+                                   "digest saved with it")
     return state, meta
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -478,7 +535,7 @@ class Checkpointer:
         # their "Exception ignored" reports appear here rather than at some later random point.
         gc.collect()
         continue
-      if failed:
+      if failed and not self.read_only:
         self._quarantine(failed)
       return step, state, meta
     if failed:
@@ -547,6 +604,20 @@ class Checkpointer:
     if not self._closed:
       self._closed = True
       self._mngr.close()
+
+  def abandon(self) -> None:
+    """Releases the manager after a failure, without waiting for or re-raising a failed save.
+
+    For the error path of a trainer (a full disk): `close` would re-raise the save's error, hiding
+    the one being reported. Completed checkpoints are untouched; a half-written step stays a tmp
+    directory that the next writer removes.
+    """
+    if not self._closed:
+      self._closed = True
+      try:
+        self._mngr.close()
+      except Exception as e:  # noqa: BLE001  (the failure being reported is the one that matters)
+        _log.warning("checkpoint manager closed with an error after a failure: %s", str(e)[:300])
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -24,6 +24,7 @@ from etils import epath
 from tqdm import tqdm
 
 from ddim_jax import checkpointing, configs, convert, data, errors, models, parallel, sampling, schedules, train
+from ddim_jax import workdir as workdir_lib
 
 
 def numpy_noise(seed: int, shape) -> np.ndarray:
@@ -154,13 +155,24 @@ def restore_checkpoint(workdir: str, ema: bool = True, step: str | int | None = 
 
 def restore_checkpoint_described(workdir: str, ema: bool = True, step: str | int | None = "latest"):
   """``restore_checkpoint`` plus how the step was chosen ("latest", "best: val_kid ...", "step N")."""
+  workdir = workdir_lib.check_location(workdir)
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise errors.MissingInputError(f"no checkpoints in {workdir!r} (expected {directory}); train first with "
                                    f"`ddim-jax train --workdir {workdir}`")
-  with checkpointing.Checkpointer(directory, async_save=False) as ckpt:
+  # A reader: opens the checkpoints read-only (a live trainer may be writing the next step).
+  with checkpointing.Checkpointer(directory, async_save=False, read_only=True) as ckpt:
     chosen, how = select_step(ckpt, step)
-    config = ml_collections.ConfigDict(ckpt.read_meta(chosen)["config"])
+    if how == "latest":  # the config of the newest step whose metadata reads (restore_latest falls back too)
+      newest = ckpt.newest_readable_meta()
+      if newest is None:
+        raise checkpointing.CheckpointRestoreError(
+            f"none of the checkpoints in {directory} (steps {ckpt.all_steps()}) has readable metadata; they are "
+            "damaged: train again, or restore the workdir from a copy")
+      meta = newest[1]
+    else:
+      meta = ckpt.read_meta(chosen)
+    config = ml_collections.ConfigDict(meta["config"])
     model = models.create_model(**config.model)
     step_config = train.StepConfig.from_config(config)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -10,12 +10,14 @@ behind in its workdir: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and
 
 import collections
 import json
+import logging
 import os
 import pathlib
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -27,6 +29,7 @@ from tensorboardX.summary import hparams as tensorboard_hparams
 
 from ddim_jax import (checkpointing, data, errors, evaluation, models, parallel, rng, run_record, sampling, schedules,
                       train, visualize)
+from ddim_jax import workdir as workdir_lib
 
 
 # Training calls dispatched ahead of the one whose results the loop has waited for (see the loop).
@@ -87,11 +90,30 @@ def _to_host(tree):
 TENSORBOARD_TAGS = {"val_kid": "val/kid"}
 
 
+def _record_step(line: str) -> int | None:
+  """The "step" of one JSON line of metrics.jsonl; None for a line that does not parse."""
+  try:
+    record = json.loads(line)
+    return int(record["step"]) if isinstance(record, dict) else None
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def _truncate_records(path: pathlib.Path, last_step: int) -> None:
-  """Keeps the records of ``path`` (JSON lines with a "step") up to ``last_step``; atomic rewrite."""
-  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-  if len(kept) != len(lines):
+  """Keeps the records of ``path`` (JSON lines with a "step") up to ``last_step``; atomic rewrite.
+
+  A line that does not parse (a crash or a full disk mid-write leaves a partial last line) is
+  dropped with a warning instead of making every resume fail.
+  """
+  lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+  steps = [_record_step(line) if line.strip() else None for line in lines]
+  bad = [i + 1 for i, (line, step) in enumerate(zip(lines, steps)) if line.strip() and step is None]
+  if bad:
+    warnings.warn(f"{path}: dropped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}"
+                  f"{' ...' if len(bad) > 5 else ''} of {len(lines)}; a run stopped mid-write)", stacklevel=2)
+  kept = [line if line.endswith("\n") else line + "\n"
+          for line, step in zip(lines, steps) if step is not None and step <= last_step]
+  if kept != lines:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
@@ -213,14 +235,15 @@ def check_resume_config(config, workdir: str) -> dict:
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.exists():
     return {}
-  with checkpointing.Checkpointer(directory, async_save=False) as ckpt:
-    for step in reversed(ckpt.all_steps()):
-      try:
-        stored = ckpt.read_meta(step)["config"]
-      except Exception:  # noqa: BLE001  (an unreadable step: restore_latest falls back past it too)
-        continue
-      return run_record.check_resume(stored, config, workdir, step)
-  return {}
+  # Read-only: the trainer's own writer opens (and cleans up) the directory later, under the lock.
+  with checkpointing.Checkpointer(directory, async_save=False, read_only=True) as ckpt, warnings.catch_warnings():
+    # An unreadable step is reported once, by restore_latest, which falls back past it too.
+    warnings.simplefilter("ignore", checkpointing.CheckpointRestoreWarning)
+    newest = ckpt.newest_readable_meta()
+  if newest is None:
+    return {}
+  step, meta = newest
+  return run_record.check_resume(meta["config"], config, workdir, step)
 
 
 def parse_profile_steps(text) -> tuple[int, int] | None:
@@ -360,7 +383,9 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   ``train.profile_steps``, ``profile/``. A SIGTERM (or a preemption notice) finishes the current
   step, saves a checkpoint and returns. A non-finite loss or state raises ``NonFiniteLossError``;
   the last good checkpoint is kept. Resuming with an incompatible config raises
-  ``errors.ConfigError`` before anything is loaded.
+  ``errors.ConfigError`` before anything is loaded. One trainer per workdir: while another live
+  trainer holds ``train.lock`` this raises ``workdir.WorkdirLockedError`` naming it; a full disk
+  raises ``workdir.DiskFullError`` naming the device and the last good checkpoint.
 
   Args:
     config: the run's ConfigDict.
@@ -376,7 +401,50 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   parallel.configure_cpu_devices(config.get("cpu_devices", 1), int(config.train.batch_size))
   parallel.initialize_distributed(distributed)
   validate_config(config, jax.device_count())
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  workdir = workdir_lib.check_location(workdir)
+  workdir_lib.ensure_writable(workdir)
+  # One trainer per workdir: a second one is refused here, before it reads or writes anything else.
+  lock = workdir_lib.lock_for_training(workdir)
+  progress_at = {"step": None}  # the loop's step, for the message of a full disk
+  disk_full_filter = workdir_lib.DiskFullLogFilter()
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  for logger in loggers:  # orbax's writer threads log each failed write of a full disk with a traceback
+    logger.addFilter(disk_full_filter)
+  try:
+    return _train_locked(config, workdir, progress, config_source, progress_at)
+  except Exception as e:
+    if workdir_lib.is_disk_full(e):
+      workdir_lib.quiet_closed_loop_reports()
+      # Composed now, after the pending save finished: the last good checkpoint may be newer than at the raise.
+      raise workdir_lib.disk_full_error(workdir, progress_at["step"], getattr(e, "needed", None)) from e
+    raise
+  finally:
+    for logger in loggers:
+      logger.removeFilter(disk_full_filter)
+    if lock is not None:
+      lock.release()
+
+
+def _close_all(closers, failing: bool) -> None:
+  """Runs every closer; while an error propagates, a closer's own error is logged, not raised, so that
+  it cannot hide the first (a full disk: ``writer.close`` failed again and hid the ENOSPC)."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001
+      if failing:
+        if not workdir_lib.is_disk_full(e):  # a full disk is reported once, by the caller
+          logging.getLogger(__name__).warning("while stopping after an error: %s: %s", type(e).__name__,
+                                              str(e)[:300])
+      elif first is None:
+        first = e
+  if first is not None:
+    raise first
+
+
+def _train_locked(config, workdir: str, progress: bool, config_source: str | None, progress_at: dict):
+  """``train_and_evaluate`` once the workdir is checked and locked."""
   is_main = jax.process_index() == 0
   # A workdir of another config is refused before anything is prepared, compiled or restored.
   changes = check_resume_config(config, workdir)
@@ -422,7 +490,9 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
     step = 0
     state = parallel.replicate(jax.jit(train.create_train_state, static_argnums=(0, 1, 3))(
         model, step_config, init_key, image_size), mesh)
-  run_record.write_run_files(workdir, config, run_record.run_record(config_source, step, changes))
+  # Written once the first training call has finished: a start that fails before (compilation, a
+  # NaN, a full disk) leaves no record of a run.
+  record = run_record.run_record(config_source, step, changes)
   if is_main and progress:
     print(start_banner(config, workdir, config_source, step, state, train_iter, val_images, kid_every),
           flush=True)
@@ -431,6 +501,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   train_fn = parallel.make_train_fn(train.per_device_step(model, step_config, steps_per_call, parallel.AXIS),
                                     mesh, config.parallel, steps_per_call)
   state_is_finite = jax.jit(train.state_is_finite)
+  state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
   writer = MetricWriter(workdir, enabled=is_main, start_step=step)
   writer.write_hparams(config)
   num_steps = int(config.train.num_steps)
@@ -447,6 +518,11 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
       state, metrics = train_fn(state, local, normalizer_dev, base_key)
       step += steps_per_call
       calls += 1
+      progress_at["step"] = step
+      if record is not None:  # the run has started: its first call finished
+        jax.block_until_ready(metrics)
+        run_record.write_run_files(workdir, config, record)
+        record = None
       # Bound the dispatched-but-unfinished calls: XLA:CPU runs every device's program on one
       # shared thread pool, and with many calls queued a device blocked in a collective starved
       # the program its peer waited for (2 processes x 2 devices hung at ~step 80 with no bound,
@@ -489,6 +565,9 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
               f"non-finite training state after step {step} (loss {float(host_metrics['loss']):.4g}); the last "
               f"good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/checkpoints. Lower "
               f"train.learning_rate or check the data")
+        # The previous save (and orbax's deletion of old steps) first: orbax would wait for it anyway.
+        ckpt.wait_until_finished()
+        workdir_lib.check_room_for_checkpoint(workdir, state_bytes, step)
         ckpt.save(step, state, _checkpoint_meta(config, normalizer, train_iter.get_state(), step),
                   metrics={k: float(v) for k, v in host_metrics.items()}, force=preempted)
         writer.sync()
@@ -501,9 +580,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
           print(f"preemption notice: saved step {step}, exiting cleanly")
         break
   finally:
-    profile.close()
-    report.close()
-    writer.close()
-    ckpt.wait_until_finished()
-    ckpt.close()
+    failing = sys.exc_info()[1] is not None
+    _close_all([profile.close, report.close, writer.close]
+               + ([ckpt.abandon] if failing else [ckpt.wait_until_finished, ckpt.close]), failing)
   return state
