@@ -341,3 +341,63 @@ def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_
   assert len(got) == len(want)
   for i, (a, b) in enumerate(zip(got, want)):  # raw and EMA weights, BatchNorm statistics, AdamW state, step
     np.testing.assert_array_equal(a, b, err_msg=f"leaf {i}")
+
+
+LOCK_SCRIPT = """
+import json, os, sys, time, warnings
+from ddim_jax import workdir as w
+path, out = sys.argv[1], {}
+w.HEARTBEAT_SECONDS = 0.2
+lock = w.WorkdirLock(path).acquire()
+fs, key = lock._fs()
+first = w.Holder.parse(fs.cat_file(key))
+out["holder_is_me"] = first.pid == os.getpid()
+time.sleep(1.0)
+fs.invalidate_cache(key)
+out["heartbeat_advanced"] = w.Holder.parse(fs.cat_file(key)).heartbeat > first.heartbeat
+try:
+  w.WorkdirLock(path).acquire()
+  out["second"] = "acquired"
+except w.WorkdirLockedError as e:
+  out["second"] = str(e)
+lock.release()
+out["removed"] = not fs.exists(key)
+fs.pipe_file(key, w.Holder("elsewhere", 1, "then", time.time()).to_bytes())  # a live trainer on another host
+try:
+  w.WorkdirLock(path).acquire()
+  out["fresh_elsewhere"] = "acquired"
+except w.WorkdirLockedError as e:
+  out["fresh_elsewhere"] = str(e)
+fs.pipe_file(key, w.Holder("elsewhere", 1, "then", time.time() - w.STALE_SECONDS - 1).to_bytes())  # killed there
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter("always")
+  lock = w.WorkdirLock(path).acquire()
+out["stale_warned"] = any("host elsewhere" in str(c.message) for c in caught)
+fs.invalidate_cache(key)
+out["taken_over"] = w.Holder.parse(fs.cat_file(key)).pid == os.getpid()
+lock.release()
+print(json.dumps(out))
+"""
+
+
+def test_one_trainer_per_bucket_workdir(bucket, tmp_path):
+  """The bucket lock: created if absent, refreshed, refused to a second trainer (naming the holder),
+  taken over from a holder whose heartbeat stopped, removed at the end."""
+  result = subprocess.run([sys.executable, "-c", LOCK_SCRIPT, bucket.path("locked")], env=bucket.env,
+                          capture_output=True, text=True, timeout=300, check=False)
+  _check(result, "the lock script")
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["holder_is_me"] and out["heartbeat_advanced"] and out["removed"], out
+  assert "in use by another trainer: pid" in out["second"] and bucket.path("locked") in out["second"], out
+  assert "pid 1 on host elsewhere" in out["fresh_elsewhere"], out
+  assert out["stale_warned"] and out["taken_over"], out
+
+
+def test_s3_lock_creation_is_atomic(s3_server):
+  """On S3 the lock is created with If-None-Match: * (moto enforces it): of two creators, one wins."""
+  fs = _s3_fs(s3_server)
+  key = f"{BUCKET}/atomic/train.lock"
+  fs.pipe_file(key, b"first", mode="create")
+  with pytest.raises(FileExistsError):
+    fs.pipe_file(key, b"second", mode="create")
+  assert fs.cat_file(key) == b"first"
