@@ -208,6 +208,18 @@ MUTATIONS = (
              "ddim_jax/digits_metric.py", 'reference = cls._split_images(data_config, image_size)["validation"]',
              'reference = cls._split_images(data_config, image_size)["train"]',
              ("tests/test_digits_metric.py::test_reference_is_the_validation_split",)),
+    # --- nothing a user does harms a run -------------------------------------------------------
+    Mutation("no_workdir_lock", "a second trainer on a workdir is not refused",
+             "ddim_jax/trainer.py", "  lock = workdir_lib.lock_for_training(workdir)\n", "  lock = None\n",
+             ("tests/test_workdir_safety.py::test_a_second_trainer_is_refused_naming_the_first",)),
+    Mutation("readers_open_for_writing", "export/sample open the checkpoints as a writer (clean-up, write check)",
+             "ddim_jax/inference.py", "checkpointing.Checkpointer(directory, async_save=False, read_only=True)",
+             "checkpointing.Checkpointer(directory, async_save=False, read_only=False)",
+             ("tests/test_workdir_safety.py::test_readers_work_on_a_read_only_workdir_and_change_nothing",)),
+    Mutation("partial_metrics_line_crashes", "a partial last line of metrics.jsonl makes every resume fail",
+             "ddim_jax/trainer.py", "  steps = [_record_step(line) if line.strip() else None for line in lines]\n",
+             "  steps = [json.loads(line)[\"step\"] if line.strip() else None for line in lines]\n",
+             ("tests/test_workdir_safety.py::test_a_partial_last_metrics_line_is_dropped_on_resume",)),
 )
 
 
