@@ -18,10 +18,23 @@ Method: each framework runs in its own worker process (this script re-invoked wi
 so that the XLA and torch thread pools never run at the same time; every worker compiles and warms
 up first (reported as compile time, excluded from the rates), then the parent interleaves the
 repeats (jax, torch_eager, torch_compile, jax, ...) and reports the median of ``--repeats``. Ratios
-come from these same interleaved measurements. FLOPs per image come from XLA's cost analysis of the
-single-device step; MFU is printed where the device's peak is known.
+come from these same interleaved measurements.
 
-Imports only jax, flax, optax, torch, numpy and ddim_jax.{models,train,parallel,sampling,schedules}
+FLOPs and MFU: FLOPs per image are counted from the jaxpr (``ddim_jax.flops``: 2 per multiply-add of
+every convolution and dot of the single-device step and of the sampler; never compiled, so the same
+number on every backend). XLA's compiled cost analysis is reported beside it only as a diagnostic
+(``xla_cost_analysis_*``): on GPU it counts the cuDNN convolutions as 0 FLOPs. MFU = images/s x
+FLOPs per image / (peak of one device x devices used: all local devices for JAX, one for torch),
+where ``flops.PEAK_FLOPS`` knows the device (H100/H200/A100, TPU v4/v5e/v5p/v6e; fp32 counts as TF32
+on those GPUs, XLA's default precision); elsewhere (CPU) "unknown peak" and MFU None.
+
+JSON fields of the FLOPs: ``flops_per_image`` (one training step, per image), ``forward_flops_per_image``
+(one network evaluation), ``sample_flops_per_image`` (``--sample-steps`` evaluations), ``flops_method``,
+``xla_cost_analysis_flops_per_image`` / ``xla_cost_analysis_sample_flops_per_image`` (None where the
+analysis is unavailable; ``xla_cost_analysis_error`` says why), ``peak_flops`` (FLOP/s of one device,
+or None), ``peak_flops_source``, ``jax_device_count``, ``<framework>_train_mfu`` / ``_sample_mfu``.
+
+Imports only jax, flax, optax, torch, numpy and ddim_jax.{models,train,parallel,sampling,schedules,flops}
 / ddim_torch_ref (no TensorFlow, ml_collections or input pipeline), so it runs on a GPU machine's
 preinstalled packages without installing this package. ``--loop`` is the exception: it drives
 ``ddim_jax.trainer.train_and_evaluate`` (ml_collections, the input pipeline, orbax) on the demo
@@ -41,12 +54,8 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
-# Dense peak FLOP/s by device-name substring and precision (spec sheets; H200 bf16 measured ~790T).
-PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp32": 494.7e12},  # fp32 column: TF32 tensor cores (XLA/cuDNN default)
-    "H100": {"bf16": 989e12, "fp32": 494.7e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12},
-}
+FLOPS_METHOD = ("jaxpr count (ddim_jax.flops): 2 FLOPs per multiply-add of every conv_general_dilated and "
+                "dot_general, the same on every backend")
 
 
 def parse_args(argv=None):
@@ -108,7 +117,7 @@ class JaxWorker:
     from ddim_jax import parallel
     parallel.configure_cpu_devices(args.jax_cpu_devices, args.batch_size)  # the CLI's own rule
     import numpy as np
-    from ddim_jax import models, sampling, train
+    from ddim_jax import flops, models, sampling, train
     self.jax, self.np, self.sampling = jax, np, sampling
     self.args = args
     rss0 = peak_rss_mb()
@@ -137,9 +146,20 @@ class JaxWorker:
     noise = rng.standard_normal((b, s, s, 3), dtype=np.float32)
     self.noise = parallel.shard_batch(noise, mesh)
 
-    # FLOPs per image from XLA's cost analysis of the single-device, unsharded computations.
+    # FLOPs per image counted from the jaxpr of the single-device, unsharded step and sampler (the
+    # same count on every backend: nothing is compiled).
     single = models.create_model(**kw)
-    flops = {}
+    counted = {}
+    try:
+      counted["train"] = flops.train_step_flops(train.train_step, state, single, step_config, s, b)
+      counted["forward"] = flops.forward_flops(single, state.variables(ema=True), s, b)
+      counted["sample"] = flops.sample_flops(sampling.generate, self.eval_model, state.variables(ema=True), s, b,
+                                             args.sample_steps)
+    except Exception as e:  # pylint: disable=broad-except
+      counted["error"] = repr(e)
+    self.flops = counted
+    # Diagnostic only: XLA's cost analysis of the compiled step (0 FLOPs for cuDNN convolutions on GPU).
+    xla_flops = {}
     try:
       step1 = jax.jit(lambda st, im, nz, key: train.train_step(st, im, nz, key, model=single, step_config=step_config,
                                                                axis_name=None))
@@ -147,14 +167,15 @@ class JaxWorker:
       cost = step1.lower(state, one_batch, {"mean": jnp.full(3, 0.5), "variance": jnp.full(3, 0.08)},
                          jax.random.key_data(jax.random.key(0))).compile().cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      flops["train"] = float(cost["flops"]) / b
+      xla_flops["train"] = float(cost["flops"]) / b
       fwd = jax.jit(lambda v, x: single.apply(v, x, jnp.full((x.shape[0], 1, 1, 1), 0.5), train=False))
       cost = fwd.lower(state.variables(ema=True), jnp.asarray(noise)).compile().cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      flops["sample"] = float(cost["flops"]) / b * args.sample_steps  # S network evaluations
+      xla_flops["sample"] = float(cost["flops"]) / b * args.sample_steps  # S network evaluations
     except Exception as e:  # pylint: disable=broad-except
-      flops["error"] = repr(e)
-    self.flops = flops
+      xla_flops["error"] = repr(e)
+    self.xla_flops = xla_flops
+    self.matmul_precision = jax.config.jax_default_matmul_precision
 
     t0 = time.perf_counter()
     self._train(1)
@@ -168,6 +189,7 @@ class JaxWorker:
     dev = jax.local_devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
     self.device = f"{dev.platform} x{self.devices}" if kind == dev.platform else f"{dev.platform}:{kind} x{self.devices}"
+    self.device_kind = kind
 
   def _train(self, calls):
     state = self.state
@@ -182,7 +204,8 @@ class JaxWorker:
 
   def info(self):
     return {"device": self.device, "compile_train_s": self.compile_train_s, "compile_sample_s": self.compile_sample_s,
-            "flops": self.flops, "steps_per_call": self.args.steps_per_call}
+            "flops": self.flops, "xla_flops": self.xla_flops, "steps_per_call": self.args.steps_per_call,
+            "device_kind": self.device_kind, "device_count": self.devices, "matmul_precision": self.matmul_precision}
 
   def train(self, steps):
     calls = max(1, -(-steps // self.args.steps_per_call))
@@ -461,12 +484,6 @@ def run_benchmark(args):
   if "torch_compile" in infos:
     result["torch_compile_mode"] = infos["torch_compile"]["compile_mode"]
     result["torch_compile_channels_last"] = infos["torch_compile"]["channels_last"]
-  flops = infos.get("jax", {}).get("flops", {})
-  result["flops_per_image"] = flops.get("train")
-  result["sample_flops_per_image"] = flops.get("sample")
-  if "error" in flops:
-    result["flops_error"] = flops["error"]
-
   # Ratios of medians and, more robust on a noisy machine, medians of the per-repeat ratios.
   for kind, rates in (("train", train_rates), ("sample", sample_rates)):
     for other in ("torch_eager", "torch_compile"):
@@ -477,15 +494,45 @@ def run_benchmark(args):
       result[f"torch_compile_vs_torch_eager_{kind}"] = (result[f"torch_compile_{kind}_img_s"]
                                                          / result[f"torch_eager_{kind}_img_s"])
 
-  # MFU where the peak of the device is known.
-  peak = next((v[args.precision] for key, v in PEAK_FLOPS.items() if key in result["device"]), None)
-  result["peak_flops"] = peak
+  add_flops_and_mfu(result, infos, args.precision)
+  return result
+
+
+def add_flops_and_mfu(result, infos, precision):
+  """The FLOPs fields and the MFU of each framework (see the module doc), from the workers' infos
+  and the medians already in ``result``."""
+  # FLOPs per image: the jaxpr count; XLA's cost analysis only as a diagnostic.
+  jax_info = infos.get("jax", {})
+  counted = jax_info.get("flops", {})
+  result["flops_method"] = FLOPS_METHOD
+  result["flops_per_image"] = counted.get("train")
+  result["forward_flops_per_image"] = counted.get("forward")
+  result["sample_flops_per_image"] = counted.get("sample")
+  if "error" in counted:
+    result["flops_error"] = counted["error"]
+  xla_flops = jax_info.get("xla_flops", {})
+  result["xla_cost_analysis_flops_per_image"] = xla_flops.get("train")
+  result["xla_cost_analysis_sample_flops_per_image"] = xla_flops.get("sample")
+  if "error" in xla_flops:
+    result["xla_cost_analysis_error"] = xla_flops["error"]
+
+  # MFU where the peak of the device is known (flops.PEAK_FLOPS); JAX uses all its local devices,
+  # torch one. Never a guessed peak: elsewhere the MFU is None.
+  from ddim_jax import flops  # pylint: disable=import-outside-toplevel
+  jax_devices = jax_info.get("device_count", 1)
+  result["jax_device_count"] = jax_devices if "jax" in infos else None
+  peaks = {}
+  for name in infos:
+    matmul_precision = jax_info.get("matmul_precision") if name == "jax" else None
+    peaks[name] = flops.peak_flops(infos[name].get("device_kind", infos[name]["device"]), precision, matmul_precision)
+  first = peaks.get("jax") or next(iter(peaks.values()), (None, "unknown peak (no device)"))
+  result["peak_flops"], result["peak_flops_source"] = first
   for name in FRAMEWORKS:
-    rate = result.get(f"{name}_train_img_s")
-    srate = result.get(f"{name}_sample_img_s")
-    result[f"{name}_train_mfu"] = (rate * result["flops_per_image"] / peak) if (peak and rate and result["flops_per_image"]) else None
-    result[f"{name}_sample_mfu"] = (srate * result["sample_flops_per_image"] / peak) if (
-        peak and srate and result["sample_flops_per_image"]) else None
+    peak = peaks.get(name, (None, ""))[0]
+    total_peak = peak * (jax_devices if name == "jax" else 1) if peak else None
+    for kind, per_image in (("train", result["flops_per_image"]), ("sample", result["sample_flops_per_image"])):
+      rate = result.get(f"{name}_{kind}_img_s")
+      result[f"{name}_{kind}_mfu"] = rate * per_image / total_peak if (total_peak and rate and per_image) else None
   return result
 
 
@@ -498,8 +545,18 @@ def format_table(result) -> str:
            f"{cfg['train_steps_per_repeat']} steps"]
   gf = result.get("flops_per_image")
   if gf:
-    lines.append(f"XLA cost analysis: {gf / 1e9:.3f} GFLOP per training image, "
-                 f"{(result.get('sample_flops_per_image') or 0) / 1e9:.3f} GFLOP per sampled image")
+    xla = result.get("xla_cost_analysis_flops_per_image")
+    lines.append(f"FLOPs (jaxpr count, 2 per multiply-add of every conv and dot): {gf / 1e9:.3f} GFLOP per training "
+                 f"image, {(result.get('sample_flops_per_image') or 0) / 1e9:.3f} per sampled image "
+                 f"({cfg['sample_steps']} steps of {(result.get('forward_flops_per_image') or 0) / 1e9:.3f}); "
+                 f"XLA cost analysis (diagnostic): " + (f"{xla / 1e9:.3f}" if xla is not None else "unavailable"))
+  elif result.get("flops_error"):
+    lines.append(f"FLOPs: not counted ({result['flops_error']})")
+  if result.get("peak_flops"):
+    lines.append(f"peak: {result['peak_flops_source']} per device; MFU over {result.get('jax_device_count')} "
+                 f"device(s) for JAX, 1 for torch")
+  else:
+    lines.append(f"{result.get('peak_flops_source') or 'unknown peak'}: no MFU")
   header = f"{'framework':<15}{'train img/s':>13}{'sample img/s':>14}{'compile train s':>17}{'compile sample s':>18}{'peak mem MB':>13}{'train MFU':>11}"
   lines += [header, "-" * len(header)]
   for name in FRAMEWORKS:
