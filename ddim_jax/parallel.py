@@ -199,7 +199,7 @@ def check_batch_size(global_batch_size: int, num_devices: int) -> None:
                              f"({num_devices}); e.g. --config.train.batch_size={suggestion}")
 
 
-def make_train_fn(step_fn, mesh: Mesh, mode: str = "shard_map", steps_per_call: int = 1):
+def make_train_fn(step_fn, mesh: Mesh, mode: str = "shard_map", steps_per_call: int = 1, with_data: bool = False):
   """The compiled data-parallel training function of a per-device step.
 
   Args:
@@ -208,27 +208,31 @@ def make_train_fn(step_fn, mesh: Mesh, mode: str = "shard_map", steps_per_call: 
     mesh: the 1-D "data" mesh.
     mode: "shard_map" (jit + shard_map, default) or "pmap".
     steps_per_call: K optimiser steps per call; batches then have a leading K axis.
+    with_data: the step takes a fifth, replicated argument (the training set on the devices,
+      ``feed.TrainFeed``); shard_map only.
 
   Returns:
-    fn(state, images, normalizer, base_key) -> (state, metrics). ``images`` is this process's
-    NumPy slice of the global batch, (b, H, W, C) or (K, b, H, W, C), in both modes (shard_map
+    fn(state, images, normalizer, base_key[, data]) -> (state, metrics). ``images`` is this
+    process's NumPy slice of the global batch, (b, ...) or (K, b, ...), in both modes (shard_map
     also takes a global array already placed with ``batch_sharding``). The state is replicated;
     with shard_map its buffers are donated.
   """
   if mode not in PARALLEL_MODES:
     raise errors.ConfigError(f"config.parallel={mode!r} is not one of {PARALLEL_MODES}")
+  if with_data and mode != "shard_map":
+    raise errors.ConfigError("a training set on the devices needs config.parallel='shard_map'")
   if mode == "shard_map":
     images_spec = P(AXIS) if steps_per_call == 1 else P(None, AXIS)
     # check_vma=False: per-device (pmap) semantics, where the gradient of the local loss is local
     # and the explicit pmean makes it global; with VMA typing, JAX would already psum the
     # gradient of the replicated parameters and the pmean would not average.
-    sharded = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), images_spec, P(), P()),
+    sharded = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), images_spec, P(), P()) + ((P(),) * with_data),
                                     out_specs=(P(), P()), check_vma=False), donate_argnums=(0,))
 
-    def shard_map_fn(state, images, normalizer, base_key):
+    def shard_map_fn(state, images, normalizer, base_key, *data):
       if not isinstance(images, jax.Array):
         images = shard_batch(images, mesh, steps_per_call)
-      return sharded(state, images, normalizer, base_key)
+      return sharded(state, images, normalizer, base_key, *data)
 
     return shard_map_fn
 

@@ -29,6 +29,7 @@ from tensorboardX.summary import hparams as tensorboard_hparams
 
 from ddim_jax import (checkpointing, data, errors, evaluation, models, parallel, rng, run_record, sampling, schedules,
                       train, visualize)
+from ddim_jax import feed as feed_lib
 from ddim_jax import workdir as workdir_lib
 
 
@@ -70,6 +71,8 @@ def validate_config(config, num_devices: int) -> None:
           f"choose one of {sampling.TARGETS}")
   require(config.parallel in parallel.PARALLEL_MODES, "parallel", config.parallel,
           f"choose one of {parallel.PARALLEL_MODES}")
+  require(t.get("data_placement", "auto") in feed_lib.PLACEMENTS, "train.data_placement", t.get("data_placement"),
+          f"choose one of {feed_lib.PLACEMENTS}")
   schedules.get_schedule(config.diffusion.schedule, config.diffusion.min_signal_rate,
                          config.diffusion.max_signal_rate)
   models.check_image_size(models.create_model(**config.model), int(config.model.image_size))
@@ -346,7 +349,7 @@ class ProgressReport:
 
 
 def start_banner(config, workdir: str, config_source: str | None, step: int, state, train_iter, val_images,
-                 kid_every: int) -> str:
+                 kid_every: int, input_description: str = "") -> str:
   """The one-screen summary printed when training starts."""
   devices = jax.devices()
   t = config.train
@@ -362,6 +365,7 @@ def start_banner(config, workdir: str, config_source: str | None, step: int, sta
       f"  data       {config.data.dataset}: {len(train_iter.images):,} training images"
       f"{f' (each {train_iter.repetitions}x per epoch)' if train_iter.repetitions > 1 else ''}, "
       f"{len(val_images):,} validation images",
+      *([f"  input      {input_description}"] if input_description else []),
       f"  batch      {t.batch_size} global = {per_device} per device, {t.get('steps_per_call', 1)} step(s) per call",
       f"  steps      {'from step ' + str(step) if step else 'from scratch'} to {t.num_steps}; checkpoint every "
       f"{t.checkpoint_every}, log every {t.log_every}, sample grids "
@@ -493,13 +497,15 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
   # Written once the first training call has finished: a start that fails before (compilation, a
   # NaN, a full disk) leaves no record of a run.
   record = run_record.run_record(config_source, step, changes)
+  # The input: the uint8 training set on the devices (indices per step) or uint8 batches uploaded ahead.
+  feed = feed_lib.TrainFeed(train_iter, mesh, steps_per_call, config.train.get("data_placement", "auto"),
+                            config.parallel)
   if is_main and progress:
-    print(start_banner(config, workdir, config_source, step, state, train_iter, val_images, kid_every),
-          flush=True)
+    print(start_banner(config, workdir, config_source, step, state, train_iter, val_images, kid_every,
+                       feed.describe()), flush=True)
   normalizer_dev = parallel.replicate(normalizer, mesh)
   base_key = parallel.replicate(jax.random.key_data(rng.purpose_key(config.seed, rng.TRAIN_DRAWS)), mesh)
-  train_fn = parallel.make_train_fn(train.per_device_step(model, step_config, steps_per_call, parallel.AXIS),
-                                    mesh, config.parallel, steps_per_call)
+  train_fn = feed.make_train_fn(train.per_device_step(model, step_config, steps_per_call, parallel.AXIS))
   state_is_finite = jax.jit(train.state_is_finite)
   state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
   writer = MetricWriter(workdir, enabled=is_main, start_step=step)
@@ -508,17 +514,42 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
   report = ProgressReport(num_steps, step, enabled=progress and is_main)
   profile = ProfileWindow(parse_profile_steps(config.train.get("profile_steps", "")),
                           os.path.join(writer.local_dir, "profile") if is_main else None)
-  timer, logged_step = time.time(), step
+  # The logged img/s is the training speed: the time of saves, sample grids and KID is taken out.
+  clock = {"timer": time.time(), "logged_step": step}
+  batch_size = int(config.train.batch_size)
+
+  def log_metrics(at_step, metrics, kid_now=False) -> dict:
+    """Reads a log step's metrics (finished), checks them, adds img/s (and KID), writes and reports them."""
+    host_metrics = _to_host(metrics)
+    if not all(np.isfinite(v) for v in host_metrics.values()):
+      raise NonFiniteLossError(
+          f"non-finite loss at step {at_step} ({ {k: float(v) for k, v in host_metrics.items()} }); the last good "
+          f"checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/checkpoints. Lower "
+          f"train.learning_rate or check the data")
+    now = time.time()
+    host_metrics["images_per_second"] = batch_size * (at_step - clock["logged_step"]) / max(now - clock["timer"], 1e-9)
+    clock["timer"], clock["logged_step"] = now, at_step
+    if kid_now:
+      host_metrics["val_kid"] = kid_fn(_to_host(state.variables(ema=True)), normalizer)
+      clock["timer"] += time.time() - now
+    writer.write(at_step, host_metrics)
+    report.log(at_step, host_metrics)
+    return host_metrics
+
   in_flight, calls = collections.deque(), 0
+  pending = None  # (step, metrics) of a log step, copied to the host while the next call runs
+  data_position = train_iter.get_state()
   try:
     while step < num_steps:
       profile.before_call(step, state)
-      batches = [next(train_iter)["images"] for _ in range(steps_per_call)]
-      local = batches[0] if steps_per_call == 1 else np.stack(batches)
-      state, metrics = train_fn(state, local, normalizer_dev, base_key)
+      batch, data_position = feed.next()
+      state, metrics = train_fn(state, batch, normalizer_dev, base_key)
       step += steps_per_call
       calls += 1
       progress_at["step"] = step
+      if pending is not None:  # read one call late: the device already has the next call queued
+        log_metrics(*pending)
+        pending = None
       if record is not None:  # the run has started: its first call finished
         jax.block_until_ready(metrics)
         run_record.write_run_files(workdir, config, record)
@@ -540,24 +571,19 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
       # A KID step is also a save step, so that the best-KID checkpoint exists to be kept.
       kid_now = bool(kid_every) and step % kid_every == 0
       save_now = save_now or kid_now
-      if log_now or save_now:
+      sample_now = bool(int(config.train.sample_every)) and step % int(config.train.sample_every) == 0
+      if log_now and not (save_now or sample_now):
+        # A plain log step: start the copy now, read it after the next call is dispatched (no blocking
+        # transfer per metric while the device idles).
+        for leaf in jax.tree.leaves(metrics):
+          leaf.copy_to_host_async()
+        pending = (step, metrics)
+      elif log_now or save_now:
         jax.block_until_ready(metrics)  # every call dispatched so far has finished on every local device
-        host_metrics = _to_host(metrics)
         in_flight.clear()
         report.finished(step)
-        if not all(np.isfinite(v) for v in host_metrics.values()):
-          raise NonFiniteLossError(
-              f"non-finite loss at step {step} ({ {k: float(v) for k, v in host_metrics.items()} }); the last good "
-              f"checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/checkpoints. Lower "
-              f"train.learning_rate or check the data")
-        now = time.time()
-        host_metrics["images_per_second"] = int(config.train.batch_size) * (step - logged_step) / max(now - timer, 1e-9)
-        timer, logged_step = now, step
-        if kid_now:
-          host_metrics["val_kid"] = kid_fn(_to_host(state.variables(ema=True)), normalizer)
-          timer = time.time()  # the KID time does not count against the training speed
-        writer.write(step, host_metrics)
-        report.log(step, host_metrics)
+        host_metrics = log_metrics(step, metrics, kid_now)
+      paused = time.time()
       if save_now:
         # The loss above was computed from the weights before this step's update: check what is saved.
         if not bool(_to_host(state_is_finite(state))):
@@ -568,19 +594,20 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
         # The previous save (and orbax's deletion of old steps) first: orbax would wait for it anyway.
         ckpt.wait_until_finished()
         workdir_lib.check_room_for_checkpoint(workdir, state_bytes, step)
-        ckpt.save(step, state, _checkpoint_meta(config, normalizer, train_iter.get_state(), step),
+        ckpt.save(step, state, _checkpoint_meta(config, normalizer, data_position, step),
                   metrics={k: float(v) for k, v in host_metrics.items()}, force=preempted)
         writer.sync()
-      if int(config.train.sample_every) and step % int(config.train.sample_every) == 0:
+      if sample_now:
         grid = write_sample_grid(eval_model, state.variables(ema=True), normalizer_dev, config, step, mesh=mesh,
                                  path=str(epath.Path(workdir) / "samples" / f"step_{step:07d}.png"))
         writer.write_image("samples", step, grid)
+      clock["timer"] += time.time() - paused  # saves and sample grids do not count against the training speed
       if preempted:
         if is_main:
           print(f"preemption notice: saved step {step}, exiting cleanly")
         break
   finally:
     failing = sys.exc_info()[1] is not None
-    _close_all([profile.close, report.close, writer.close]
+    _close_all([feed.close, profile.close, report.close, writer.close]
                + ([ckpt.abandon] if failing else [ckpt.wait_until_finished, ckpt.close]), failing)
   return state

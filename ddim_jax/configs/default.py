@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every = 50
   config.train.sample_every = 5000  # 0: no sample grids during training
   config.train.steps_per_call = 1  # optimiser steps per compiled call (lax.scan)
+  # "auto": the uint8 training set on the devices when it fits (a quarter of a device's memory), else
+  # uint8 batches uploaded ahead by a thread; "device" | "host" force one (ddim_jax/feed.py).
+  config.train.data_placement = "auto"
   config.train.keep_checkpoints = 3  # the last N checkpoints are kept
   config.train.ema_warmup = False  # True: decay min(ema_decay, (1+n)/(10+n)) (short runs)
   # KID on the validation split every N steps (0: off), logged as val_kid; the best-KID checkpoint

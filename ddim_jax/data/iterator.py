@@ -96,14 +96,22 @@ class BatchIterator:
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def next_indices(self) -> np.ndarray:
+    """This process's indices into ``images`` of the next batch, advancing the position.
+
+    What the training feed uses (it gathers and converts on the devices); ``__next__`` is the same
+    batch as float32 images.
+    """
     if self.num_epochs is not None and self._epoch >= self.num_epochs:
       raise StopIteration
     indices = self.local_indices(self._epoch, self._index)
     self._index += 1
     if self._index == self.steps_per_epoch:
       self._epoch, self._index = self._epoch + 1, 0
-    return {"images": self._to_float[self.images[indices]]}
+    return indices
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return {"images": self._to_float[self.images[self.next_indices()]]}
 
   def get_state(self) -> dict[str, int]:
     """The position: {"epoch", "index"} (next global batch), plain ints for a checkpoint."""
