@@ -88,6 +88,8 @@ def parse_args(argv=None):
   p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
   p.add_argument("--loop", action="store_true",
                  help="measure ddim_jax.trainer.train_and_evaluate on the demo preset against the bare step")
+  p.add_argument("--host-time", action="store_true",
+                 help="only the loop's host time per step with the device work stubbed out (also part of --loop)")
   p.add_argument("--loop-steps", type=int, default=300)
   p.add_argument("--loop-override", action="append", default=[],
                  help="extra --config.* override for --loop (repeatable)")
@@ -650,6 +652,55 @@ def run_loop(args):
           "devices": jax.device_count(), "date": time.strftime("%Y-%m-%d")}
 
 
+def host_time_per_step(steps: int = 200, image_size: int = 64, batch: int = 64, num_images: int = 2048) -> dict:
+  """The training loop's host time per step, device work excluded (milliseconds).
+
+  The loop's host section (getting the batch, uploading it, dispatching the call with the whole
+  donated TrainState of the default preset's model) is run against a stub step that returns the
+  state unchanged (aliased, so the device does nothing), on this process's devices, with a
+  synthetic uint8 training set at the default preset's shapes. "before": the host path this
+  replaced (float32 lookup of the batch on the host, float32 upload); "device" / "host": the two
+  placements of ``ddim_jax.feed`` (for "host", the time the loop waits for the background thread).
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ddim_jax import data, feed, models, parallel, train  # pylint: disable=import-outside-toplevel
+
+  mesh = parallel.create_mesh(jax.local_devices())
+  model = models.create_model("keras")
+  step_config = train.StepConfig()
+  state = parallel.replicate(jax.jit(train.create_train_state, static_argnums=(0, 1, 3))(
+      model, step_config, jax.random.key(0), image_size), mesh)
+  images = np.random.default_rng(0).integers(0, 256, (num_images, image_size, image_size, 3), dtype=np.uint8)
+  normalizer = parallel.replicate({"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.08, np.float32)}, mesh)
+  key = parallel.replicate(jax.random.key_data(jax.random.key(2)), mesh)
+  stub = jax.jit(lambda state, batch, normalizer, key, *rest: (state, {"loss": jnp.zeros(())}), donate_argnums=(0,))
+  out = {"steps": steps, "batch_size": batch, "image_size": image_size, "devices": len(mesh.devices.flat)}
+  for name in ("before", "device", "host"):
+    it = data.BatchIterator(images, batch, seed=0)
+    if name == "before":
+      def next_call(state, it=it):
+        return stub(state, parallel.shard_batch(next(it)["images"], mesh), normalizer, key)
+    else:
+      train_feed = feed.TrainFeed(it, mesh, 1, name)
+      extra = (train_feed.data,) if name == "device" else ()
+
+      def next_call(state, train_feed=train_feed, extra=extra):
+        return stub(state, train_feed.next()[0], normalizer, key, *extra)
+    for _ in range(5):  # compile and warm up
+      state, metrics = next_call(state)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = next_call(state)
+    jax.block_until_ready(state)
+    out[f"{name}_ms"] = 1e3 * (time.perf_counter() - start) / steps
+    if name != "before":
+      train_feed.close()
+  return out
+
+
 def run_loop_processes(args):
   """``--loop`` as ``--loop-processes`` jax.distributed processes of ``--loop-devices`` CPU devices each.
 
@@ -684,15 +735,29 @@ def run_loop_processes(args):
       return json.load(f)
 
 
+def format_host_time(result) -> str:
+  return (f"loop host time per step (stub step, batch {result['batch_size']} of {result['image_size']}x"
+          f"{result['image_size']}x3 uint8, {result['devices']} device(s)): before {result['before_ms']:.3f} ms "
+          f"(float32 lookup + upload on the host); now {result['device_ms']:.3f} ms (set on the devices), "
+          f"{result['host_ms']:.3f} ms (uint8 batches uploaded ahead)")
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.worker:
     run_worker(args)
     return
-  if args.loop:
+  if args.host_time and not args.loop:
+    result = host_time_per_step()
+    table = format_host_time(result)
+  elif args.loop:
     result = run_loop_processes(args) if args.loop_processes > 1 else run_loop(args)
+    if args.loop_processes == 1:
+      result["host_time"] = host_time_per_step()
     table = (f"training loop (demo preset, {result['overrides']}): {result['loop_img_s']:.1f} img/s; bare step "
              f"{result['bare_step_img_s']:.1f} img/s; loop/bare = {100 * result['loop_fraction_of_bare']:.1f}%")
+    if "host_time" in result:
+      table += "\n" + format_host_time(result["host_time"])
   else:
     result = run_benchmark(args)
     table = format_table(result)

@@ -103,3 +103,16 @@ def test_mfu_on_a_known_device_uses_the_jaxpr_flops_and_every_jax_device():
   assert "XLA cost analysis (diagnostic): 0.077" in table
   assert "peak: H200 dense bf16: 989.4 TFLOP/s" in table
   assert "5.9%" in table
+
+
+def test_host_time_per_step_measures_all_three_input_paths():
+  """``--host-time``'s measurement (not a timing assertion): the three paths run and report positive times."""
+  sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+  try:
+    import benchmark
+  finally:
+    sys.path.pop(0)
+  result = benchmark.host_time_per_step(steps=3, image_size=16, batch=8, num_images=32)
+  for name in ("before", "device", "host"):
+    assert result[f"{name}_ms"] > 0, result
+  assert "set on the devices" in benchmark.format_host_time(result)
