@@ -30,10 +30,11 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from ddim_jax import errors, models
+from ddim_jax import errors, models, schedules
 
 FORMAT = "ddim-jax-weights"
 FORMAT_VERSION = "1"
+WEIGHT_KINDS = ("ema", "raw")
 NORMALIZER_KEYS = ("normalizer.mean", "normalizer.variance")
 MODEL_KEYS = ("variant", "widths", "block_depth", "embedding_dims", "channels")
 
@@ -141,15 +142,99 @@ def model_metadata(model, image_size: int, **extra) -> dict[str, str]:
   return meta
 
 
+def _metadata_int(metadata: Mapping[str, str], key: str, low: int, high: int, default: int | None = None) -> int:
+  """The integer ``metadata[key]`` in [low, high] (``default`` when absent, if given)."""
+  raw = metadata.get(key)
+  if raw is None and default is not None:
+    return default
+  try:
+    value = int(str(raw).strip())
+  except ValueError:
+    value = None
+  if value is None or not low <= value <= high:
+    raise WeightFileError(f"metadata {key}={raw!r} is invalid: must be an integer in {low}..{high}")
+  return value
+
+
 def model_kwargs_from_metadata(metadata: Mapping[str, str]) -> dict:
-  """Keyword arguments of ``models.create_model`` recorded in a weight file's metadata."""
+  """Keyword arguments of ``models.create_model`` recorded in a weight file's metadata (validated).
+
+  Raises:
+    WeightFileError: a key is missing, not a number, or out of the range ``models.hyperparameter_problem`` allows.
+  """
   missing = [k for k in MODEL_KEYS if k not in metadata]
   if missing:
-    raise WeightFileError(f"weight file metadata lacks {missing}; write it with `ddim-jax export` or "
+    raise WeightFileError(f"metadata lacks {missing}; write it with `ddim-jax export` or "
                           f"ddim_jax.convert.save_weights")
-  return dict(variant=metadata["variant"], widths=tuple(int(w) for w in metadata["widths"].split(",")),
-              block_depth=int(metadata["block_depth"]), embedding_dims=int(metadata["embedding_dims"]),
-              channels=int(metadata["channels"]))
+  variant = metadata["variant"]
+  if variant not in models.VARIANTS:
+    raise WeightFileError(f"metadata variant={variant!r} is invalid: must be one of {models.VARIANTS}")
+  try:
+    widths = tuple(int(w.strip()) for w in str(metadata["widths"]).split(","))
+  except ValueError:
+    raise WeightFileError(f"metadata widths={metadata['widths']!r} is invalid: must be comma-separated integers "
+                          f"such as 32,64,96,128") from None
+  kwargs = dict(variant=variant, widths=widths,
+                block_depth=_metadata_int(metadata, "block_depth", 1, models.MAX_BLOCK_DEPTH),
+                embedding_dims=_metadata_int(metadata, "embedding_dims", 2, models.MAX_EMBEDDING_DIMS),
+                channels=_metadata_int(metadata, "channels", 1, models.MAX_CHANNELS))
+  problem = models.hyperparameter_problem(widths, kwargs["block_depth"], kwargs["embedding_dims"], kwargs["channels"])
+  if problem:
+    raise WeightFileError(f"metadata {problem}")
+  return kwargs
+
+
+def image_size_from_metadata(metadata: Mapping[str, str]) -> int:
+  """The training image size a weight file records (64 when absent), validated for its model."""
+  size = _metadata_int(metadata, "image_size", 1, models.MAX_IMAGE_SIZE, default=64)
+  kwargs = model_kwargs_from_metadata(metadata)
+  problem = models.image_size_problem(kwargs["variant"], kwargs["widths"], size)
+  if problem:
+    raise WeightFileError(f"metadata {problem}")
+  return size
+
+
+def step_from_metadata(metadata: Mapping[str, str]) -> int | None:
+  """The training step a weight file records, or None."""
+  return _metadata_int(metadata, "step", 0, 2 ** 62) if "step" in metadata else None
+
+
+def check_metadata(metadata: Mapping[str, str]) -> None:
+  """Validates every metadata key the readers use (``WeightFileError`` naming the key and what is allowed)."""
+  if metadata.get("format") != FORMAT:
+    raise WeightFileError(f"not a ddim-jax weight file (metadata format={metadata.get('format')!r}, expected "
+                          f"{FORMAT!r})")
+  if "format_version" in metadata and metadata["format_version"] != FORMAT_VERSION:
+    raise WeightFileError(f"metadata format_version={metadata['format_version']!r} is not supported (this ddim-jax "
+                          f"reads version {FORMAT_VERSION!r}); export the file again with this version")
+  model_kwargs_from_metadata(metadata)
+  image_size_from_metadata(metadata)
+  step_from_metadata(metadata)
+  if metadata.get("weights", "ema") not in WEIGHT_KINDS:
+    raise WeightFileError(f"metadata weights={metadata['weights']!r} is invalid: must be one of {WEIGHT_KINDS}")
+  try:
+    schedules.DiffusionSpec.from_metadata(metadata)
+  except errors.Error as e:
+    raise WeightFileError(str(e)) from None
+
+
+def check_tensors(tensors: Mapping[str, np.ndarray], channels: int) -> None:
+  """Every tensor float32 and finite; the normaliser (C,) with a variance > 0; BatchNorm variances >= 0."""
+  for name, value in tensors.items():
+    if value.dtype != np.float32:
+      raise WeightFileError(f"tensor {name!r} has dtype {value.dtype}, expected float32; export the file again")
+    if not np.all(np.isfinite(value)):
+      raise WeightFileError(f"tensor {name!r} holds {int(np.sum(~np.isfinite(value)))} non-finite values (NaN or "
+                            f"inf): the weights are broken; export them again from a checkpoint with a finite loss")
+  for key in NORMALIZER_KEYS:
+    if tensors[key].shape != (channels,):
+      raise WeightFileError(f"tensor {key!r} has shape {tensors[key].shape}, expected ({channels},)")
+  if not np.all(tensors["normalizer.variance"] > 0):
+    raise WeightFileError(f"tensor 'normalizer.variance' is {tensors['normalizer.variance'].tolist()}: every channel's "
+                          f"data variance must be > 0")
+  negative = sorted(k for k, v in tensors.items() if k.endswith("running_var") and np.any(v < 0))
+  if negative:
+    raise WeightFileError(f"tensor {negative[0]!r} holds negative BatchNorm variances; the file is damaged")
 
 
 def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], image_size: int, spec=None,
@@ -171,28 +256,52 @@ def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], ima
   tensors = flax_to_torch_state_dict(variables)
   tensors["normalizer.mean"] = np.asarray(normalizer["mean"], np.float32).reshape(-1)
   tensors["normalizer.variance"] = np.asarray(normalizer["variance"], np.float32).reshape(-1)
+  if os.path.isdir(path):
+    raise errors.ConfigError(f"{path!r} is a folder; give the weight file's path, e.g. {os.path.join(path, 'model')}"
+                             f".safetensors")
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise errors.ConfigError(f"cannot create the folder of {path!r} ({e.strerror}); choose another path") from None
   tmp = f"{path}.tmp{os.getpid()}"
-  save_file(tensors, tmp, metadata=model_metadata(model, image_size, **extra))
-  os.replace(tmp, path)
+  try:
+    save_file(tensors, tmp, metadata=model_metadata(model, image_size, **extra))
+    os.replace(tmp, path)
+  except (OSError, SafetensorError) as e:
+    raise errors.InputError(f"cannot write the weight file {path!r} ({getattr(e, 'strerror', None) or e}); choose "
+                            f"another path") from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def read_weight_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """Reads a weight file's tensors (torch naming) and metadata, checking its format."""
+  """Reads a weight file's tensors (torch naming) and metadata, checking its format and metadata.
+
+  Raises:
+    WeightFileError: naming the file, then the key or tensor and what is allowed.
+  """
   if not os.path.exists(path):
     raise WeightFileError(f"weight file {path!r} does not exist; write one with `ddim-jax export`")
+  if not os.path.isfile(path):
+    raise WeightFileError(f"weight file {path!r} is not a regular file; give a .safetensors file written by "
+                          f"`ddim-jax export`")
   try:
     with safe_open(path, framework="numpy") as f:
       metadata = dict(f.metadata() or {})
     tensors = load_file(path)
-  except (SafetensorError, OSError, ValueError) as e:
+  except (SafetensorError, OSError, ValueError, TypeError) as e:
     raise WeightFileError(f"cannot read weight file {path!r} ({e}); it is truncated or not a safetensors file — "
                           f"re-export it with `ddim-jax export`") from e
-  if metadata.get("format") != FORMAT:
-    raise WeightFileError(f"{path!r} is not a ddim-jax weight file (metadata format={metadata.get('format')!r}, "
-                          f"expected {FORMAT!r})")
-  for key in NORMALIZER_KEYS:
-    if key not in tensors:
-      raise WeightFileError(f"missing tensor {key!r} (expected shape ({metadata.get('channels', 'C')},)) in {path!r}")
+  try:
+    check_metadata(metadata)
+    for key in NORMALIZER_KEYS:
+      if key not in tensors:
+        raise WeightFileError(f"missing tensor {key!r} (expected shape ({metadata.get('channels', 'C')},))")
+    check_tensors(tensors, int(metadata["channels"]))
+  except WeightFileError as e:
+    raise WeightFileError(f"weight file {path!r}: {e}") from None
   return tensors, metadata
 
 
@@ -206,7 +315,11 @@ def load_weights(path: str, variant: str | None = None, image_size: int | None =
 
   Returns:
     (model, variables, normalizer, metadata): the UNet, Flax {'params','batch_stats'} (NumPy),
-    {'mean','variance'} (NumPy, (C,)) and the file's metadata.
+    {'mean','variance'} (NumPy, (C,)) and the file's metadata (validated: ``check_metadata``).
+
+  Raises:
+    WeightFileError: the file is missing, unreadable, or any metadata key or tensor is invalid (the
+      message names the file, the key or tensor, and what is allowed).
   """
   tensors, metadata = read_weight_file(path)
   kwargs = model_kwargs_from_metadata(metadata)
@@ -214,13 +327,14 @@ def load_weights(path: str, variant: str | None = None, image_size: int | None =
     raise WeightFileError(f"{path!r} holds a {kwargs['variant']!r} U-Net, expected {variant!r}; pass the matching "
                           f"--variant or another file")
   model = models.create_model(**kwargs)
-  size = int(image_size or metadata.get("image_size", 64))
+  size = image_size_from_metadata(metadata) if image_size is None else int(image_size)
+  models.check_image_size(model, size)
   reference = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), size))
-  variables = torch_state_dict_to_flax(tensors, reference)
+  try:
+    variables = torch_state_dict_to_flax(tensors, reference)
+  except WeightFileError as e:
+    raise WeightFileError(f"weight file {path!r}: {e}") from None
   normalizer = {"mean": tensors["normalizer.mean"], "variance": tensors["normalizer.variance"]}
-  for key, value in normalizer.items():
-    if value.shape != (model.channels,):
-      raise WeightFileError(f"tensor 'normalizer.{key}' has shape {value.shape}, expected ({model.channels},)")
   return model, variables, normalizer, metadata
 
 

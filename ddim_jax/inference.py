@@ -235,11 +235,10 @@ class InferenceModel:
   @classmethod
   def from_weights(cls, path: str, config: str | None = None) -> "InferenceModel":
     """A weight file; ``config`` (a preset or file, default demo) says where its real images are."""
-    model, variables, normalizer, metadata = convert.load_weights(path)
-    return cls(model, variables, normalizer, int(metadata.get("image_size", 64)),
+    model, variables, normalizer, metadata = convert.load_weights(path)  # every metadata key validated
+    return cls(model, variables, normalizer, convert.image_size_from_metadata(metadata),
                schedules.DiffusionSpec.from_metadata(metadata), configs.load_config(config or "demo").data,
-               f"{path} ({metadata.get('weights', 'unknown')} weights)",
-               int(metadata["step"]) if "step" in metadata else None)
+               f"{path} ({metadata.get('weights', 'unknown')} weights)", convert.step_from_metadata(metadata))
 
   @property
   def channels(self) -> int:

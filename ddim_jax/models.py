@@ -278,6 +278,44 @@ def compute_dtype(dtype) -> Any:
   return dtype
 
 
+# Generous bounds of the hyper-parameters (``hyperparameter_problem``): far beyond any model of this
+# project, small enough that a bad value is refused before it builds a model that exhausts memory.
+MAX_WIDTH = 4096
+MAX_LEVELS = 10  # widths: 2..MAX_LEVELS entries (each down level halves the image)
+MAX_BLOCK_DEPTH = 16
+MAX_EMBEDDING_DIMS = 4096
+MAX_CHANNELS = 4  # gray, RGB, RGBA
+MAX_IMAGE_SIZE = 1024
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def hyperparameter_problem(widths, block_depth, embedding_dims, channels) -> str | None:
+  """What is wrong with these U-Net hyper-parameters (naming the key and the allowed range), or None."""
+  widths = tuple(widths) if isinstance(widths, (tuple, list)) else widths
+  if (not isinstance(widths, tuple) or not 2 <= len(widths) <= MAX_LEVELS
+      or not all(_is_int(w) and 1 <= w <= MAX_WIDTH for w in widths)):
+    return f"widths must be 2 to {MAX_LEVELS} integers in 1..{MAX_WIDTH}, got {widths!r}"
+  if not _is_int(block_depth) or not 1 <= block_depth <= MAX_BLOCK_DEPTH:
+    return f"block_depth must be an integer in 1..{MAX_BLOCK_DEPTH}, got {block_depth!r}"
+  if not _is_int(embedding_dims) or not 2 <= embedding_dims <= MAX_EMBEDDING_DIMS or embedding_dims % 2:
+    return f"embedding_dims must be an even integer in 2..{MAX_EMBEDDING_DIMS}, got {embedding_dims!r}"
+  if not _is_int(channels) or not 1 <= channels <= MAX_CHANNELS:
+    return f"channels must be an integer in 1..{MAX_CHANNELS}, got {channels!r}"
+  return None
+
+
+def image_size_problem(variant: str, widths, image_size) -> str | None:
+  """What is wrong with ``image_size`` for a U-Net of ``variant`` and ``widths`` (see ``check_image_size``), or None."""
+  levels = len(widths) - 1 if variant == "keras" else len(widths)
+  if not _is_int(image_size) or not 1 <= image_size <= MAX_IMAGE_SIZE or image_size % (2 ** levels):
+    return (f"image_size must be a multiple of {2 ** levels} in 1..{MAX_IMAGE_SIZE} for the {variant} U-Net with "
+            f"{len(widths)} widths ({levels} 2x2 poolings), got {image_size!r}")
+  return None
+
+
 def create_model(variant: str = "keras", widths=(32, 64, 96, 128), block_depth: int = 2, embedding_dims: int = 32,
                  channels: int = 3, bn_axis_name=None, dtype="float32", **unused) -> UNet:
   """Builds a UNet after checking its hyper-parameters (errors name the bad value).
@@ -286,23 +324,19 @@ def create_model(variant: str = "keras", widths=(32, 64, 96, 128), block_depth: 
   """
   get_variant_spec(variant)
   dtype = compute_dtype(dtype)
+  problem = hyperparameter_problem(widths, block_depth, embedding_dims, channels)
+  if problem:
+    raise errors.ConfigError(f"config.model.{problem}")
   widths = tuple(int(w) for w in widths)
-  if len(widths) < 2 or any(w <= 0 for w in widths):
-    raise errors.ConfigError(f"model.widths must hold at least 2 positive widths, got {widths}")
-  if block_depth < 1:
-    raise errors.ConfigError(f"model.block_depth must be >= 1, got {block_depth}")
-  if embedding_dims < 2 or embedding_dims % 2:
-    raise errors.ConfigError(f"model.embedding_dims must be a positive even number, got {embedding_dims}")
   return UNet(variant=variant, widths=widths, block_depth=int(block_depth), embedding_dims=int(embedding_dims),
               channels=int(channels), bn_axis_name=bn_axis_name, dtype=dtype)
 
 
 def check_image_size(model: UNet, image_size: int) -> None:
   """Raises if ``image_size`` cannot be halved once per down level of ``model``."""
-  levels = len(model.widths) - 1 if model.variant == "keras" else len(model.widths)
-  if image_size <= 0 or image_size % (2 ** levels):
-    raise errors.ConfigError(f"image_size {image_size} must be a positive multiple of {2 ** levels} for the "
-                             f"{model.variant} U-Net with {len(model.widths)} widths ({levels} 2x2 poolings)")
+  problem = image_size_problem(model.variant, model.widths, image_size)
+  if problem:
+    raise errors.ConfigError(problem)
 
 
 def init_variables(model: UNet, key, image_size: int):

@@ -126,10 +126,33 @@ class DiffusionSpec:
 
   @classmethod
   def from_metadata(cls, metadata: Mapping[str, Any]) -> "DiffusionSpec":
-    """From a weight file's metadata (the Keras defaults for keys it does not hold)."""
-    return cls(str(metadata.get("schedule", "cosine")),
-               float(metadata.get("min_signal_rate", MIN_SIGNAL_RATE)),
-               float(metadata.get("max_signal_rate", MAX_SIGNAL_RATE)), str(metadata.get("target", "noise")))
+    """From a weight file's metadata (the Keras defaults for keys it does not hold).
+
+    Raises:
+      errors.InputError: a value that is not a finite number, an unknown schedule or target, or rates
+        outside 0 < min_signal_rate < max_signal_rate < 1 (the message names the key).
+    """
+    def rate(key, default):
+      raw = metadata.get(key, default)
+      try:
+        value = float(raw)
+      except (TypeError, ValueError):
+        value = math.nan
+      if not 0.0 < value < 1.0:
+        raise errors.InputError(f"metadata {key}={raw!r} is invalid: must be a number strictly between 0 and 1")
+      return value
+
+    schedule = str(metadata.get("schedule", "cosine"))
+    target = str(metadata.get("target", "noise"))
+    if schedule not in SCHEDULES:
+      raise errors.InputError(f"metadata schedule={schedule!r} is invalid: must be one of {SCHEDULES}")
+    if target not in TARGETS:
+      raise errors.InputError(f"metadata target={target!r} is invalid: must be one of {TARGETS}")
+    low, high = rate("min_signal_rate", MIN_SIGNAL_RATE), rate("max_signal_rate", MAX_SIGNAL_RATE)
+    if not low < high:
+      raise errors.InputError(f"metadata min_signal_rate={low} and max_signal_rate={high} are invalid: need "
+                              f"min_signal_rate < max_signal_rate")
+    return cls(schedule, low, high, target)
 
   def to_metadata(self) -> dict:
     """The weight-file metadata entries (``from_metadata`` reads them back)."""

@@ -15,6 +15,10 @@ from ddim_torch_ref import models
 FORMAT = "ddim-jax-weights"
 FORMAT_VERSION = "1"
 NORMALIZER_KEYS = ("normalizer.mean", "normalizer.variance")
+# The bounds of ddim_jax.models (MAX_WIDTH, MAX_LEVELS, ...) and ddim_jax.convert, for the metadata checks.
+MAX_WIDTH, MAX_LEVELS, MAX_BLOCK_DEPTH, MAX_EMBEDDING_DIMS, MAX_CHANNELS, MAX_IMAGE_SIZE = 4096, 10, 16, 4096, 4, 1024
+VARIANTS = ("keras", "r")
+WEIGHT_KINDS = ("ema", "raw")
 
 
 def save_weights(path, model: models.UNet, normalizer, image_size: int, **extra) -> None:
@@ -34,6 +38,73 @@ def save_weights(path, model: models.UNet, normalizer, image_size: int, **extra)
   os.replace(tmp, path)
 
 
+def _metadata_int(metadata, key: str, low: int, high: int, default=None) -> int:
+  raw = metadata.get(key)
+  if raw is None and default is not None:
+    return default
+  try:
+    value = int(str(raw).strip())
+  except ValueError:
+    value = None
+  if value is None or not low <= value <= high:
+    raise ValueError(f"metadata {key}={raw!r} is invalid: must be an integer in {low}..{high}")
+  return value
+
+
+def model_kwargs_from_metadata(metadata) -> dict:
+  """``models.create_model`` keyword arguments of a weight file's metadata, every key validated (as ddim_jax)."""
+  missing = [k for k in ("variant", "widths", "block_depth", "embedding_dims", "channels") if k not in metadata]
+  if missing:
+    raise ValueError(f"metadata lacks {missing}; write the file with `ddim-jax export`")
+  if metadata["variant"] not in VARIANTS:
+    raise ValueError(f"metadata variant={metadata['variant']!r} is invalid: must be one of {VARIANTS}")
+  try:
+    widths = tuple(int(w.strip()) for w in metadata["widths"].split(","))
+  except ValueError:
+    widths = ()
+  if not 2 <= len(widths) <= MAX_LEVELS or not all(1 <= w <= MAX_WIDTH for w in widths):
+    raise ValueError(f"metadata widths={metadata['widths']!r} is invalid: must be 2 to {MAX_LEVELS} comma-separated "
+                     f"integers in 1..{MAX_WIDTH}")
+  kwargs = dict(variant=metadata["variant"], widths=widths,
+                block_depth=_metadata_int(metadata, "block_depth", 1, MAX_BLOCK_DEPTH),
+                embedding_dims=_metadata_int(metadata, "embedding_dims", 2, MAX_EMBEDDING_DIMS),
+                channels=_metadata_int(metadata, "channels", 1, MAX_CHANNELS))
+  if kwargs["embedding_dims"] % 2:
+    raise ValueError(f"metadata embedding_dims={metadata['embedding_dims']!r} is invalid: must be even")
+  image_size_from_metadata(metadata, kwargs)
+  if "step" in metadata:
+    _metadata_int(metadata, "step", 0, 2 ** 62)
+  if metadata.get("weights", "ema") not in WEIGHT_KINDS:
+    raise ValueError(f"metadata weights={metadata['weights']!r} is invalid: must be one of {WEIGHT_KINDS}")
+  from ddim_torch_ref import schedules  # pylint: disable=import-outside-toplevel
+  schedules.DiffusionSpec.from_metadata(metadata)  # ValueError naming the key
+  return kwargs
+
+
+def image_size_from_metadata(metadata, kwargs=None) -> int:
+  """The training image size a weight file records (64 when absent), validated for its U-Net."""
+  kwargs = kwargs or model_kwargs_from_metadata(metadata)
+  size = _metadata_int(metadata, "image_size", 1, MAX_IMAGE_SIZE, default=64)
+  levels = len(kwargs["widths"]) - (kwargs["variant"] == "keras")
+  if size % 2 ** levels:
+    raise ValueError(f"metadata image_size={size} is invalid: must be a multiple of {2 ** levels} for this U-Net")
+  return size
+
+
+def check_tensors(tensors, channels: int) -> None:
+  """Every tensor float32 and finite, the normaliser (C,) with variances > 0 (as ddim_jax.convert)."""
+  for name, value in tensors.items():
+    if value.dtype != torch.float32:
+      raise ValueError(f"tensor {name!r} has dtype {value.dtype}, expected float32; export the file again")
+    if not bool(torch.isfinite(value).all()):
+      raise ValueError(f"tensor {name!r} holds NaN or inf values: the weights are broken; export them again")
+  for key in NORMALIZER_KEYS:
+    if key not in tensors or tuple(tensors[key].shape) != (channels,):
+      raise ValueError(f"tensor {key!r} is missing or not of shape ({channels},)")
+  if not bool((tensors["normalizer.variance"] > 0).all()):
+    raise ValueError("tensor 'normalizer.variance' must be > 0 in every channel")
+
+
 def load_weights(path, variant=None):
   """Reads a weight file into a new ``UNet``.
 
@@ -47,6 +118,8 @@ def load_weights(path, variant=None):
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise ValueError(f"weight file {path!r} does not exist")
+  if not os.path.isfile(path):
+    raise ValueError(f"weight file {path!r} is not a regular file")
   try:
     with safe_open(path, framework="pt") as f:
       metadata = dict(f.metadata() or {})
@@ -57,10 +130,12 @@ def load_weights(path, variant=None):
     raise ValueError(f"{path!r} is not a ddim-jax weight file (metadata format={metadata.get('format')!r})")
   if variant is not None and metadata.get("variant") != variant:
     raise ValueError(f"{path!r} holds a {metadata.get('variant')!r} U-Net, expected {variant!r}")
-  model = models.create_model(
-      variant=metadata["variant"], widths=tuple(int(w) for w in metadata["widths"].split(",")),
-      block_depth=int(metadata["block_depth"]), embedding_dims=int(metadata["embedding_dims"]),
-      channels=int(metadata["channels"]))
+  try:
+    kwargs = model_kwargs_from_metadata(metadata)
+    check_tensors(tensors, kwargs["channels"])
+  except ValueError as e:
+    raise ValueError(f"weight file {path!r}: {e}") from None
+  model = models.create_model(**kwargs)
   expected = model.state_dict()
   for name, ref in expected.items():
     if name not in tensors:

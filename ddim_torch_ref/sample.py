@@ -12,6 +12,8 @@ The grid is written by ``ddim_jax.visualize`` (NumPy + Pillow only), as ``ddim-j
 """
 
 import argparse
+import math
+import os
 import sys
 
 import numpy as np
@@ -51,21 +53,56 @@ def sample_images(model, normalizer, initial_noise: np.ndarray, steps: int, eta:
   return np.concatenate(out)
 
 
+def _number(kind, low, what):
+  """An argparse type: a ``kind`` number >= ``low`` (finite), else argparse's one-line error naming the option."""
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value is None or not math.isfinite(value) or value < low:
+      raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+  return parse
+
+
+positive_int = _number(int, 1, "a positive integer")
+
+
+def load_noise_file(path: str, num: int, shape) -> np.ndarray:
+  """The first ``num`` noises of an (N, H, W, C) float .npy file (ValueError naming the file and what is needed)."""
+  need = f"need a .npy of float32 noises of shape (N >= {num}, {', '.join(map(str, shape))})"
+  if not os.path.isfile(path):
+    raise ValueError(f"--noise-file {path!r} does not exist or is not a regular file; {need}")
+  try:
+    noise = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError):
+    raise ValueError(f"--noise-file {path!r} is not a readable .npy array; {need}") from None
+  if (not isinstance(noise, np.ndarray) or not np.issubdtype(noise.dtype, np.floating) or noise.ndim != 4
+      or noise.shape[1:] != tuple(shape) or len(noise) < num):
+    raise ValueError(f"--noise-file {path!r} holds {getattr(noise, 'dtype', 'an .npz archive')} "
+                     f"{getattr(noise, 'shape', '')}; {need}")
+  noise = noise[:num].astype(np.float32)
+  if not np.all(np.isfinite(noise)):
+    raise ValueError(f"--noise-file {path!r} holds NaN or inf values; {need}")
+  return noise
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The command-line parser."""
   parser = argparse.ArgumentParser(prog="python -m ddim_torch_ref.sample", description=__doc__.split("\n\n")[0])
   parser.add_argument("--weights", required=True, help="a ddim-jax .safetensors weight file")
   parser.add_argument("--out", default="samples_torch.png")
-  parser.add_argument("--num-images", type=int, default=36)
-  parser.add_argument("--steps", type=int, default=20, help="network evaluations (Keras semantics)")
-  parser.add_argument("--eta", type=float, default=0.0)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--num-images", type=positive_int, default=36)
+  parser.add_argument("--steps", type=positive_int, default=20, help="network evaluations (Keras semantics)")
+  parser.add_argument("--eta", type=_number(float, 0.0, "a finite number >= 0"), default=0.0)
+  parser.add_argument("--seed", type=_number(int, 0, "a seed >= 0"), default=0)
   parser.add_argument("--numpy-noise", action="store_true",
                       help="accepted for symmetry with ddim-jax: the noise is always drawn in NumPy here")
   parser.add_argument("--noise-file", default=None, help="initial noise from a .npy file, (N, H, W, C) float32")
-  parser.add_argument("--rows", type=int, default=None)
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--upscale", type=int, default=None,
+  parser.add_argument("--rows", type=positive_int, default=None)
+  parser.add_argument("--batch-size", type=positive_int, default=64)
+  parser.add_argument("--upscale", type=positive_int, default=None,
                       help="integer pixel upscaling of the grid (default: tiles of about 64 px, as ddim-jax sample)")
   parser.add_argument("--array-out", default=None, help="also write the images as a float32 .npy (N, H, W, C)")
   return parser
@@ -76,19 +113,14 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   from ddim_jax import visualize  # pylint: disable=import-outside-toplevel  (NumPy + Pillow only, no JAX)
   try:
-    model, normalizer, metadata = convert.load_weights(args.weights)
+    model, normalizer, metadata = convert.load_weights(args.weights)  # every metadata key validated
+    size, channels = convert.image_size_from_metadata(metadata), int(metadata["channels"])
+    if args.noise_file:
+      noise = load_noise_file(args.noise_file, args.num_images, (size, size, channels))
   except ValueError as e:
     print(f"ddim_torch_ref.sample: error: {e}", file=sys.stderr)
     return 2
-  size, channels = int(metadata.get("image_size", 64)), int(metadata.get("channels", 3))
-  if args.noise_file:
-    noise = np.load(args.noise_file)
-    if noise.ndim != 4 or noise.shape[1:] != (size, size, channels) or len(noise) < args.num_images:
-      print(f"ddim_torch_ref.sample: error: --noise-file holds shape {noise.shape}; need (N >= {args.num_images}, "
-            f"{size}, {size}, {channels})", file=sys.stderr)
-      return 2
-    noise = noise[:args.num_images].astype(np.float32)
-  else:
+  if not args.noise_file:
     noise = numpy_noise(args.seed, (args.num_images, size, size, channels))
   images = sample_images(model, normalizer, noise, args.steps, args.eta, args.seed, args.batch_size,
                          schedules.DiffusionSpec.from_metadata(metadata))

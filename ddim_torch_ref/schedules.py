@@ -83,10 +83,18 @@ class DiffusionSpec:
 
   @classmethod
   def from_metadata(cls, metadata: Mapping[str, Any]) -> "DiffusionSpec":
-    """From a weight file's metadata (the Keras defaults for keys it does not hold)."""
-    return cls(str(metadata.get("schedule", "cosine")),
-               float(metadata.get("min_signal_rate", MIN_SIGNAL_RATE)),
-               float(metadata.get("max_signal_rate", MAX_SIGNAL_RATE)), str(metadata.get("target", "noise")))
+    """From a weight file's metadata (the Keras defaults for keys it does not hold); ValueError names a bad key."""
+    rates = {}
+    for key, default in (("min_signal_rate", MIN_SIGNAL_RATE), ("max_signal_rate", MAX_SIGNAL_RATE)):
+      try:
+        rates[key] = float(metadata.get(key, default))
+      except (TypeError, ValueError):
+        rates[key] = math.nan
+      if not 0.0 < rates[key] < 1.0:
+        raise ValueError(f"metadata {key}={metadata.get(key)!r} is invalid: must be a number strictly between 0 "
+                         f"and 1")
+    return cls(str(metadata.get("schedule", "cosine")), rates["min_signal_rate"], rates["max_signal_rate"],
+               str(metadata.get("target", "noise")))
 
   def to_metadata(self) -> dict:
     """The weight-file metadata entries (``from_metadata`` reads them back)."""
