@@ -52,12 +52,36 @@ def batch_noise(seed: int, start: int, shape) -> jax.Array:
 
 
 def load_noise_file(path: str, num: int, image_shape) -> np.ndarray:
-  """The first ``num`` initial noises of an NHWC float32 .npy file of images shaped ``image_shape``."""
-  noise = np.load(path)
+  """The first ``num`` initial noises of an NHWC float32 .npy file of images shaped ``image_shape``.
+
+  Raises:
+    errors.MissingInputError: no such file.
+    errors.InputError: not a regular .npy file of one floating-point array (an .npz archive, a pickle,
+      an object array, text), another shape, fewer than ``num`` noises, or NaN/inf among them.
+  """
+  need = f"np.save a float32 array of shape (N >= {num}, {', '.join(map(str, image_shape))}) (NHWC)"
+  if not epath.Path(path).exists():
+    raise errors.MissingInputError(f"--noise-file {path!r} does not exist; {need}")
+  if not epath.Path(path).is_file():
+    raise errors.InputError(f"--noise-file {path!r} is not a regular file; {need}")
+  try:
+    noise = np.load(path, mmap_mode="r", allow_pickle=False)  # mapped: only the first num rows are read
+  except (ValueError, OSError, EOFError) as e:
+    why = "it holds pickled Python objects, which are not loaded" if "object" in str(e).lower() else str(e)
+    raise errors.InputError(f"--noise-file {path!r} is not a readable .npy array ({why}); {need}") from None
+  if not isinstance(noise, np.ndarray):  # an .npz archive
+    noise.close()
+    raise errors.InputError(f"--noise-file {path!r} is an .npz archive, not one .npy array; {need}")
+  if not np.issubdtype(noise.dtype, np.floating):
+    raise errors.InputError(f"--noise-file {path!r} holds {noise.dtype} values, not floating point; {need}")
   if noise.ndim != 4 or noise.shape[1:] != tuple(image_shape) or len(noise) < num:
     raise errors.InputError(f"--noise-file {path!r} holds shape {noise.shape}; need (N >= {num}, "
                             f"{', '.join(map(str, image_shape))}) (NHWC float32)")
-  return noise[:num].astype(np.float32)
+  noise = np.array(noise[:num], dtype=np.float32)
+  if not np.all(np.isfinite(noise)):
+    raise errors.InputError(f"--noise-file {path!r} holds {int(np.sum(~np.isfinite(noise)))} NaN or inf values "
+                            f"among its first {num} noises; {need} of finite standard normal draws")
+  return noise
 
 
 def initial_noise(seed: int, num: int, image_shape, noise_file: str | None = None,
