@@ -37,6 +37,8 @@ Resizing uses no antialiasing by default, as Keras' ``Resizing`` layer, torch's 
 import dataclasses
 import functools
 import os
+import pickle
+import re
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -307,15 +309,21 @@ def _variable_shapes(model: InceptionV3) -> Mapping[str, Any]:
   return jax.tree.map(lambda s: s.shape, shapes)
 
 
+class InceptionWeightsError(errors.InputError):
+  """An InceptionV3 weights file that cannot be used (truncated, not a torch file, not a state dict)."""
+
+
+class UnsafeInceptionWeightsError(InceptionWeightsError, pickle.UnpicklingError):
+  """A ``.pth`` file holding pickled objects beyond tensors: refused (``torch.load(weights_only=True)``)."""
+
+
 def missing_weights_message(looked_at: str) -> str:
-  """The error text for absent InceptionV3 weights: both files, their sources, and how to pass them."""
+  """The error text (one line) for absent InceptionV3 weights: both files, their sources, and how to pass them."""
   return (
-      f"InceptionV3 weights for KID not found ({looked_at}). KID needs one of these torch state "
-      f"dict files:\n"
-      f"  * {TORCHVISION_WEIGHTS_FILE} (torchvision's ImageNet InceptionV3): {TORCHVISION_WEIGHTS_URL}\n"
-      f"  * {FID_WEIGHTS_FILE} (pytorch-fid's FID Inception, github.com/mseitzer/pytorch-fid "
-      f"release 'fid_weights'): {FID_WEIGHTS_URL}\n"
-      f"Download one and pass its path with --inception-weights PATH (config key "
+      f"InceptionV3 weights for KID not found ({looked_at}). KID needs one of these torch state dict files: "
+      f"{TORCHVISION_WEIGHTS_FILE} (torchvision's ImageNet InceptionV3, {TORCHVISION_WEIGHTS_URL}) or "
+      f"{FID_WEIGHTS_FILE} (pytorch-fid's FID Inception, github.com/mseitzer/pytorch-fid release 'fid_weights', "
+      f"{FID_WEIGHTS_URL}). Download one and pass its path with --inception-weights PATH (config key "
       f"`inception_weights`), or put it in {_torch_hub_dir()}.")
 
 
@@ -335,6 +343,9 @@ def find_inception_weights(path: Optional[str] = None) -> str:
   if path:
     if os.path.isfile(path):
       return path
+    if os.path.exists(path):
+      raise InceptionWeightsError(f"InceptionV3 weights {path!r} is not a regular file; pass the .pth file itself "
+                                  f"(--inception-weights PATH, config key `inception_weights`)")
     raise errors.MissingInputError(missing_weights_message(f"no file at {path!r}"))
   for name in (TORCHVISION_WEIGHTS_FILE, FID_WEIGHTS_FILE):
     candidate = os.path.join(_torch_hub_dir(), name)
@@ -347,7 +358,10 @@ def detect_flavour(state_dict: Mapping[str, Any]) -> str:
   """'torchvision' (fc of 1000 classes) or 'fid' (1008 classes) from a torch state dict."""
   if "fc.weight" not in state_dict:
     raise errors.InputError("cannot tell the Inception flavour: the state dict has no fc.weight; pass flavour=")
-  num_classes = tuple(state_dict["fc.weight"].shape)[0]
+  shape = tuple(getattr(state_dict["fc.weight"], "shape", ()))
+  if len(shape) != 2:
+    raise errors.InputError(f"fc.weight has shape {shape}, expected (classes, 2048)")
+  num_classes = shape[0]
   for flavour, n in NUM_CLASSES.items():
     if n == num_classes:
       return flavour
@@ -361,6 +375,8 @@ def _is_ignored_key(key: str) -> bool:
 
 def _flax_location(key: str) -> Tuple[str, Tuple[str, ...], bool]:
   """torch key -> (collection, Flax path, transpose OIHW->HWIO?)."""
+  if key.count(".") < 1:
+    raise errors.InputError(f"unexpected key {key!r} in the InceptionV3 state dict")
   *modules, layer, leaf = key.split(".")
   table = {
       ("conv", "weight"): ("params", "kernel", True),
@@ -404,7 +420,14 @@ def variables_from_state_dict(state_dict: Mapping[str, Any],
     location = (collection, *path)
     if location not in expected:
       raise errors.InputError(f"unexpected key {key!r} for the {flavour} InceptionV3")
-    array = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, np.float32)
+    try:
+      array = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, np.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+      raise errors.InputError(f"{key}: not a tensor of numbers ({type(value).__name__})") from e
+    if not np.all(np.isfinite(array)):
+      raise errors.InputError(f"{key} holds NaN or inf values")
+    if collection == "batch_stats" and path[-1] == "var" and np.any(array < 0):
+      raise errors.InputError(f"{key} holds negative BatchNorm variances")
     if transpose:
       array = array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     if array.shape != tuple(expected[location]):
@@ -434,8 +457,27 @@ def load_inception_weights(path: Optional[str] = None,
     raise errors.MissingDependencyError(
         f"reading the InceptionV3 weights {path} needs PyTorch: pip install 'ddim-jax[torch]' (the CPU build is "
         "enough; see the README's Set-up)") from e
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  return variables_from_state_dict(state_dict, flavour)
+  fix = (f"download {TORCHVISION_WEIGHTS_FILE} or {FID_WEIGHTS_FILE} again and pass it with --inception-weights "
+         f"(config key `inception_weights`)")
+  try:
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:  # weights_only=True met an object that is not a tensor: never unpickled
+    detail = [line.strip() for line in str(e).splitlines() if "Unsupported" in line or "Unpickler error" in line]
+    detail = re.sub(r"\. Please use .*", "", detail[0])[:200] if detail else type(e).__name__
+    raise UnsafeInceptionWeightsError(
+        f"InceptionV3 weights {path!r} refused: it holds pickled Python objects besides tensors, which "
+        f"torch.load(weights_only=True) does not run ({detail}); {fix}") from None
+  except Exception as e:  # pylint: disable=broad-except  # torch raises many types for garbage files
+    raise InceptionWeightsError(f"cannot read InceptionV3 weights {path!r} ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); it is "
+                                f"truncated or not a torch .pth file: {fix}") from None
+  if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
+    raise InceptionWeightsError(f"InceptionV3 weights {path!r} hold a {type(state_dict).__name__}, not a state dict "
+                                f"(names -> tensors); {fix}")
+  try:
+    return variables_from_state_dict(state_dict, flavour)
+  except errors.InputError as e:
+    raise InceptionWeightsError(f"InceptionV3 weights {path!r}: {e}; {fix}") from None
 
 
 def inception_feature_fn(path: Optional[str] = None, image_size: int = KERAS_IMAGE_SIZE,
