@@ -3,7 +3,10 @@
 import ast
 import importlib
 import importlib.util
+import math
 import os
+
+import ml_collections
 
 from ddim_jax import errors
 
@@ -23,11 +26,29 @@ def config_path(spec: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{spec}.py")
   if os.path.isfile(spec):
     return spec
+  if os.path.isdir(spec):
+    raise errors.ConfigError(f"config {spec!r} is a folder; pass a preset {PRESETS} or a python file with get_config()")
+  if os.sep in spec or spec.endswith(".py"):
+    raise errors.MissingInputError(f"config file {spec!r} does not exist; pass a preset {PRESETS} or the path of a "
+                                   f"python file with get_config()")
   raise errors.ConfigError(f"unknown config preset {spec!r}; choose one of {PRESETS} or pass a path to a config file")
 
 
-def _parse_value(key: str, raw: str, kind):
-  """Parses the override ``raw`` as the type ``kind`` of field ``key``."""
+# Override values: integers within int64 (what the arrays and checkpoints hold), finite floats.
+_INT_LIMIT = 2 ** 63
+_SCALARS = (bool, int, float, str)
+
+
+def _check_number(value, kind):
+  if kind is int and not -_INT_LIMIT < value < _INT_LIMIT:
+    raise ValueError(f"{value} is out of range")
+  if kind is float and not math.isfinite(value):
+    raise ValueError(f"{value} is not finite")
+  return value
+
+
+def _parse_value(key: str, raw: str, kind, current=None):
+  """Parses the override ``raw`` as the type ``kind`` of field ``key`` (``current``: its present value)."""
   try:
     if kind is bool:
       if raw.lower() in ("true", "1", "yes"):
@@ -37,12 +58,33 @@ def _parse_value(key: str, raw: str, kind):
       raise ValueError(raw)
     if kind in (tuple, list):
       value = ast.literal_eval(raw)
-      return kind(value if isinstance(value, (tuple, list)) else (value,))
-    if kind in (int, float):
-      return kind(ast.literal_eval(raw)) if kind is float else int(raw)
+      value = kind(value if isinstance(value, (tuple, list)) else (value,))
+      # The elements: scalars, of the type of the present ones (a tuple of widths stays integers).
+      types = {type(v) for v in current or ()}
+      want = types.pop() if len(types) == 1 and not types & {bool} else None
+      for v in value:
+        if (not isinstance(v, _SCALARS) or (want is not None and not isinstance(v, want)
+                                            and not (want is float and type(v) is int))
+            or (want in (int, float) and isinstance(v, bool))):
+          raise ValueError(f"element {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          _check_number(v, int if isinstance(v, int) else float)
+      return value
+    if kind is float:
+      value = ast.literal_eval(raw)
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(raw)
+      return _check_number(float(value), float)
+    if kind is int:
+      return _check_number(int(raw), int)
     return raw if kind is str or kind is type(None) else kind(raw)
-  except (ValueError, SyntaxError) as e:
-    raise errors.ConfigError(f"bad config override --config.{key}={raw}: expected a {kind.__name__}") from e
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+    what = {tuple: "tuple", list: "list"}.get(kind)
+    if what and current:
+      what += f" like {tuple(current)!r}"
+    what = f"finite {kind.__name__}" if kind is float else what or kind.__name__
+    article = "an" if what[0] in "aeiou" else "a"
+    raise errors.ConfigError(f"bad config override --config.{key}={raw}: expected {article} {what}") from e
 
 
 def apply_overrides(config, overrides=()):
@@ -57,10 +99,16 @@ def apply_overrides(config, overrides=()):
       if name not in node:
         raise errors.ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} in --config.{key}")
       node = node[name]
+    if not hasattr(node, "get_type"):
+      raise errors.ConfigError(f"bad config override --config.{key}: {'.'.join(parents)!r} is a value, not a group "
+                               f"of keys")
     if leaf not in node:
       raise errors.ConfigError(f"unknown config key {key!r}; known keys under {'.'.join(parents) or 'config'}: "
                                f"{sorted(node.keys())}")
-    node[leaf] = _parse_value(key, raw, node.get_type(leaf))
+    if hasattr(node[leaf], "get_type"):
+      raise errors.ConfigError(f"bad config override --config.{key}={raw}: {key!r} is a group of keys; set one of "
+                               f"them, e.g. --config.{key}.{sorted(node[leaf].keys())[0]}=...")
+    node[leaf] = _parse_value(key, raw, node.get_type(leaf), node[leaf])
   return config
 
 
@@ -75,7 +123,26 @@ def load_config(spec: str, overrides=()):
     The ConfigDict.
   """
   path = config_path(spec)
-  module_spec = importlib.util.spec_from_file_location("ddim_jax_user_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return apply_overrides(module.get_config(), overrides)
+  if spec in PRESETS:  # the package's own files: an error there is a bug (traceback)
+    return apply_overrides(get_preset(spec), overrides)
+  try:
+    module_spec = importlib.util.spec_from_file_location("ddim_jax_user_config", path)
+    if module_spec is None:
+      raise ImportError("not a python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+      raise AttributeError("it defines no get_config()")
+    config = module.get_config()
+  except Exception as e:  # pylint: disable=broad-except  # the user's file: its error is bad input
+    raise errors.ConfigError(f"config file {path!r} failed: {type(e).__name__}: {_first_line(e)}; fix the file "
+                             f"(it must define get_config() returning an ml_collections.ConfigDict)") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise errors.ConfigError(f"config file {path!r}: get_config() returned a {type(config).__name__}, not an "
+                             f"ml_collections.ConfigDict")
+  return apply_overrides(config, overrides)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else ""
