@@ -103,6 +103,29 @@ def _read_meta(path: str) -> dict | None:
     return None
 
 
+MAX_CACHE_IMAGE_SIZE = 1024
+
+
+def _check_cache_dir(cache_dir: str) -> None:
+  """A cache folder that is a file, or sits below a file, is refused before anything is decoded."""
+  where = "config.data.cache_dir / --cache-dir / DDIM_JAX_CACHE_DIR"
+  path = cache_dir
+  while path and not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  if path and os.path.exists(path) and not os.path.isdir(path):
+    raise errors.ConfigError(f"cache folder {cache_dir!r} ({where}) is not usable: {path!r} is a file; choose a "
+                             f"folder")
+
+
+def _damaged(entry: str, what: str, error: BaseException) -> errors.InputError:
+  return errors.InputError(f"the data cache entry {entry!r} is damaged ({what}: {type(error).__name__}: "
+                           f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); delete that "
+                           f"folder (or run `ddim-jax prepare-data ... --force`) to rebuild it")
+
+
 def prepare_cache(config_data: Any, image_size: int, force: bool = False) -> CacheEntry:
   """Returns the cache entry of ``config_data`` at ``image_size``, building it on a miss.
 
@@ -115,6 +138,13 @@ def prepare_cache(config_data: Any, image_size: int, force: bool = False) -> Cac
     `CacheEntry`; ``meta["splits"]`` holds the split sizes.
   """
   options = data_options(config_data)
+  if not isinstance(image_size, (int, np.integer)) or not 1 <= image_size <= MAX_CACHE_IMAGE_SIZE:
+    raise errors.ConfigError(f"image size {image_size!r} of the cache is invalid: must be an integer in "
+                             f"1..{MAX_CACHE_IMAGE_SIZE}")
+  if not 0 <= options.split_seed < 2 ** 32:
+    raise errors.ConfigError(f"config.data.split_seed={options.split_seed} (--split-seed) is invalid: must be an "
+                             f"integer in 0..{2 ** 32 - 1}")
+  _check_cache_dir(options.cache_dir)
   path = cache_path(options, image_size)
   meta = None if force else _read_meta(path)
   if meta is not None:
@@ -149,12 +179,29 @@ def load_split(config_data: Any, split: str, image_size: int, mmap: bool = False
   if split not in SPLITS:
     raise errors.ConfigError(f"split must be one of {SPLITS}, got {split!r}")
   entry = prepare_cache(config_data, image_size)
-  return np.load(entry.split_path(split), mmap_mode="r" if mmap else None)
+  try:
+    images = np.load(entry.split_path(split), mmap_mode="r" if mmap else None, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:
+    raise _damaged(entry.path, f"{split}.npy", e) from None
+  if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
+      or images.shape[1:] != (image_size, image_size, 3)):
+    raise _damaged(entry.path, f"{split}.npy", ValueError(
+        f"holds {getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}, expected uint8 "
+        f"(N, {image_size}, {image_size}, 3)"))
+  return images
 
 
 def load_normalizer(config_data: Any, image_size: int) -> dict[str, np.ndarray]:
   """The stored per-channel {"mean", "variance"} (float32, (3,)) of the training split."""
   entry = prepare_cache(config_data, image_size)
-  with open(os.path.join(entry.path, "normalizer.json"), encoding="utf-8") as f:
-    stored = json.load(f)
-  return {k: np.asarray(stored[k], np.float32) for k in ("mean", "variance")}
+  try:
+    with open(os.path.join(entry.path, "normalizer.json"), encoding="utf-8") as f:
+      stored = json.load(f)
+    normalizer = {k: np.asarray(stored[k], np.float32) for k in ("mean", "variance")}
+    if any(v.shape != (3,) or not np.all(np.isfinite(v)) for v in normalizer.values()) or np.any(
+        normalizer["variance"] < 0):
+      raise ValueError(f"mean {stored['mean']}, variance {stored['variance']}: need 3 finite values each, "
+                       f"variances >= 0")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise _damaged(entry.path, "normalizer.json", e) from None
+  return normalizer

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -72,6 +74,43 @@ def decode_image(data: bytes, exif_transpose: bool = False) -> np.ndarray:
   if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
     raise BadImageError(f"unusable image shape {rgb.shape}")
   return rgb
+
+
+MAX_IMAGE_BYTES = 100 * 2 ** 20  # image files larger than this are skipped (as unreadable ones are)
+
+
+def read_image_file(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+  """The contents of the image file ``path``, if it is a regular file of at most ``max_bytes``.
+
+  Never blocks on a FIFO or a device (opened non-blocking, checked with ``fstat`` before reading).
+
+  Raises:
+    BadImageError: a dangling symbolic link, a FIFO, socket, device or folder, a file over
+      ``max_bytes``, or one that cannot be opened or read (the folder builders skip such files).
+  """
+  try:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+  except FileNotFoundError:
+    kind = "a dangling symbolic link" if os.path.islink(path) else "a file that vanished"
+    raise BadImageError(f"{kind}, not an image file") from None
+  except OSError as e:
+    raise BadImageError(f"cannot open ({e.strerror or type(e).__name__})") from None
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      raise BadImageError("not a regular file (a FIFO, socket, device or folder)")
+    limit = f"the limit of an image file, {max_bytes / 2 ** 20:g} MB ({max_bytes:,} bytes)"
+    if info.st_size > max_bytes:
+      raise BadImageError(f"{info.st_size:,} bytes, over {limit}")
+    with os.fdopen(fd, "rb", closefd=False) as f:
+      data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+      raise BadImageError(f"over {limit}")
+    return data
+  except OSError as e:
+    raise BadImageError(f"cannot read ({e.strerror or type(e).__name__})") from None
+  finally:
+    os.close(fd)
 
 
 def center_crop(image: np.ndarray) -> np.ndarray:

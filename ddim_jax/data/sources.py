@@ -17,7 +17,7 @@ import numpy as np
 
 from ddim_jax import errors
 from ddim_jax.data.decode_pool import _preprocess_many, _warn_skipped
-from ddim_jax.data.images import BadImageError, decode_image, quantize, resize_weights
+from ddim_jax.data.images import decode_image, quantize, read_image_file, resize_weights
 from ddim_jax.data.options import _NUM_NAMES_IN_WARNING, IMAGE_EXTENSIONS, DataOptions
 from ddim_jax.data.splits import random_split
 
@@ -42,25 +42,26 @@ def _folder_fingerprint(folder: str, files: Sequence[str]) -> str:
   """Changes when a file is added, removed, resized or touched (so the cache is rebuilt)."""
   digest = hashlib.sha256()
   for rel in files:
-    stat = os.stat(os.path.join(folder, rel))
+    try:
+      stat = os.stat(os.path.join(folder, rel))
+    except OSError:  # a dangling symbolic link: skipped when the images are read
+      stat = os.lstat(os.path.join(folder, rel))
     digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
   return digest.hexdigest()[:16]
 
 
 def _read_file(path: str) -> Callable[[], np.ndarray]:
-  def load():
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-    except OSError as e:
-      raise BadImageError(f"{type(e).__name__}: {e}") from e
-    return decode_image(data, exif_transpose=True)
+  def load():  # a FIFO, device, dangling link or oversized file raises BadImageError (skipped)
+    return decode_image(read_image_file(path), exif_transpose=True)
   return load
 
 
 def _build_folder(options: DataOptions, image_size: int) -> tuple[dict, dict]:
   folder = options.folder
   if not os.path.isdir(folder):
+    if os.path.exists(folder):
+      raise errors.InputError(f"image folder {folder!r} is not a folder (config.data.folder, --folder): give the "
+                              f"folder that holds the images")
     raise errors.MissingInputError(f"image folder {folder!r} does not exist (config.data.folder)")
   files, others = list_image_files(folder)
   if not files:
