@@ -19,6 +19,8 @@ This module parses and prints; the work is done by the library modules (``traine
 """
 
 import argparse
+import contextlib
+import math
 import os
 import shlex
 import sys
@@ -43,6 +45,150 @@ EXPECTED_ERRORS = (errors.Error, FileNotFoundError, IsADirectoryError, NotADirec
 
 
 # ------------------------------------------------------------------------------------------------
+# Argument types (argparse prints `ddim-jax CMD: error: argument --x: ...` and exits 2) and the
+# checks of what the parser cannot know (output paths, the environment).
+
+MAX_STEPS = 10_000  # sampler steps (network evaluations): the DDIM paper goes to 1000
+MAX_UPSCALE = 64
+MAX_SEED = 2 ** 32 - 1
+
+
+def _integer(text: str, low: int, high: int | None, what: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = None
+  if value is None or value < low or (high is not None and value > high):
+    raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+  return value
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
+  return _integer(text, 1, None, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+  """argparse type: an integer >= 0."""
+  return _integer(text, 0, None, "an integer >= 0")
+
+
+def seed_int(text: str) -> int:
+  """argparse type: a seed, 0..2**32-1 (JAX keys and NumPy generators both take it)."""
+  return _integer(text, 0, MAX_SEED, f"a seed (an integer in 0..{MAX_SEED})")
+
+
+def step_count(text: str) -> int:
+  """argparse type: sampler steps, 1..MAX_STEPS."""
+  return _integer(text, 1, MAX_STEPS, f"a step count (an integer in 1..{MAX_STEPS})")
+
+
+def upscale_int(text: str) -> int:
+  """argparse type: integer pixel upscaling, 1..MAX_UPSCALE."""
+  return _integer(text, 1, MAX_UPSCALE, f"an upscaling factor (an integer in 1..{MAX_UPSCALE})")
+
+
+def frame_count(text: str) -> int:
+  """argparse type: interpolation frames, >= 2 (the two ends)."""
+  return _integer(text, 2, None, "a frame count (an integer >= 2: the two ends and the frames between)")
+
+
+def cache_image_size(text: str) -> int:
+  """argparse type: the side of cached images, 0 (TFDS only) or 1..1024."""
+  return _integer(text, 0, data.cache.MAX_CACHE_IMAGE_SIZE,
+                  f"an image size (an integer in 1..{data.cache.MAX_CACHE_IMAGE_SIZE}, or 0: TFDS only)")
+
+
+def eta_float(text: str) -> float:
+  """argparse type: DDIM eta, a finite number >= 0."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not math.isfinite(value) or value < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like)")
+  return value
+
+
+def step_counts(text: str) -> list[int]:
+  """argparse type: comma-separated step counts such as 10,20,50, each 1..MAX_STEPS."""
+  try:
+    steps = evaluation.parse_step_counts(text)
+  except errors.ConfigError:
+    steps = []
+  if not steps or max(steps) > MAX_STEPS:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a list of step counts such as 10,20,50 (comma-separated "
+                                     f"integers in 1..{MAX_STEPS})")
+  return steps
+
+
+def cpu_devices_arg(text: str) -> str:
+  """argparse type: 'auto' or a positive device count."""
+  if text.strip().lower() != "auto":
+    _integer(text, 1, None, "'auto' or a positive device count")
+  return text
+
+
+def check_output(option: str, path: str | None, folder: bool = False) -> None:
+  """Refuses an output path that cannot be written, before any work: a folder given for a file (or a
+  file for a folder), a parent that is a file, or an unwritable place. Missing folders are created
+  when the output is written (as the PNG writers do). Bucket paths and '-' (stdout) are not checked."""
+  if not path or path == "-" or "://" in path:
+    return
+  if folder and os.path.exists(path) and not os.path.isdir(path):
+    raise errors.ConfigError(f"{option} {path!r} is a file; give a folder (it is created if missing)")
+  if not folder and os.path.isdir(path):
+    raise errors.ConfigError(f"{option} {path!r} is a folder; give the path of a file (in it or elsewhere)")
+  existing = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise errors.ConfigError(f"{option} {path!r}: {existing!r} is a file, not a folder; choose another path")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise errors.ConfigError(f"{option} {path!r}: the folder {existing!r} is not writable; choose another path")
+
+
+@contextlib.contextmanager
+def writing(option: str, path: str):
+  """Turns an OSError while writing the output of ``option`` into one line naming it."""
+  try:
+    yield
+  except OSError as e:
+    raise errors.InputError(f"{option} {path!r}: cannot write it ({e.strerror or e}); choose another path") from None
+
+
+def prepare_output(path: str) -> str:
+  """Creates the missing folders of a local output file (PNG outputs do so themselves); returns ``path``."""
+  if path and path != "-" and "://" not in path:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+  return path
+
+
+def check_environment() -> None:
+  """The environment variables the commands read as numbers: one line each when they are not."""
+  for name, low in (("JAX_NUM_PROCESSES", 1), ("JAX_PROCESS_ID", 0)):
+    value = os.environ.get(name, "")
+    if value:
+      try:
+        ok = int(value) >= low
+      except ValueError:
+        ok = False
+      if not ok:
+        raise errors.ConfigError(f"environment variable {name}={value!r} is invalid: must be an integer >= {low} "
+                                 f"(or unset)")
+  cache_dir = os.environ.get("DDIM_JAX_CACHE_DIR")
+  if cache_dir is not None and not cache_dir.strip():
+    raise errors.ConfigError("environment variable DDIM_JAX_CACHE_DIR is empty: set it to a folder or unset it")
+
+
+def one_line(error: BaseException) -> str:
+  """An error's message as one line (a multi-line message joined with ' ')."""
+  text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+  return text or type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------------
 # Subcommands.
 
 
@@ -56,10 +202,12 @@ def cmd_train(args, overrides) -> int:
 
 def cmd_export(args) -> int:
   """ddim-jax export: the newest checkpoint's EMA (or raw) weights as a safetensors weight file."""
+  check_output("--out", args.out)
   model, variables, normalizer, config, step, how = inference.restore_checkpoint_described(
       args.workdir, ema=not args.raw, step=args.step)
-  convert.save_weights(args.out, model, variables, normalizer, int(config.model.image_size),
-                       schedules.DiffusionSpec.from_config(config), weights="raw" if args.raw else "ema", step=step)
+  with writing("--out", args.out):
+    convert.save_weights(args.out, model, variables, normalizer, int(config.model.image_size),
+                         schedules.DiffusionSpec.from_config(config), weights="raw" if args.raw else "ema", step=step)
   print(f"wrote {args.out} ({'raw' if args.raw else 'EMA'} weights of step {step}, {how})")
   return 0
 
@@ -94,19 +242,25 @@ def cmd_demo(args, overrides) -> int:
 
 def cmd_sample(args) -> int:
   """ddim-jax sample: a grid of EMA samples (and each image, and a trajectory strip)."""
+  for option, path in (("--out", args.out), ("--array-out", args.array_out), ("--trajectory", args.trajectory)):
+    check_output(option, path)
+  check_output("--out-dir", args.out_dir, folder=True)
   source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
   noise = inference.initial_noise(args.seed, args.num_images, source.image_shape, args.noise_file, args.numpy_noise)
   images = source.sample(args.num_images, args.steps, args.eta, args.seed, args.batch_size, initial_noise=noise)
-  visualize.save_grid(images, args.out, rows=args.rows,
-                      upscale=visualize.default_upscale(source.image_size, args.upscale))
+  with writing("--out", args.out):
+    visualize.save_grid(images, args.out, rows=args.rows,
+                        upscale=visualize.default_upscale(source.image_size, args.upscale))
   devices = parallel.rows_mesh(min(args.batch_size, args.num_images)).size
   print(f"wrote {args.out} ({len(images)} images of {source.description}, {args.steps} steps, eta={args.eta}, "
         f"batches split over {devices} device{'s' * (devices > 1)})")
   if args.array_out:
-    np.save(args.array_out, images)
+    with writing("--array-out", args.array_out):
+      np.save(prepare_output(args.array_out), images)
     print(f"wrote {args.array_out} (float32 images in [0, 1], NHWC)")
   if args.out_dir:
-    paths = visualize.save_images(images, args.out_dir, upscale=args.upscale or 1)
+    with writing("--out-dir", args.out_dir):
+      paths = visualize.save_images(images, args.out_dir, upscale=args.upscale or 1)
     print(f"wrote {len(paths)} PNG files to {args.out_dir}")
   if args.trajectory:
     k = min(args.trajectory_images, args.num_images)
@@ -114,17 +268,25 @@ def cmd_sample(args) -> int:
     first = noise[:k] if noise is not None else source.first_noise(args.seed, k, args.num_images, args.batch_size)
     rows = figures.trajectory_rows(source.model, source.variables, source.normalizer, first, args.steps, eta=args.eta,
                                    key=jax.random.key(args.seed + 1) if args.eta > 0 else None, spec=source.spec)
-    visualize.save_rows(rows, args.trajectory, upscale=visualize.default_upscale(source.image_size, args.upscale))
+    with writing("--trajectory", args.trajectory):
+      visualize.save_rows(rows, args.trajectory, upscale=visualize.default_upscale(source.image_size, args.upscale))
     print(f"wrote {args.trajectory} ({k} samples: rows of noisy images and predicted images)")
   return 0
 
 
 def cmd_figures(args) -> int:
   """ddim-jax figures: the blog's forward process, reverse process and 6x6 sample grid."""
+  check_output("--out-dir", args.out_dir, folder=True)
   source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
   upscale = visualize.default_upscale(source.image_size, args.upscale)
-  os.makedirs(args.out_dir, exist_ok=True)
-  real = source.real_images("train", 1, start=args.image_index).astype(np.float32) / 255.0
+  train_images = source.real_images("train")
+  if args.image_index >= len(train_images):
+    raise errors.ConfigError(f"--image-index {args.image_index} is out of range: the training split of "
+                             f"{source.data_config.dataset!r} holds {len(train_images)} images (0.."
+                             f"{len(train_images) - 1})")
+  real = np.asarray(train_images[args.image_index:args.image_index + 1]).astype(np.float32) / 255.0
+  with writing("--out-dir", args.out_dir):
+    os.makedirs(args.out_dir, exist_ok=True)
   image = np.asarray(sampling.normalize(real, source.normalizer))[0]
   forward = os.path.join(args.out_dir, "forward.png")
   rows = [figures.denormalized(r, source.normalizer) for r in figures.forward_figure_rows(image, args.seed)]
@@ -141,8 +303,10 @@ def cmd_figures(args) -> int:
 
 def cmd_invert(args) -> int:
   """ddim-jax invert: DDIM inversion image -> noise -> image, reconstruction error per step count."""
+  check_output("--json", args.json)
+  check_output("--out", args.out)
   source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
-  steps_list = evaluation.parse_step_counts(args.steps)
+  steps_list = args.steps
   images = source.real_images(args.split, args.num_images)
   start = time.time()
   errors = evaluation.reconstruction_errors(source.model, source.variables, source.normalizer, images, steps_list,
@@ -155,14 +319,16 @@ def cmd_invert(args) -> int:
     paper = DDIM_PAPER_RECONSTRUCTION.get(steps)
     print(f"{steps:>6} {value:>10.6f} {'' if paper is None else paper:>22}")
   if args.json:
-    text = evaluation.write_json(args.json, {
-        "reconstruction_mse": {str(k): v for k, v in errors.items()}, "steps": steps_list,
-        "num_images": int(len(images)), "split": args.split, "seconds": time.time() - start})
+    with writing("--json", args.json):
+      text = evaluation.write_json(prepare_output(args.json), {
+          "reconstruction_mse": {str(k): v for k, v in errors.items()}, "steps": steps_list,
+          "num_images": int(len(images)), "split": args.split, "seconds": time.time() - start})
     print(text if args.json == "-" else f"wrote {args.json}")
   if args.out:
     rows = figures.inversion_rows(source.model, source.variables, source.normalizer,
                                   evaluation.as_float_images(images[:args.show]), steps_list, source.spec)
-    visualize.save_rows(rows, args.out, upscale=visualize.default_upscale(source.image_size, args.upscale))
+    with writing("--out", args.out):
+      visualize.save_rows(rows, args.out, upscale=visualize.default_upscale(source.image_size, args.upscale))
     print(f"wrote {args.out} (rows: originals, reconstructions at {steps_list[:-1]} steps, the noise at "
           f"{steps_list[-1]} steps and its reconstruction)")
   return 0
@@ -170,9 +336,8 @@ def cmd_invert(args) -> int:
 
 def cmd_interpolate(args) -> int:
   """ddim-jax interpolate: samples along a spherical interpolation between two initial noises."""
+  check_output("--out", args.out)
   source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
-  if args.num_frames < 2:
-    raise errors.ConfigError(f"--num-frames must be >= 2, got {args.num_frames}")
   noise = inference.initial_noise(args.seed, 2 * args.pairs, source.image_shape, args.noise_file, args.numpy_noise)
   if noise is None:
     noise = np.asarray(jax.random.normal(jax.random.key(args.seed), (2 * args.pairs,) + source.image_shape))
@@ -181,7 +346,8 @@ def cmd_interpolate(args) -> int:
   rows = [parallel.gather_rows(sampling.generate(
       source.model, source.variables, parallel.shard_rows(sampling.slerp(noise[2 * p], noise[2 * p + 1], weights), mesh),
       source.normalizer, steps=args.steps, spec=source.spec)["images"]) for p in range(args.pairs)]
-  visualize.save_rows(rows, args.out, upscale=visualize.default_upscale(source.image_size, args.upscale))
+  with writing("--out", args.out):
+    visualize.save_rows(rows, args.out, upscale=visualize.default_upscale(source.image_size, args.upscale))
   print(f"wrote {args.out} ({args.pairs} x {args.num_frames} frames, {args.steps} steps, from {source.description}; "
         f"{mesh.size} device{'s' * (mesh.size > 1)})")
   return 0
@@ -189,10 +355,15 @@ def cmd_interpolate(args) -> int:
 
 def cmd_evaluate(args) -> int:
   """ddim-jax evaluate: KID (the digits metric for the bundled digits) of EMA samples, per step count."""
+  check_output("--json", args.json)
+  if args.num_images is not None and args.num_images < 2:
+    raise errors.ConfigError(f"--num-images {args.num_images}: the metrics compare sets of at least 2 images")
   source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
-  steps_list = evaluation.parse_step_counts(args.steps)
+  steps_list = args.steps
   if args.metric == "digits" or (args.metric == "auto" and digits_metric.is_digits(source.data_config)):
     return cmd_evaluate_digits(args, source, steps_list)
+  if args.batch_size < 2:
+    raise errors.ConfigError(f"--batch-size {args.batch_size}: KID needs batches of at least 2 images")
   weights = evaluation.resolve_inception_weights(args.inception_weights)
   reals = source.real_images("validation", args.num_images)
   batch = evaluation.kid_batch_size(len(reals), args.batch_size)
@@ -208,10 +379,11 @@ def cmd_evaluate(args) -> int:
   for steps, value in results.items():
     print(f"{steps:>6} {value:>10.5f}")
   if args.json:
-    text = evaluation.write_json(args.json, {
-        "kid": {str(k): v for k, v in results.items()}, "steps": steps_list, "num_images": used,
-        "batch_size": batch, "image_size": args.image_size, "inception_weights": weights,
-        "checkpoint_step": source.step, "seed": args.seed, "seconds": time.time() - start})
+    with writing("--json", args.json):
+      text = evaluation.write_json(prepare_output(args.json), {
+          "kid": {str(k): v for k, v in results.items()}, "steps": steps_list, "num_images": used,
+          "batch_size": batch, "image_size": args.image_size, "inception_weights": weights,
+          "checkpoint_step": source.step, "seed": args.seed, "seconds": time.time() - start})
     print(text if args.json == "-" else f"wrote {args.json}")
   return 0
 
@@ -231,12 +403,14 @@ def cmd_evaluate_digits(args, source, steps_list) -> int:
   print(f"calibration ({num} images each; real digits from the training split):")
   print("\n".join(digits_metric.table_lines(calibration)))
   if args.json:
-    text = evaluation.write_json(args.json, {
-        "metric": "digits", "steps": steps_list, "num_images": num, "reference_images": metric.num_reference,
-        **{key: {str(k): getattr(v, key) for k, v in results.items()} for key in ("frechet_distance", "coverage")},
-        "histogram": {str(k): list(v.histogram) for k, v in results.items()},
-        "calibration": [{"name": k, **v.to_json()} for k, v in calibration.items()], "feature_weights": metric.weights,
-        "checkpoint_step": source.step, "seed": args.seed, "seconds": time.time() - start})
+    with writing("--json", args.json):
+      text = evaluation.write_json(prepare_output(args.json), {
+          "metric": "digits", "steps": steps_list, "num_images": num, "reference_images": metric.num_reference,
+          **{key: {str(k): getattr(v, key) for k, v in results.items()} for key in ("frechet_distance", "coverage")},
+          "histogram": {str(k): list(v.histogram) for k, v in results.items()},
+          "calibration": [{"name": k, **v.to_json()} for k, v in calibration.items()],
+          "feature_weights": metric.weights,
+          "checkpoint_step": source.step, "seed": args.seed, "seconds": time.time() - start})
     print(text if args.json == "-" else f"wrote {args.json}")
   return 0
 
@@ -287,7 +461,7 @@ def add_source_arguments(p, config_help: bool = True) -> None:
   group.add_argument("--weights", help="a .safetensors file written by `ddim-jax export`")
   group.add_argument("--workdir", help="a training workdir: the EMA weights of its checkpoint --step")
   p.add_argument("--step", default="latest", help=STEP_HELP)
-  p.add_argument("--cpu-devices", default="auto",
+  p.add_argument("--cpu-devices", default="auto", type=cpu_devices_arg,
                  help="JAX CPU devices to split every batch over: 'auto' (one per core, default) or a count; "
                       "the images are the same. No effect on GPU/TPU, which use every local device")
   if config_help:
@@ -298,7 +472,7 @@ def add_source_arguments(p, config_help: bool = True) -> None:
 
 def add_noise_arguments(p) -> None:
   """--seed, and --numpy-noise | --noise-file (the noise conventions of ``inference``)."""
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=seed_int, default=0)
   group = p.add_mutually_exclusive_group()
   group.add_argument("--numpy-noise", action="store_true",
                      help="draw the initial noise as np.random.default_rng(seed).standard_normal((N, H, W, C), "
@@ -335,19 +509,19 @@ def add_sample_parser(sub) -> None:
   p = sub.add_parser("sample", help="a grid of EMA samples from a weight file or a workdir")
   add_source_arguments(p, config_help=False)
   p.add_argument("--out", default="samples.png")
-  p.add_argument("--num-images", type=int, default=36)
-  p.add_argument("--steps", type=int, default=20, help="network evaluations (Keras semantics)")
-  p.add_argument("--eta", type=float, default=0.0, help="0: deterministic DDIM, 1: DDPM-like")
+  p.add_argument("--num-images", type=positive_int, default=36)
+  p.add_argument("--steps", type=step_count, default=20, help="network evaluations (Keras semantics)")
+  p.add_argument("--eta", type=eta_float, default=0.0, help="0: deterministic DDIM, 1: DDPM-like")
   add_noise_arguments(p)
-  p.add_argument("--rows", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--upscale", type=int, default=None,
+  p.add_argument("--rows", type=positive_int, default=None)
+  p.add_argument("--batch-size", type=positive_int, default=64)
+  p.add_argument("--upscale", type=upscale_int, default=None,
                  help="integer pixel upscaling of the PNGs (default: tiles of about 64 px in the grid and the "
                       "trajectory, as `demo`; the --out-dir images at their native size)")
   p.add_argument("--out-dir", default=None, help="also write every image as out-dir/sample_00000.png, ...")
   p.add_argument("--array-out", default=None, help="also write the images as a float32 .npy (N, H, W, C) in [0, 1]")
   p.add_argument("--trajectory", default=None, help="write the noise-to-image strip of the first samples here")
-  p.add_argument("--trajectory-images", type=int, default=3, help="samples in the trajectory strip")
+  p.add_argument("--trajectory-images", type=positive_int, default=3, help="samples in the trajectory strip")
   p.set_defaults(fn=cmd_sample)
 
 
@@ -355,24 +529,24 @@ def add_figures_parser(sub) -> None:
   p = sub.add_parser("figures", help="the blog's figures: forward process, reverse process, 6x6 samples")
   add_source_arguments(p)
   p.add_argument("--out-dir", required=True)
-  p.add_argument("--steps", type=int, default=20, help="sampler steps of the 6x6 grid")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--image-index", type=int, default=0, help="which training image the process figures show")
-  p.add_argument("--upscale", type=int, default=None, help="pixel upscaling (default: tiles of about 64 px)")
+  p.add_argument("--steps", type=step_count, default=20, help="sampler steps of the 6x6 grid")
+  p.add_argument("--seed", type=seed_int, default=0)
+  p.add_argument("--image-index", type=nonnegative_int, default=0, help="which training image the process figures show")
+  p.add_argument("--upscale", type=upscale_int, default=None, help="pixel upscaling (default: tiles of about 64 px)")
   p.set_defaults(fn=cmd_figures)
 
 
 def add_invert_parser(sub) -> None:
   p = sub.add_parser("invert", help="DDIM inversion: reconstruction error per step count")
   add_source_arguments(p)
-  p.add_argument("--steps", default="10,20,50,100", help="comma-separated step counts")
-  p.add_argument("--num-images", type=int, default=64)
+  p.add_argument("--steps", type=step_counts, default="10,20,50,100", help="comma-separated step counts")
+  p.add_argument("--num-images", type=positive_int, default=64)
   p.add_argument("--split", default="validation", choices=("train", "validation"))
-  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--batch-size", type=positive_int, default=64)
   p.add_argument("--json", default=None, help="write the errors as JSON to this path ('-': stdout)")
   p.add_argument("--out", default=None, help="a PNG of originals, reconstructions and the noise")
-  p.add_argument("--show", type=int, default=8, help="images in the --out figure")
-  p.add_argument("--upscale", type=int, default=None)
+  p.add_argument("--show", type=positive_int, default=8, help="images in the --out figure")
+  p.add_argument("--upscale", type=upscale_int, default=None)
   p.set_defaults(fn=cmd_invert)
 
 
@@ -380,28 +554,28 @@ def add_interpolate_parser(sub) -> None:
   p = sub.add_parser("interpolate", help="samples along a spherical interpolation of two noises, as a strip")
   add_source_arguments(p, config_help=False)
   p.add_argument("--out", default="interpolation.png")
-  p.add_argument("--num-frames", type=int, default=9)
-  p.add_argument("--pairs", type=int, default=1, help="noise pairs (one strip row each)")
-  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--num-frames", type=frame_count, default=9)
+  p.add_argument("--pairs", type=positive_int, default=1, help="noise pairs (one strip row each)")
+  p.add_argument("--steps", type=step_count, default=20)
   add_noise_arguments(p)
-  p.add_argument("--upscale", type=int, default=None)
+  p.add_argument("--upscale", type=upscale_int, default=None)
   p.set_defaults(fn=cmd_interpolate)
 
 
 def add_evaluate_parser(sub) -> None:
   p = sub.add_parser("evaluate", help="KID (digits: the digits metric) against the validation split per step count")
   add_source_arguments(p)
-  p.add_argument("--steps", default="5,10,20,50", help="comma-separated step counts")
+  p.add_argument("--steps", type=step_counts, default="5,10,20,50", help="comma-separated step counts")
   p.add_argument("--metric", default="auto", choices=("auto", "kid", "digits"),
                  help="auto: the digits metric (no Inception weights) for the bundled digits, else KID")
-  p.add_argument("--num-images", type=int, default=None,
+  p.add_argument("--num-images", type=positive_int, default=None,
                  help=f"KID: validation images (default: all); digits: samples (default {DIGITS_METRIC_IMAGES})")
-  p.add_argument("--batch-size", type=int, default=64, help="images per KID batch (Keras 64, R 128)")
+  p.add_argument("--batch-size", type=positive_int, default=64, help="images per KID batch (Keras 64, R 128)")
   p.add_argument("--inception-weights", default=None,
                  help="torchvision's inception_v3_google-0cc3c7bd.pth or pytorch-fid's pt_inception-2015-12-05-"
                       "6726825d.pth (default: the torch hub cache)")
   p.add_argument("--image-size", type=int, default=75, choices=(75, 299), help="Inception input: 75 Keras, 299 R")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=seed_int, default=0)
   p.add_argument("--json", default=None, help="write the results as JSON to this path ('-': stdout)")
   p.set_defaults(fn=cmd_evaluate)
 
@@ -423,11 +597,11 @@ def add_prepare_data_parser(sub) -> None:
                       "imagelabels.mat, setid.mat); without it TFDS downloads them")
   p.add_argument("--data-dir", default=None, help="TFDS data dir (default ~/tensorflow_datasets)")
   p.add_argument("--folder", default=None, help="image folder for --dataset folder")
-  p.add_argument("--image-size", type=int, default=64, help="cache size; 0 prepares TFDS only")
+  p.add_argument("--image-size", type=cache_image_size, default=64, help="cache size; 0 prepares TFDS only")
   p.add_argument("--cache-dir", default=None, help=f"preprocessed-image cache (default {data.DEFAULT_CACHE_DIR})")
   p.add_argument("--split", default="keras", choices=("keras", "r"))
   p.add_argument("--no-antialias", action="store_true", help="the R resize (bilinear without antialiasing)")
-  p.add_argument("--split-seed", type=int, default=1)
+  p.add_argument("--split-seed", type=seed_int, default=1)
   p.add_argument("--force", action="store_true", help="rebuild the cache entry")
   p.set_defaults(fn=cmd_prepare_data)
 
@@ -460,13 +634,14 @@ def main(argv=None) -> int:
   args, extra = build_parser().parse_known_args(argv)
   if extra and not getattr(args, "takes_overrides", False):
     build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-  debug = args.debug or os.environ.get(errors.DEBUG_ENV, "") not in ("", "0")
+  debug = args.debug or os.environ.get(errors.DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
   try:
+    check_environment()
     return args.fn(args, extra) if getattr(args, "takes_overrides", False) else args.fn(args)
   except EXPECTED_ERRORS as e:
     if debug:
       raise
-    print(f"ddim-jax {args.command}: error: {e}", file=sys.stderr)
+    print(f"ddim-jax {args.command}: error: {one_line(e)}", file=sys.stderr)
     return 3 if isinstance(e, trainer.NonFiniteLossError) else 2
 
 
