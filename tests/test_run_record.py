@@ -163,7 +163,9 @@ def test_a_redirected_run_prints_the_banner_and_plain_log_lines(tmp_path, cache_
   assert lines[banner + 1].startswith("  devices    2 x cpu (cpu), 1 process(es)")
   assert "10,011 parameters" in lines[banner + 2]  # the tiny U-Net, counted
   assert "1,437 training images" in lines[banner + 3] and "360 validation images" in lines[banner + 3]
-  assert "8 global = 4 per device" in lines[banner + 4]
+  # 1,437 x 16 x 16 x 3 bytes = 1.1 MiB: within the CPU rule, so on the devices.
+  assert lines[banner + 4] == "  input      on the devices (1.1 MiB uint8, uploaded once; the step gathers by index)"
+  assert "8 global = 4 per device" in lines[banner + 5]
   logged = [line for line in lines if line.startswith("step ")]
   assert [line.split()[1] for line in logged] == ["4/8", "8/8"], lines
   assert all(" loss " in line and " img/s " in line and " eta " in line for line in logged)
