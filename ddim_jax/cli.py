@@ -19,8 +19,6 @@ This module parses and prints; the work is done by the library modules (``traine
 """
 
 import argparse
-import contextlib
-import math
 import os
 import shlex
 import sys
@@ -31,6 +29,9 @@ import numpy as np
 
 from ddim_jax import (configs, convert, data, digits_metric, errors, evaluation, figures, inference, models,
                       parallel, sampling, schedules, trainer, visualize)
+from ddim_jax.arguments import (positive_int, nonnegative_int, seed_int, step_count, upscale_int, frame_count,
+                                cache_image_size, eta_float, step_counts, cpu_devices_arg, check_output, writing,
+                                prepare_output, check_environment, one_line)
 
 # The DDIM paper's Table 2 (CIFAR10, per-dimension MSE of pixels in [0, 1]).
 DDIM_PAPER_RECONSTRUCTION = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
@@ -42,150 +43,6 @@ STEP_HELP = ("with --workdir: which checkpoint: latest (default), best (the lowe
 # Expected failures: one line and exit status 2 (3 for a non-finite loss), no traceback. Paths that
 # do not exist or cannot be read are the user's input too; every other exception is a bug.
 EXPECTED_ERRORS = (errors.Error, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
-
-
-# ------------------------------------------------------------------------------------------------
-# Argument types (argparse prints `ddim-jax CMD: error: argument --x: ...` and exits 2) and the
-# checks of what the parser cannot know (output paths, the environment).
-
-MAX_STEPS = 10_000  # sampler steps (network evaluations): the DDIM paper goes to 1000
-MAX_UPSCALE = 64
-MAX_SEED = 2 ** 32 - 1
-
-
-def _integer(text: str, low: int, high: int | None, what: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = None
-  if value is None or value < low or (high is not None and value > high):
-    raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-  return value
-
-
-def positive_int(text: str) -> int:
-  """argparse type: an integer >= 1."""
-  return _integer(text, 1, None, "a positive integer")
-
-
-def nonnegative_int(text: str) -> int:
-  """argparse type: an integer >= 0."""
-  return _integer(text, 0, None, "an integer >= 0")
-
-
-def seed_int(text: str) -> int:
-  """argparse type: a seed, 0..2**32-1 (JAX keys and NumPy generators both take it)."""
-  return _integer(text, 0, MAX_SEED, f"a seed (an integer in 0..{MAX_SEED})")
-
-
-def step_count(text: str) -> int:
-  """argparse type: sampler steps, 1..MAX_STEPS."""
-  return _integer(text, 1, MAX_STEPS, f"a step count (an integer in 1..{MAX_STEPS})")
-
-
-def upscale_int(text: str) -> int:
-  """argparse type: integer pixel upscaling, 1..MAX_UPSCALE."""
-  return _integer(text, 1, MAX_UPSCALE, f"an upscaling factor (an integer in 1..{MAX_UPSCALE})")
-
-
-def frame_count(text: str) -> int:
-  """argparse type: interpolation frames, >= 2 (the two ends)."""
-  return _integer(text, 2, None, "a frame count (an integer >= 2: the two ends and the frames between)")
-
-
-def cache_image_size(text: str) -> int:
-  """argparse type: the side of cached images, 0 (TFDS only) or 1..1024."""
-  return _integer(text, 0, data.cache.MAX_CACHE_IMAGE_SIZE,
-                  f"an image size (an integer in 1..{data.cache.MAX_CACHE_IMAGE_SIZE}, or 0: TFDS only)")
-
-
-def eta_float(text: str) -> float:
-  """argparse type: DDIM eta, a finite number >= 0."""
-  try:
-    value = float(text)
-  except ValueError:
-    value = math.nan
-  if not math.isfinite(value) or value < 0:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like)")
-  return value
-
-
-def step_counts(text: str) -> list[int]:
-  """argparse type: comma-separated step counts such as 10,20,50, each 1..MAX_STEPS."""
-  try:
-    steps = evaluation.parse_step_counts(text)
-  except errors.ConfigError:
-    steps = []
-  if not steps or max(steps) > MAX_STEPS:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a list of step counts such as 10,20,50 (comma-separated "
-                                     f"integers in 1..{MAX_STEPS})")
-  return steps
-
-
-def cpu_devices_arg(text: str) -> str:
-  """argparse type: 'auto' or a positive device count."""
-  if text.strip().lower() != "auto":
-    _integer(text, 1, None, "'auto' or a positive device count")
-  return text
-
-
-def check_output(option: str, path: str | None, folder: bool = False) -> None:
-  """Refuses an output path that cannot be written, before any work: a folder given for a file (or a
-  file for a folder), a parent that is a file, or an unwritable place. Missing folders are created
-  when the output is written (as the PNG writers do). Bucket paths and '-' (stdout) are not checked."""
-  if not path or path == "-" or "://" in path:
-    return
-  if folder and os.path.exists(path) and not os.path.isdir(path):
-    raise errors.ConfigError(f"{option} {path!r} is a file; give a folder (it is created if missing)")
-  if not folder and os.path.isdir(path):
-    raise errors.ConfigError(f"{option} {path!r} is a folder; give the path of a file (in it or elsewhere)")
-  existing = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
-  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise errors.ConfigError(f"{option} {path!r}: {existing!r} is a file, not a folder; choose another path")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise errors.ConfigError(f"{option} {path!r}: the folder {existing!r} is not writable; choose another path")
-
-
-@contextlib.contextmanager
-def writing(option: str, path: str):
-  """Turns an OSError while writing the output of ``option`` into one line naming it."""
-  try:
-    yield
-  except OSError as e:
-    raise errors.InputError(f"{option} {path!r}: cannot write it ({e.strerror or e}); choose another path") from None
-
-
-def prepare_output(path: str) -> str:
-  """Creates the missing folders of a local output file (PNG outputs do so themselves); returns ``path``."""
-  if path and path != "-" and "://" not in path:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-  return path
-
-
-def check_environment() -> None:
-  """The environment variables the commands read as numbers: one line each when they are not."""
-  for name, low in (("JAX_NUM_PROCESSES", 1), ("JAX_PROCESS_ID", 0)):
-    value = os.environ.get(name, "")
-    if value:
-      try:
-        ok = int(value) >= low
-      except ValueError:
-        ok = False
-      if not ok:
-        raise errors.ConfigError(f"environment variable {name}={value!r} is invalid: must be an integer >= {low} "
-                                 f"(or unset)")
-  cache_dir = os.environ.get("DDIM_JAX_CACHE_DIR")
-  if cache_dir is not None and not cache_dir.strip():
-    raise errors.ConfigError("environment variable DDIM_JAX_CACHE_DIR is empty: set it to a folder or unset it")
-
-
-def one_line(error: BaseException) -> str:
-  """An error's message as one line (a multi-line message joined with ' ')."""
-  text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-  return text or type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------

@@ -124,16 +124,15 @@ def ensure_writable(workdir: str) -> None:
     return
   try:
     os.makedirs(workdir, exist_ok=True)
-    # Root passes os.access on a read-only mount, so try a real write (created and removed).
-    probe = os.path.join(workdir, f".write-check-{os.getpid()}")
-    with open(probe, "wb"):
-      pass
-    os.remove(probe)
   except OSError as e:
     line = _os_error_line(e, workdir)
     if line is None:
       raise
     raise errors.InputError(line) from e
+  # access(2) answers for the filesystem too (EROFS, for root as well), without writing anything.
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    read_only = bool(os.statvfs(workdir).f_flag & os.ST_RDONLY)
+    raise errors.InputError(_os_error_line(OSError(errno.EROFS if read_only else errno.EACCES, ""), workdir))
 
 
 # ------------------------------------------------------------------------------------------------

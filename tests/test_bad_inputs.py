@@ -19,6 +19,8 @@ sample command.
 import os
 import pickle
 import stat
+import subprocess
+import sys
 import threading
 import types
 
@@ -352,19 +354,65 @@ CASES = [
      {"JAX_NUM_PROCESSES": "two"}),
     ("env-process-id-negative", ["info", "--weights", W], ["JAX_PROCESS_ID='-1'", "integer >= 0"],
      {"JAX_PROCESS_ID": "-1"}),
+    # --- workdirs (ddim_jax/workdir.py) --------------------------------------------------------
+    ("workdir-ftp-train", ["train", "--workdir", "ftp://host/run", "--config", "demo"],
+     ["ftp://host/run", "ftp:// is not supported", "gs://bucket/path"]),
+    ("workdir-hdfs-export", ["export", "--workdir", "hdfs://namenode/run", "--out", "{root}/never/w.safetensors"],
+     ["hdfs://namenode/run", "hdfs:// is not supported"]),
+    ("workdir-ftp-sample", ["sample", "--workdir", "ftp://host/run", "--out", "{root}/never/grid.png"],
+     ["ftp://host/run", "not supported"]),
+    ("workdir-is-a-file-train", ["train", "--workdir", "{root}/a_file", "--config", "demo"],
+     ["a_file", "is a file, not a folder"]),
+    ("workdir-is-a-file-export", ["export", "--workdir", "{root}/a_file", "--out", "{root}/never/w.safetensors"],
+     ["a_file", "is a file, not a folder"]),
+    ("workdir-read-only-train", ["train", "--workdir", "{read_only}/run", "--config", "demo"],
+     ["{read_only}/run", "train in a --workdir on a writable disk"]),
+    ("workdir-locked-train", ["train", "--workdir", "{locked}", "--config", "demo"],
+     ["{locked} is in use by another trainer", "pid {holder_pid} on host"]),
 ]
 
 
+@pytest.fixture(scope="module")
+def workdir_inputs(tmp_path_factory):
+  """{read_only}: a read-only filesystem (a read-only tmpfs as root; else a folder without write
+  permission); {locked}: a workdir whose lock a live process holds ({holder_pid})."""
+  root = tmp_path_factory.mktemp("workdir_inputs")
+  read_only = root / "read_only"
+  read_only.mkdir()
+  mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs",
+                                                  str(read_only)], capture_output=True, check=False).returncode == 0
+  if not mounted:
+    read_only.chmod(0o555)
+  locked = root / "locked"
+  locked.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; from ddim_jax import workdir as w; w.WorkdirLock(sys.argv[1]).acquire(); "
+      "print('held', flush=True); time.sleep(3600)"), str(locked)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    yield {"workdir_root": str(root), "read_only": str(read_only), "read_only_mounted": mounted,
+           "locked": str(locked), "holder_pid": str(holder.pid)}
+  finally:
+    holder.kill()
+    holder.wait()
+    if mounted:
+      subprocess.run(["umount", str(read_only)], check=False)
+    else:
+      read_only.chmod(0o755)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_exit_status_2(case, inputs, capsys, monkeypatch):
+def test_bad_input_is_one_line_and_exit_status_2(case, inputs, workdir_inputs, capsys, monkeypatch):
   _, argv, needles, *env = case
-  paths = vars(inputs)
+  paths = {**vars(inputs), **workdir_inputs}
+  if case[0] == "workdir-read-only-train" and not workdir_inputs["read_only_mounted"]:
+    needles = ["{read_only}/run", "not writable by this user"]
   monkeypatch.setenv("DDIM_JAX_CACHE_DIR", inputs.cache)
   monkeypatch.delenv("DDIM_JAX_DEBUG", raising=False)
   for name, value in (env[0] if env else {}).items():
     monkeypatch.setenv(name, value.format(**paths))
   argv = [a.format(**paths) for a in argv]
-  watched = (inputs.root, inputs.weights)
+  watched = (inputs.root, inputs.weights, workdir_inputs["workdir_root"])
   before = _snapshot(*watched)
   capsys.readouterr()
   try:
