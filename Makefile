@@ -13,11 +13,20 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_REQUIREMENT := $(firstword $(TORCH_SPEC))
 TORCH_PIP_OPTIONS := $(wordlist 2,$(words $(TORCH_SPEC)),$(TORCH_SPEC))
 
-.PHONY: setup setup-tfds demo test parity bench clean
+.PHONY: setup setup-demo setup-tfds demo test parity bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+
+# The demo needs the package alone: no torch (only conversion, parity and Inception .pth weights
+# import it), no test servers.
+$(VENV)/.installed-demo: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+# Everything the tests, `make parity` and `make bench` use: torch (TORCH_SPEC) and the dev extra.
+$(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q "$(TORCH_REQUIREMENT)" $(TORCH_PIP_OPTIONS)
 	$(PIP) install -q -e ".[torch,dev]"
 	touch $@
@@ -28,9 +37,10 @@ $(VENV)/.installed-tfds: $(VENV)/.installed
 	touch $@
 
 setup: $(VENV)/.installed
+setup-demo: $(VENV)/.installed-demo
 setup-tfds: $(VENV)/.installed-tfds
 
-demo: setup
+demo: setup-demo
 	$(VENV)/bin/ddim-jax demo --workdir outputs/demo
 
 test: setup-tfds
