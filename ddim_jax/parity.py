@@ -6,16 +6,130 @@ re-initialised; forward comparisons perturb every tensor (a fresh model's zero h
 them vacuous); trajectories use a briefly trained model, because a random U-Net's DDIM trajectory
 grows by up to 1/min_signal_rate per step and makes any absolute bound meaningless.
 
+Precision: the torch twin runs on the CPU in float32 and is the reference. On GPUs XLA's default
+precision runs float32 convolutions and matmuls in TF32 (bf16 passes on TPUs), so a float32 bound
+holds there only under ``precision("highest")``; on CPU both settings compute the same numbers.
+
 torch is imported inside the functions that need it.
 """
 
+import contextlib
 import functools
+import hashlib
+import inspect
+import json
+import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
-from ddim_jax import convert, data, models, sampling, schedules, train
+from ddim_jax import convert, data, errors, models, sampling, schedules, train
+
+PRECISIONS = ("default", "highest")
+
+
+@contextlib.contextmanager
+def precision(name: str = "highest"):
+  """The precision of JAX's float32 convolutions and matmuls inside the block; torch stays float32.
+
+  'highest': ``jax.default_matmul_precision("highest")``, full float32 on GPUs and TPUs (what a
+  float32 bound needs there). 'default': XLA's default (even where JAX_DEFAULT_MATMUL_PRECISION
+  says otherwise): TF32 on Ampere and later GPUs, bf16 passes on TPUs; on CPU float32 either way. In both cases torch's TF32 switches (CUDA matmuls, cuDNN
+  convolutions) are off inside the block and restored after: the twin is the float32 reference
+  (it runs on the CPU here, where they do nothing).
+  """
+  if name not in PRECISIONS:
+    raise ValueError(f"unknown precision {name!r}; choose one of {PRECISIONS}")
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    torch = None
+  saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if torch else None
+  try:
+    if torch:
+      torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    with jax.default_matmul_precision("highest" if name == "highest" else None):  # None: XLA's default
+      yield
+  finally:
+    if torch:
+      torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def on_accelerator() -> bool:
+  """Whether JAX computes on a GPU or TPU (where 'default' precision is not float32)."""
+  return jax.default_backend() != "cpu"
+
+
+def device_description() -> dict:
+  """What JAX computes on: backend, device kind and count, and the versions of both frameworks."""
+  import torch  # pylint: disable=import-outside-toplevel
+  device = jax.devices()[0]
+  return {"backend": jax.default_backend(), "device_kind": device.device_kind, "device_count": jax.device_count(),
+          "jax": jax.__version__, "torch": torch.__version__, "torch_device": "cpu",
+          "torch_threads": torch.get_num_threads()}
+
+
+def pin_torch_threads(threads: int | None = None) -> int:
+  """Sets torch's CPU threads (default: half the CPUs this process may use, 1 to 4); returns the count.
+
+  The twin's ops are small (16x16 trajectories, batch 4; the fixture's batch of 32 at 16x16): torch's
+  default of one thread per core mostly spins, and its OpenMP threads collapse when another job holds
+  a core (on the shared 2-core CPU the fixture's 300 steps took 616 s with 2 threads).
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  if threads is None:
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = min(4, available // 2)
+  torch.set_num_threads(max(1, int(threads)))
+  return torch.get_num_threads()
+
+
+def no_timer(name: str):  # pylint: disable=unused-argument
+  """The default ``timer`` of the comparisons: times nothing."""
+  return contextlib.nullcontext()
+
+
+class Phases:
+  """Wall-clock seconds of named phases, in order of first use: ``with phases("name"): ...``.
+
+  Passed as ``timer`` to the comparisons below, which time their compiles and each framework's run.
+  """
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+_EXECUTABLES: dict = {}
+
+
+def _signature(tree) -> tuple:
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves)
+
+
+def _executable(jitted, label: str, timer, static: dict, **dynamic):
+  """``jitted`` compiled ahead of time for ``dynamic`` (the compile timed as ``label``), cached.
+
+  Compiling apart from running lets the report time the two. The cache key holds the shapes and the
+  matmul precision in force: the same call under another precision is another program.
+  """
+  key = (jitted, tuple(sorted(static.items())), _signature(dynamic), jax.config.jax_default_matmul_precision)
+  if key not in _EXECUTABLES:
+    with timer(label):
+      _EXECUTABLES[key] = jitted.lower(**static, **dynamic).compile()
+  return _EXECUTABLES[key]
 
 
 def _nchw(x: np.ndarray) -> np.ndarray:
@@ -34,28 +148,91 @@ def _apply(model, variables, images, noise_variances, train: bool):
   return model.apply(variables, images, noise_variances, train=False)
 
 
-def batch_statistics(model, variables, images, noise_variances) -> dict:
+def _apply_executable(model, train: bool, timer=no_timer, **inputs):
+  """``_apply`` compiled for ``inputs`` (variables, images, noise_variances); see ``_executable``."""
+  return _executable(_apply, f"JAX compile: forward, BN {'train' if train else 'eval'}", timer,
+                     dict(model=model, train=train), **inputs)
+
+
+def batch_statistics(model, variables, images, noise_variances, timer=no_timer) -> dict:
   """The batch mean/variance every BatchNorm layer sees in a train-mode pass, as a batch_stats tree.
 
   Backed out of one running-average update: new = m * old + (1 - m) * batch.
   """
   momentum = models.get_variant_spec(model.variant).bn_momentum
-  _, updates = _apply(model, variables, images, noise_variances, True)
+  inputs = dict(variables=variables, images=images, noise_variances=noise_variances)
+  _, updates = _apply_executable(model, True, timer, **inputs)(**inputs)
   return jax.tree.map(lambda new, old: (new - momentum * old) / (1 - momentum), updates["batch_stats"],
                       variables["batch_stats"])
 
 
-def perturbed_variables(model, image_size: int, seed: int = 0, scale: float = 0.3) -> dict:
+def _init_key(model, image_size: int, seed: int) -> dict:
+  """What ``models.init_variables`` values depend on: the model, the size, the seed, JAX and models.py."""
+  with open(inspect.getsourcefile(models), "rb") as f:
+    code = hashlib.sha256(f.read()).hexdigest()[:16]
+  return {**convert.model_metadata(model, image_size), "dtype": str(model.dtype), "seed": seed,
+          "jax": jax.__version__, "backend": jax.default_backend(), "code": code}
+
+
+def initial_variables(model, image_size: int, seed: int = 0, cache_dir: str = "", timer=no_timer) -> dict:
+  """``models.init_variables`` (jitted, key ``seed``) as NumPy arrays; kept in ``cache_dir`` when given.
+
+  Compiling the init is the slowest compile of a forward comparison (~40 s for the full U-Net on
+  this 2-core CPU: XLA:CPU and the threefry draws of every parameter). With ``cache_dir`` the
+  values are written once to a safetensors file keyed by ``_init_key`` (JAX version and backend
+  included) and read back bit for bit; '' (the default) computes them every time.
+  """
+  key = _init_key(model, image_size, seed)
+  path = None
+  if cache_dir:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"init_{model.variant}_{image_size}_{digest}.safetensors")
+    try:
+      flat = {}
+      if os.path.exists(path):
+        with timer("JAX init: read cache"):
+          flat = load_file(path)
+      if flat.pop("__key__", np.zeros(0, np.uint8)).tobytes().decode() == json.dumps(key, sort_keys=True):
+        variables = {}
+        for name, value in flat.items():
+          *parents, leaf = name.split("/")
+          node = variables
+          for parent in parents:
+            node = node.setdefault(parent, {})
+          node[leaf] = value
+        return variables
+    except (OSError, SafetensorError, UnicodeDecodeError):
+      pass  # unreadable: computed and rewritten below
+  # A fixed matmul precision (init has no matmul): one compile per process, whatever the caller's.
+  with timer("JAX compile + run: init"), jax.default_matmul_precision(None):
+    variables = jax.tree.map(np.asarray, jax.jit(models.init_variables, static_argnums=(0, 2))(
+        model, jax.random.key(seed), image_size))
+  if path:
+    flat = {"/".join(str(k.key) for k in p): np.ascontiguousarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    flat["__key__"] = np.frombuffer(json.dumps(key, sort_keys=True).encode(), np.uint8)
+    try:
+      os.makedirs(cache_dir, exist_ok=True)
+      tmp = f"{path}.tmp{os.getpid()}"
+      save_file(flat, tmp)
+      os.replace(tmp, path)
+    except OSError:
+      pass  # an unwritable cache costs the next run a compile, nothing else
+  return variables
+
+
+def perturbed_variables(model, image_size: int, seed: int = 0, scale: float = 0.3, timer=no_timer,
+                        cache_dir: str = "") -> dict:
   """Initialised variables with EVERY tensor perturbed, for forward comparisons.
 
   Kernels get noise of ``scale`` times their init's standard deviation (the zero-initialised head
   gets a fan-in scaled kernel, so predictions are O(1) and non-zero), biases and BN affine
   parameters noise of 0.1, and BatchNorm statistics are the batch statistics of a calibration
-  batch (so eval-mode activations stay O(1), as in a trained model) jittered by 10%.
+  batch (so eval-mode activations stay O(1), as in a trained model) jittered by 10%. ``cache_dir``:
+  see ``initial_variables`` (the same numbers with or without it).
   """
   rng = np.random.default_rng(seed)
-  variables = jax.tree.map(np.asarray, jax.jit(models.init_variables, static_argnums=(0, 2))(
-      model, jax.random.key(seed), image_size))
+  variables = initial_variables(model, image_size, seed, cache_dir, timer)
 
   def perturb(path, x):
     leaf = getattr(path[-1], "key", "")
@@ -71,7 +248,7 @@ def perturbed_variables(model, image_size: int, seed: int = 0, scale: float = 0.
   images = rng.standard_normal((8, image_size, image_size, model.channels)).astype(np.float32)
   noise_variances = rng.uniform(0.05, 1.0, (8, 1, 1, 1)).astype(np.float32)
   stats = batch_statistics(model, {"params": params, "batch_stats": variables["batch_stats"]}, images,
-                           noise_variances)
+                           noise_variances, timer)
   stats = jax.tree_util.tree_map_with_path(
       lambda path, s: (np.asarray(s) * (rng.uniform(0.9, 1.1, s.shape) if getattr(path[-1], "key", "") == "var"
                                         else 1.0) + (0.1 * rng.standard_normal(s.shape) if getattr(
@@ -98,8 +275,10 @@ def mixed_noise_inputs(batch: int, image_size: int, channels: int, seed: int = 1
   return noisy_images, np.asarray(jnp.square(noise_rates), np.float32)
 
 
-def forward_parity(model, variables, image_size: int, batch: int = 8, seed: int = 1) -> dict:
+def forward_parity(model, variables, image_size: int, batch: int = 8, seed: int = 1, timer=no_timer) -> dict:
   """Max differences between the twins' noise predictions (BN eval and train) and BN statistics.
+
+  ``timer`` (e.g. a ``Phases``) times the JAX compiles, the JAX run and the torch run apart.
 
   Returns:
     dict with forward_max_abs / forward_max_rel (eval mode), forward_bn_train_max_abs /
@@ -111,9 +290,12 @@ def forward_parity(model, variables, image_size: int, batch: int = 8, seed: int 
   noisy_images, noise_variances = mixed_noise_inputs(batch, image_size, model.channels, seed)
   x_t, v_t = torch.from_numpy(_nchw(noisy_images)), torch.from_numpy(noise_variances.copy())
 
-  out_eval = np.asarray(_apply(model, variables, noisy_images, noise_variances, False))
-  out_train, updates = _apply(model, variables, noisy_images, noise_variances, True)
-  with torch.no_grad():
+  inputs = dict(variables=variables, images=noisy_images, noise_variances=noise_variances)
+  eval_fn, train_fn = (_apply_executable(model, mode, timer, **inputs) for mode in (False, True))
+  with timer("JAX run: forward"):
+    out_eval = np.asarray(eval_fn(**inputs))
+    out_train, updates = jax.tree.map(np.asarray, train_fn(**inputs))
+  with timer("torch run: forward"), torch.no_grad():
     ref_eval = _nhwc(twin.eval()(x_t, v_t).numpy())
     ref_train = _nhwc(twin.train()(x_t, v_t).numpy())
   new_stats = convert.flax_to_torch_state_dict({"batch_stats": updates["batch_stats"]})
@@ -122,8 +304,8 @@ def forward_parity(model, variables, image_size: int, batch: int = 8, seed: int 
   return {
       "forward_max_abs": float(np.max(np.abs(out_eval - ref_eval))),
       "forward_max_rel": float(np.max(np.abs(out_eval - ref_eval)) / np.max(np.abs(ref_eval))),
-      "forward_bn_train_max_abs": float(np.max(np.abs(np.asarray(out_train) - ref_train))),
-      "forward_bn_train_max_rel": float(np.max(np.abs(np.asarray(out_train) - ref_train)) / np.max(np.abs(ref_train))),
+      "forward_bn_train_max_abs": float(np.max(np.abs(out_train - ref_train))),
+      "forward_bn_train_max_rel": float(np.max(np.abs(out_train - ref_train)) / np.max(np.abs(ref_train))),
       "bn_stats_max_abs": bn_diff,
       "output_max_abs": float(np.max(np.abs(ref_eval))),
   }
@@ -171,8 +353,116 @@ def trained_reference(variant: str = "keras", widths=(16, 32, 48), block_depth: 
   return model, variables, normalizer
 
 
+FIXTURE_CACHE_ENV = "DDIM_JAX_PARITY_CACHE"
+
+
+def default_fixture_cache() -> str:
+  """The folder of the cached trained references: $DDIM_JAX_PARITY_CACHE, else ~/.cache/ddim_jax/parity."""
+  return os.environ.get(FIXTURE_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ddim_jax", "parity")
+
+
+def fixture_key(variant: str = "keras", **kwargs) -> dict:
+  """What a trained reference depends on: ``trained_reference``'s arguments, the versions of torch
+  and NumPy, and a digest of the code that trains it (``trained_reference``, the torch twin's
+  models / train / schedules modules, the digits loader's functions)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from ddim_torch_ref import models as torch_models  # pylint: disable=import-outside-toplevel
+  from ddim_torch_ref import schedules as torch_schedules  # pylint: disable=import-outside-toplevel
+  from ddim_torch_ref import train as torch_train  # pylint: disable=import-outside-toplevel
+  bound = inspect.signature(trained_reference.__wrapped__).bind(variant, **kwargs)
+  bound.apply_defaults()
+  digest = hashlib.sha256()
+  loader = inspect.getmodule(data.load_digits_images)
+  for function in (trained_reference.__wrapped__, loader.load_digits_images, loader.resize_weights, loader.quantize):
+    digest.update(inspect.getsource(function).encode())
+  for module in (torch_models, torch_schedules, torch_train):
+    with open(inspect.getsourcefile(module), "rb") as f:
+      digest.update(f.read())
+  return {**{k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()},
+          "torch": torch.__version__, "numpy": np.__version__, "code": digest.hexdigest()[:16]}
+
+
+def cached_trained_reference(variant: str = "keras", cache_dir: str | None = None, timer=no_timer, **kwargs):
+  """``trained_reference``, kept as a safetensors weight file keyed by ``fixture_key``.
+
+  A file with the same key is read instead of training again (the same float32 numbers: the file
+  holds them bit for bit); a missing, foreign or unreadable file is (re)written. ``cache_dir`` None
+  is ``default_fixture_cache()``; an empty string turns the cache off.
+
+  Returns:
+    (model, variables, normalizer, info), info = {"source": "cache" or "trained", "path": the file
+    or None, "key": the key}.
+  """
+  key = fixture_key(variant, **kwargs)
+  name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  cache_dir = default_fixture_cache() if cache_dir is None else cache_dir
+  path = os.path.join(cache_dir, f"trained_{variant}_{key['num_steps']}steps_{name}.safetensors") if cache_dir else None
+  if path and os.path.exists(path):
+    try:
+      with timer("torch fixture: read cache"):
+        model, variables, normalizer, metadata = convert.load_weights(path, variant=variant)
+      if json.loads(metadata.get("parity_fixture", "null")) == key:
+        return model, variables, normalizer, {"source": "cache", "path": path, "key": key}
+    except (convert.WeightFileError, ValueError):
+      pass  # retrained and rewritten below
+  with timer(f"torch fixture: training ({key['num_steps']} steps)"):
+    model, variables, normalizer = trained_reference(variant, **kwargs)
+  info = {"source": "trained", "path": path, "key": key}
+  if path:
+    try:
+      convert.save_weights(path, model, variables, normalizer, key["image_size"], weights="raw",
+                           parity_fixture=json.dumps(key, sort_keys=True))
+    except errors.Error as e:  # an unwritable cache costs the next run a training, nothing else
+      info.update(path=None, cache_error=str(e))
+  return model, variables, normalizer, info
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "etas"))
+def _trajectories(model, variables, initial_noise, step_noises, steps: int, etas: tuple):
+  """``sampling.generate`` with every trajectory, for each eta of ``etas``: one program, one compile."""
+  return tuple(sampling.generate(model, variables, initial_noise, step_noises=step_noises if eta > 0 else None,
+                                 steps=steps, eta=eta, return_trajectory=True) for eta in etas)
+
+
+def trajectory_parities(model, variables, image_size: int, steps: int, etas=(0.0, 1.0), batch: int = 4,
+                        seed: int = 2, timer=no_timer) -> dict:
+  """``trajectory_parity`` for several etas, from the same initial noise and step draws: {eta: result}.
+
+  The JAX trajectories of all etas are one compiled program (``generate`` takes eta as a static
+  argument, so separate calls would compile once per eta).
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  from ddim_torch_ref import sampling as torch_sampling  # pylint: disable=import-outside-toplevel
+  etas = tuple(float(eta) for eta in etas)
+  rng = np.random.default_rng(seed)
+  shape = (batch, image_size, image_size, model.channels)
+  initial_noise = rng.standard_normal(shape).astype(np.float32)
+  step_noises = rng.standard_normal((steps,) + shape).astype(np.float32) if max(etas) > 0 else None
+  inputs = dict(variables=variables, initial_noise=initial_noise, step_noises=step_noises)
+  run = _executable(_trajectories, "JAX compile: trajectories", timer, dict(model=model, steps=steps, etas=etas),
+                    **inputs)
+  with timer("JAX run: trajectories"):
+    outs = jax.tree.map(np.asarray, run(**inputs))
+  twin = torch_twin(model, variables).eval()
+  results = {}
+  for eta, out in zip(etas, outs):
+    with timer("torch run: trajectories"):
+      ref = torch_sampling.reverse_diffusion(
+          twin, torch.from_numpy(_nchw(initial_noise)), steps, eta=eta,
+          step_noises=torch.from_numpy(_nchw(step_noises)) if eta > 0 else None, return_trajectory=True)
+    diffs, scales = [], []
+    for key in ("noisy_trajectory", "pred_trajectory"):
+      a, b = out[key], _nhwc(ref[key].numpy())
+      diffs.append(np.max(np.abs(a - b)))
+      scales.append(np.max(np.abs(b)))
+    final = float(np.max(np.abs(out["pred_images"] - _nhwc(ref["pred_images"].numpy()))))
+    results[eta] = {"max_abs": float(max(diffs)), "max_rel": float(max(diffs) / max(scales)),
+                    "final_max_abs": final, "state_max_abs": float(max(scales))}
+  return results
+
+
 def trajectory_parity(model, variables, image_size: int, steps: int, eta: float = 0.0, batch: int = 4,
-                      seed: int = 2) -> dict:
+                      seed: int = 2, timer=no_timer) -> dict:
   """Max differences over EVERY state of a DDIM trajectory of the twins from the same noise.
 
   For eta > 0 the per-step draws are made in NumPy and injected into both.
@@ -181,27 +471,7 @@ def trajectory_parity(model, variables, image_size: int, steps: int, eta: float 
     dict with max_abs / max_rel over all noisy and predicted images of the trajectory, final_max_abs
     (the last predicted images) and state_max_abs (the scale of the states).
   """
-  import torch  # pylint: disable=import-outside-toplevel
-  from ddim_torch_ref import sampling as torch_sampling  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(seed)
-  shape = (batch, image_size, image_size, model.channels)
-  initial_noise = rng.standard_normal(shape).astype(np.float32)
-  step_noises = rng.standard_normal((steps,) + shape).astype(np.float32) if eta > 0 else None
-  out = sampling.generate(model, variables, jnp.asarray(initial_noise),
-                          step_noises=None if step_noises is None else jnp.asarray(step_noises), steps=steps, eta=eta,
-                          return_trajectory=True)
-  twin = torch_twin(model, variables).eval()
-  ref = torch_sampling.reverse_diffusion(
-      twin, torch.from_numpy(_nchw(initial_noise)), steps, eta=eta,
-      step_noises=None if step_noises is None else torch.from_numpy(_nchw(step_noises)), return_trajectory=True)
-  diffs, scales = [], []
-  for key in ("noisy_trajectory", "pred_trajectory"):
-    a, b = np.asarray(out[key]), _nhwc(ref[key].numpy())
-    diffs.append(np.max(np.abs(a - b)))
-    scales.append(np.max(np.abs(b)))
-  final = float(np.max(np.abs(np.asarray(out["pred_images"]) - _nhwc(ref["pred_images"].numpy()))))
-  return {"max_abs": float(max(diffs)), "max_rel": float(max(diffs) / max(scales)), "final_max_abs": final,
-          "state_max_abs": float(max(scales))}
+  return trajectory_parities(model, variables, image_size, steps, (eta,), batch, seed, timer)[float(eta)]
 
 
 def _relative_tree_diff(jax_state: dict, torch_state: dict, masks: dict | None = None) -> tuple[float, str]:
