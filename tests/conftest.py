@@ -6,6 +6,10 @@ The environment must be set before JAX is imported anywhere, hence module level.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The caller's own XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2 to reproduce another processor), recorded
+# before the additions below so that subprocess environments keep them (tests/train_helpers.py,
+# caller_xla_flags). setdefault: xdist workers inherit the controller's already-extended XLA_FLAGS.
+os.environ.setdefault("DDIM_JAX_TEST_CALLER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 _xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 if os.environ.get("PYTEST_XDIST_WORKER"):
   # One thread per xdist worker: oversubscribing 2 cores with 2 workers x (XLA + torch) pools

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from train_helpers import xla_flags
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "benchmark.py")
 
@@ -21,7 +23,7 @@ def test_benchmark_runs_tiny_and_writes_the_json_keys(tmp_path):
   out = tmp_path / "bench.json"
   env = dict(os.environ)
   env.pop("PYTHONPATH", None)  # the script must find the repository itself
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["XLA_FLAGS"] = xla_flags(2)
   # torch.compile needs a C++ toolchain and a long first compile: the smoke test skips it.
   cmd = [sys.executable, SCRIPT, "--image-size", "8", "--batch-size", "4", "--widths", "4,8", "--block-depth", "1",
          "--sample-steps", "2", "--repeats", "1", "--train-iters", "2", "--frameworks", "jax,torch_eager",

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from ddim_jax import checkpointing
 from ddim_jax.checkpointing import (Checkpointer, CheckpointRestoreError, CheckpointRestoreWarning,
                                     PreemptionFlag)
+from train_helpers import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -399,7 +400,7 @@ def spawn(tmp_path):
   """Starts the script above in a subprocess; kills whatever is left at teardown."""
   script = tmp_path / "ckpt_script.py"
   script.write_text(_SCRIPT)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
              PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   procs = []
 

@@ -73,31 +73,75 @@ def test_frechet_distance_closed_forms():
 # The feature network
 
 
-def test_shipped_weights_are_what_the_training_script_produces():
-  """Retraining with the recipe's defaults (seconds) gives the shipped network.
+# float32 round-off of the feature network's logits, by Higham and Mary's probabilistic bound: the
+# longest chain of accumulations (3x3x1 conv, 2x2 pool, 3x3x16 conv, 2x2 pool, 512- and 32-long
+# dots, biases) has K = 9 + 4 + 144 + 4 + 512 + 32 + 4 = 709 terms, so a logit rounds to within
+# about sqrt(K) u |W_L|...|W_1| |x| (u = 2^-24; the product of absolute weights is the network run
+# with |params|), whatever the processor's order of summation.
+_CHAIN_TERMS = 709
 
-  Bit-identical on the machine that wrote them (with 1 or 4 JAX CPU devices); another CPU may
-  round float32 convolutions differently, so the comparison has a tolerance.
-  """
+
+def _argmax_is_processor_independent(params, images) -> np.ndarray:
+  """Per image: whether its top-2 logit margin exceeds twice the float32 round-off bound above."""
+  _, logits = digits_metric.features_and_logits(params, images)
+  _, abs_logits = digits_metric.features_and_logits({k: np.abs(v) for k, v in params.items()}, images)
+  top2 = np.sort(logits, axis=-1)[:, -2:]
+  bound = 2 * np.sqrt(_CHAIN_TERMS) * 2.0**-24 * abs_logits.max(axis=-1)
+  return top2[:, 1] - top2[:, 0] > bound
+
+
+def test_shipped_weights_record_their_recipe_and_classify_the_digits():
+  """The shipped network: made by the training script's recipe, and as accurate as its metadata
+  says on the digits, on any processor."""
   shipped, meta = digits_metric.load_feature_params()
   assert (int(meta["seed"]), int(meta["epochs"]), int(meta["batch_size"]), float(meta["learning_rate"])) == (
       digits_metric.TRAIN_SEED, digits_metric.TRAIN_EPOCHS, digits_metric.TRAIN_BATCH_SIZE,
       digits_metric.TRAIN_LEARNING_RATE)
   assert "scripts/train_digits_features.py" in meta["produced_by"]
-  params, record = digits_metric.train_feature_params()
-  assert record["validation_accuracy"] >= 0.95 and record["train_accuracy"] >= 0.98
-  assert record["validation_accuracy"] == pytest.approx(float(meta["validation_accuracy"]), abs=0.006)
-  assert (record["train_images"], record["validation_images"]) == (1437, 360)
-  # The same features of the validation digits. Measured: identical here; the tolerance leaves room
-  # for another CPU's float32 rounding, amplified by 1,350 Adam steps, while another recipe (other
-  # epochs or seed) moves them by 0.4 (29 epochs) to 7 (seed 1) standard deviations at most.
   splits = digits_metric.training_data()
-  want, _ = digits_metric.features_and_logits(shipped, splits["validation"][0])
-  got, _ = digits_metric.features_and_logits(params, splits["validation"][0])
-  assert np.max(np.abs(got - want)) <= 1e-2 * np.std(want)
-  # The shipped weights classify the held-out digits as their metadata says.
-  assert digits_metric.accuracy(shipped, *splits["validation"]) == pytest.approx(
-      float(meta["validation_accuracy"]), abs=1e-9)
+  assert (len(splits["train"][1]), len(splits["validation"][1])) == (1437, 360)
+  assert (int(meta["train_images"]), int(meta["validation_images"])) == (1437, 360)
+  for split in ("train", "validation"):
+    images, labels = splits[split]
+    # Only an image whose top-2 logits are closer than float32 round-off could be classified
+    # otherwise on another processor (measured: none; the smallest margins, 0.04 of the training
+    # digits and 0.15 of the validation ones, are 1.4x and 4.8x their bounds): so exact here.
+    uncertain = int(np.sum(~_argmax_is_processor_independent(shipped, images)))
+    correct = digits_metric.accuracy(shipped, images, labels) * len(labels)
+    assert abs(correct - float(meta[f"{split}_accuracy"]) * len(labels)) <= uncertain + 1e-6, split
+  assert float(meta["validation_accuracy"]) >= 0.95 and float(meta["train_accuracy"]) >= 0.98
+
+
+def test_training_script_is_deterministic_and_reaches_the_shipped_quality(tmp_path):
+  """Retraining with the recipe's defaults: bit-identical twice on this machine (the recipe is
+  deterministic), and a network that the metric can use in place of the shipped one.
+
+  Not compared with the shipped weights: 1,350 Adam steps amplify another processor's float32
+  rounding (an AVX2-only EPYC's retraining moved the validation features by up to 0.43 of their
+  standard deviation; XLA capped at SSE4.2 here, by 0.50), so only a machine like the one that wrote
+  them reproduces them (there, bit for bit). Another processor changes less than another seed does
+  (seed 1: 7 standard deviations), and what another seed changes is bounded here, as measured
+  over seeds 0..20: 342..356 of the 360 validation digits right (seed 0, shipped: 356),
+  1,411..1,437 of the 1,437 training digits, and always the calibration order asserted below. The
+  accuracy bounds are ~4 standard deviations of that spread below its mean.
+  """
+  params, record = digits_metric.train_feature_params()
+  again, _ = digits_metric.train_feature_params()
+  assert set(again) == set(params)
+  for name in params:
+    np.testing.assert_array_equal(again[name], params[name], err_msg=name)
+  assert (record["train_images"], record["validation_images"]) == (1437, 360)
+  assert record["validation_accuracy"] >= 0.94 and record["train_accuracy"] >= 0.975
+  # A metric ranking consistent with the shipped network's (test_calibration_order): on the same
+  # calibration images, real < noisy < both the mean digit and uniform noise, with the same margin.
+  path = str(tmp_path / "retrained.safetensors")
+  digits_metric.save_feature_params(path, params, record)
+  retrained = digits_metric.DigitsMetric.for_data(configs.load_config("demo").data, 16, weights=path)
+  scores = retrained.calibration(N)
+  fd = {name: score.frechet_distance for name, score in scores.items()}
+  assert fd["real digits"] < fd["noisy digits (sd 0.25)"] < min(fd["mean digit"], fd["uniform noise"])
+  assert 1.5 * fd["noisy digits (sd 0.25)"] < min(fd["mean digit"], fd["uniform noise"])
+  assert scores["real digits"].coverage == 1.0
 
 
 def test_training_data_is_the_demo_pipelines_split():

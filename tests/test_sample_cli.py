@@ -129,8 +129,7 @@ def test_sample_cpu_devices_splits_the_batches_and_keeps_the_images(trained_weig
   import subprocess
   import sys
   from train_helpers import subprocess_env
-  env = subprocess_env(1)
-  del env["XLA_FLAGS"]
+  env = subprocess_env(None)
   arrays = {}
   for devices in ("1", "2"):
     arrays[devices] = tmp_path / f"images_{devices}.npy"

@@ -59,10 +59,24 @@ def train_command(workdir, cache_dir, **extra) -> list[str]:
           *tiny_overrides(cache_dir, **extra)]
 
 
-def subprocess_env(devices: int = 1) -> dict:
-  """Environment for a training subprocess: CPU, ``devices`` virtual devices, one thread each."""
+def caller_xla_flags() -> str:
+  """The XLA_FLAGS the suite was started with (conftest.py records them), less any forced device
+  count: what a subprocess must keep, e.g. ``--xla_cpu_max_isa=AVX2`` reproducing another processor."""
+  flags = os.environ.get("DDIM_JAX_TEST_CALLER_XLA_FLAGS", "").split()
+  return " ".join(f for f in flags if not f.startswith("--xla_force_host_platform_device_count"))
+
+
+def xla_flags(devices: int | None) -> str:
+  """The caller's XLA_FLAGS plus ``devices`` forced virtual CPU devices (None: no forced count)."""
+  count = "" if devices is None else f" --xla_force_host_platform_device_count={devices}"
+  return (caller_xla_flags() + count).strip()
+
+
+def subprocess_env(devices: int | None = 1) -> dict:
+  """Environment for a training subprocess: CPU, ``devices`` virtual devices (None: XLA_FLAGS force
+  no count), and the caller's other XLA_FLAGS."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return env
