@@ -349,26 +349,30 @@ def _read_fd(fd: int) -> bytes:
 def lock_for_training(workdir: str) -> WorkdirLock | None:
   """Process 0 takes ``workdir``'s lock; every process raises the same error if it cannot.
 
+  The outcome travels through the coordination service's key-value store, not a device collective:
+  a collective here left the other processes inside it when process 0 then failed (a missing
+  dataset), and the run hung at exit until JAX's shutdown timeout.
+
   Returns the lock on process 0 (release it when training ends), None on the others.
   """
   import jax
-  import numpy as np
   if jax.process_count() == 1:
     return WorkdirLock(workdir).acquire()
-  from jax.experimental import multihost_utils
-  lock, message = None, ""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  client = distributed.global_state.client
+  key = "ddim_jax/workdir_lock"
   if jax.process_index() == 0:
     try:
       lock = WorkdirLock(workdir).acquire()
     except errors.Error as e:
-      message = str(e)
-  encoded = np.zeros(2048, np.uint8)
-  raw = message.encode("utf-8")[:2048]
-  encoded[:len(raw)] = np.frombuffer(raw, np.uint8)
-  shared = bytes(np.asarray(multihost_utils.broadcast_one_to_all(encoded))).rstrip(b"\0").decode("utf-8", "replace")
-  if shared:
-    raise WorkdirLockedError(shared)
-  return lock
+      client.key_value_set(key, "refused:" + str(e))
+      raise
+    client.key_value_set(key, "ok")
+    return lock
+  outcome = client.blocking_key_value_get(key, int(STALE_SECONDS * 1000))
+  if outcome != "ok":
+    raise WorkdirLockedError(outcome.removeprefix("refused:"))
+  return None
 
 
 # ------------------------------------------------------------------------------------------------
