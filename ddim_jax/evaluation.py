@@ -168,10 +168,6 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
   kid_every = int(config.train.get("kid_every", 0) or 0)
   if kid_every <= 0:
     return None
-  steps_per_call = int(config.train.get("steps_per_call", 1))
-  if kid_every % steps_per_call:
-    raise errors.ConfigError(f"config.train.kid_every={kid_every} is invalid: must be a multiple of "
-                             f"train.steps_per_call={steps_per_call}")
   eval_config = config.get("eval", {})
   try:
     weights = resolve_inception_weights(eval_config.get("inception_weights"))

@@ -19,6 +19,13 @@ devices and 2 processes). The order, the resume position and the multi-host spli
 the iterator position after it, so that a checkpoint saves the position of what was trained, not of
 what was prefetched.
 
+Calls (``CallPlan``): the loop runs ``train.steps_per_call`` optimiser steps per compiled call (a
+``lax.scan``), which divides the host's per-call work (above all the dispatch of the whole donated
+state, ~1 us per leaf) by K; a call that would pass over an event (a log, checkpoint, sample or
+KID step, a profile window's edge, the last step) is a single step instead, so that every event
+happens at its own step whatever K is. ``next()`` yields K batches stacked ((K, b) indices or (K, b,
+S, S, C) images) or one; the compiled function of each call size is built on first use.
+
 Rule (``train.data_placement="auto"``): "device" when the uint8 training set takes at most
 ``DEVICE_FRACTION`` of the smallest local device's memory (``memory_stats()["bytes_limit"]``; CPU
 devices report none: at most ``CPU_DEVICE_BYTES``), else "host".
@@ -26,6 +33,7 @@ devices report none: at most ``CPU_DEVICE_BYTES``), else "host".
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 
@@ -47,6 +55,44 @@ UNIT_FLOAT = np.arange(256, dtype=np.float32) / np.float32(255.0)
 def to_unit_float(images_u8):
   """uint8 images -> float32 in [0, 1], bit-identical to the host's ``BatchIterator`` (a 256-entry table)."""
   return jnp.take(jnp.asarray(UNIT_FLOAT), images_u8.astype(jnp.int32), axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallPlan:
+  """How many optimiser steps each compiled call of the training loop runs (a pure function of the step).
+
+  ``steps_per_call`` K, unless an event lies strictly inside the next K steps: a multiple of one of
+  ``intervals`` (0: off), one of ``marks``, or ``num_steps`` (None: no end); then 1. So a run, and a
+  run resumed from any call boundary, make the same calls.
+  """
+  steps_per_call: int = 1
+  num_steps: int | None = None
+  intervals: tuple[int, ...] = ()
+  marks: tuple[int, ...] = ()
+
+  def size(self, step: int) -> int:
+    """The steps of the call that starts after ``step``."""
+    k = self.steps_per_call
+    end = step + k
+    if k == 1:
+      return 1
+    if self.num_steps is not None and end > self.num_steps:
+      return 1
+    # An event strictly inside (step, end): the call would pass over it.
+    if any(p > 0 and (end - 1) // p > step // p for p in self.intervals):
+      return 1
+    if any(step < m < end for m in self.marks):
+      return 1
+    return k
+
+  def single_steps(self, start: int = 0) -> int:
+    """How many single-step calls a run from ``start`` to ``num_steps`` makes (for the start banner)."""
+    step, count = start, 0
+    while self.num_steps is not None and step < self.num_steps:
+      k = self.size(step)
+      count += k == 1
+      step += k
+    return count
 
 
 def per_device_step(step_fn, placement: str):
@@ -90,14 +136,18 @@ class TrainFeed:
   """The training batches as the compiled step wants them; see the module docstring.
 
   ``next()`` returns ``(batch, position)``: the argument for the step (global indices, or a global
-  uint8 batch) and the iterator position after that batch (for the checkpoint). ``data`` is the
-  uint8 training set on the devices ("device" placement) or None.
+  uint8 batch; with a leading K axis for a call of K > 1 steps) and the iterator position after that
+  batch (for the checkpoint). ``data`` is the uint8 training set on the devices ("device" placement)
+  or None. ``plan``: a ``CallPlan``, or K for K steps in every call; ``start_step``: the step the
+  first call starts after (a resumed run's).
   """
 
-  def __init__(self, train_iter, mesh, steps_per_call: int = 1, placement: str = "auto", mode: str = "shard_map"):
+  def __init__(self, train_iter, mesh, plan: CallPlan | int = 1, placement: str = "auto", mode: str = "shard_map",
+               start_step: int = 0):
     self.iter = train_iter
     self.mesh = mesh
-    self.steps_per_call = int(steps_per_call)
+    self.plan = plan if isinstance(plan, CallPlan) else CallPlan(int(plan))
+    self.step = int(start_step)  # of the next batch made (the thread's, in "host" placement)
     self.mode = mode
     self.placement = choose_placement(placement, int(train_iter.images.nbytes), mode, mesh.local_devices)
     self.data = None
@@ -114,14 +164,27 @@ class TrainFeed:
       self._thread = threading.Thread(target=self._produce, name="ddim-jax-feed", daemon=True)
       self._thread.start()
 
-  def make_train_fn(self, step_fn):
-    """The compiled step for this feed: ``fn(state, batch, normalizer, base_key)`` with ``batch`` from ``next``."""
-    fn = parallel.make_train_fn(per_device_step(step_fn, self.placement), self.mesh, self.mode, self.steps_per_call,
-                                with_data=self.placement == "device")
-    if self.placement != "device":
-      return fn
-    data = self.data
-    return lambda state, batch, normalizer, base_key: fn(state, batch, normalizer, base_key, data)
+  def make_train_fn(self, step_fn_for):
+    """The training function for this feed: ``fn(state, batch, normalizer, base_key)`` with ``batch`` from ``next``.
+
+    ``step_fn_for(k)``: the per-device float32 step of k optimiser steps (``train.per_device_step``).
+    The call size is read from the batch (a leading K axis or none); each size is compiled once.
+    """
+    compiled = {}
+    data = (self.data,) if self.placement == "device" else ()
+
+    def fn(state, batch, normalizer, base_key):
+      k = self.steps_of(batch, self.placement)
+      if k not in compiled:
+        compiled[k] = parallel.make_train_fn(per_device_step(step_fn_for(k), self.placement), self.mesh, self.mode, k,
+                                             with_data=bool(data))
+      return compiled[k](state, batch, normalizer, base_key, *data)
+    return fn
+
+  @staticmethod
+  def steps_of(batch, placement: str) -> int:
+    """The optimiser steps of a call on ``batch``: its leading K axis, or 1 for (b,) indices or (b, S, S, C) images."""
+    return 1 if np.ndim(batch) == (1 if placement == "device" else 4) else int(np.shape(batch)[0])
 
   def describe(self) -> str:
     """For the start banner."""
@@ -131,14 +194,17 @@ class TrainFeed:
     return f"uint8 batches uploaded ahead by a background thread ({size:.1f} MiB uint8 set)"
 
   def _local_indices(self) -> np.ndarray:
-    indices = [self.iter.next_indices() for _ in range(self.steps_per_call)]
-    return indices[0] if self.steps_per_call == 1 else np.stack(indices)
+    """This process's indices of the next call: (b,) or (K, b); advances the feed's step."""
+    k = self.plan.size(self.step)
+    self.step += k
+    indices = [self.iter.next_indices() for _ in range(k)]
+    return indices[0] if k == 1 else np.stack(indices)
 
   def _host_batch(self, indices: np.ndarray):
     images = self.iter.images[indices]  # uint8 gather: a memcpy, no float conversion
     if self.mode == "pmap":
       return images
-    return parallel.shard_batch(images, self.mesh, self.steps_per_call)
+    return parallel.shard_batch(images, self.mesh, len(indices) if indices.ndim == 2 else 1)
 
   def _produce(self) -> None:
     try:
@@ -159,7 +225,7 @@ class TrainFeed:
     """(the step's batch argument, the iterator position after it)."""
     if self.placement == "device":
       indices = self._local_indices().astype(np.int32)
-      return parallel.shard_batch(indices, self.mesh, self.steps_per_call), self.iter.get_state()
+      return parallel.shard_batch(indices, self.mesh, len(indices) if indices.ndim == 2 else 1), self.iter.get_state()
     item = self._queue.get()
     if item is None:
       raise self._error

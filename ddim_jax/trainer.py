@@ -57,9 +57,6 @@ def validate_config(config, num_devices: int) -> None:
   k = int(t.get("steps_per_call", 1))
   require(k >= 1, "train.steps_per_call", k, "must be >= 1")
   require(int(t.get("kid_every", 0) or 0) >= 0, "train.kid_every", t.get("kid_every"), "must be >= 0 (0: no KID)")
-  for key in ("checkpoint_every", "log_every", "sample_every", "num_steps", "kid_every"):
-    require(int(t.get(key, 0) or 0) % k == 0, f"train.{key}", t.get(key),
-            f"must be a multiple of train.steps_per_call={k}")
   require(0.0 <= float(t.ema_decay) < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
   require(float(t.learning_rate) > 0, "train.learning_rate", t.learning_rate, "must be > 0")
   require(float(t.weight_decay) >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
@@ -77,10 +74,7 @@ def validate_config(config, num_devices: int) -> None:
                          config.diffusion.max_signal_rate)
   models.check_image_size(models.create_model(**config.model), int(config.model.image_size))
   require(int(config.sample.steps) >= 1, "sample.steps", config.sample.steps, "must be >= 1")
-  window = parse_profile_steps(t.get("profile_steps", ""))
-  if window:
-    require(window[0] % k == 0 and window[1] % k == 0, "train.profile_steps", t.profile_steps,
-            f"both steps must be multiples of train.steps_per_call={k}")
+  parse_profile_steps(t.get("profile_steps", ""))
 
 
 def _to_host(tree):
@@ -348,6 +342,16 @@ class ProgressReport:
     self._bar.close()
 
 
+def _calls(plan: feed_lib.CallPlan, step: int) -> str:
+  """"8 steps per call (+ 120 single-step calls at events)" for the start banner."""
+  k = plan.steps_per_call
+  if k == 1:
+    return "1 step per call"
+  single = plan.single_steps(step)
+  return f"{k} steps per call" + (f" (+ {single:,} single-step calls, at events that K does not divide)"
+                                  if single else "")
+
+
 def start_banner(config, workdir: str, config_source: str | None, step: int, state, train_iter, val_images,
                  kid_every: int, input_description: str = "") -> str:
   """The one-screen summary printed when training starts."""
@@ -366,7 +370,7 @@ def start_banner(config, workdir: str, config_source: str | None, step: int, sta
       f"{f' (each {train_iter.repetitions}x per epoch)' if train_iter.repetitions > 1 else ''}, "
       f"{len(val_images):,} validation images",
       *([f"  input      {input_description}"] if input_description else []),
-      f"  batch      {t.batch_size} global = {per_device} per device, {t.get('steps_per_call', 1)} step(s) per call",
+      f"  batch      {t.batch_size} global = {per_device} per device, {_calls(call_plan(config, kid_every), step)}",
       f"  steps      {'from step ' + str(step) if step else 'from scratch'} to {t.num_steps}; checkpoint every "
       f"{t.checkpoint_every}, log every {t.log_every}, sample grids "
       f"{'every ' + str(t.sample_every) if t.sample_every else 'off'}, KID "
@@ -447,13 +451,24 @@ def _close_all(closers, failing: bool) -> None:
     raise first
 
 
+def call_plan(config, kid_every: int | None = None) -> feed_lib.CallPlan:
+  """The training loop's calls: ``train.steps_per_call`` steps each, single steps where an event would be passed over.
+
+  ``kid_every``: the KID interval in force (0 when KID is off for want of weights); the config's by default.
+  """
+  t = config.train
+  kid_every = int(t.get("kid_every", 0) or 0) if kid_every is None else kid_every
+  window = parse_profile_steps(t.get("profile_steps", "")) or ()
+  return feed_lib.CallPlan(int(t.get("steps_per_call", 1)), int(t.num_steps),
+                           (int(t.log_every), int(t.checkpoint_every), int(t.sample_every), kid_every), tuple(window))
+
+
 def _train_locked(config, workdir: str, progress: bool, config_source: str | None, progress_at: dict):
   """``train_and_evaluate`` once the workdir is checked and locked."""
   is_main = jax.process_index() == 0
   # A workdir of another config is refused before anything is prepared, compiled or restored.
   changes = check_resume_config(config, workdir)
   mesh = parallel.create_mesh()
-  steps_per_call = int(config.train.get("steps_per_call", 1))
   step_config = train.StepConfig.from_config(config)
   model = models.create_model(**config.model, bn_axis_name=parallel.AXIS)
   eval_model = models.create_model(**config.model)
@@ -498,14 +513,14 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
   # NaN, a full disk) leaves no record of a run.
   record = run_record.run_record(config_source, step, changes)
   # The input: the uint8 training set on the devices (indices per step) or uint8 batches uploaded ahead.
-  feed = feed_lib.TrainFeed(train_iter, mesh, steps_per_call, config.train.get("data_placement", "auto"),
-                            config.parallel)
+  feed = feed_lib.TrainFeed(train_iter, mesh, call_plan(config, kid_every), config.train.get("data_placement", "auto"),
+                            config.parallel, start_step=step)
   if is_main and progress:
     print(start_banner(config, workdir, config_source, step, state, train_iter, val_images, kid_every,
                        feed.describe()), flush=True)
   normalizer_dev = parallel.replicate(normalizer, mesh)
   base_key = parallel.replicate(jax.random.key_data(rng.purpose_key(config.seed, rng.TRAIN_DRAWS)), mesh)
-  train_fn = feed.make_train_fn(train.per_device_step(model, step_config, steps_per_call, parallel.AXIS))
+  train_fn = feed.make_train_fn(lambda k: train.per_device_step(model, step_config, k, parallel.AXIS))
   state_is_finite = jax.jit(train.state_is_finite)
   state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
   writer = MetricWriter(workdir, enabled=is_main, start_step=step)
@@ -544,7 +559,7 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
       profile.before_call(step, state)
       batch, data_position = feed.next()
       state, metrics = train_fn(state, batch, normalizer_dev, base_key)
-      step += steps_per_call
+      step += feed.steps_of(batch, feed.placement)
       calls += 1
       progress_at["step"] = step
       if pending is not None:  # read one call late: the device already has the next call queued

@@ -220,6 +220,11 @@ MUTATIONS = (
              "ddim_jax/trainer.py", "  steps = [_record_step(line) if line.strip() else None for line in lines]\n",
              "  steps = [json.loads(line)[\"step\"] if line.strip() else None for line in lines]\n",
              ("tests/test_workdir_safety.py::test_a_partial_last_metrics_line_is_dropped_on_resume",)),
+    # --- the accelerator path ------------------------------------------------------------------
+    Mutation("calls_pass_over_events", "a call of K steps runs past a log or checkpoint step",
+             "ddim_jax/feed.py", "    if any(p > 0 and (end - 1) // p > step // p for p in self.intervals):\n",
+             "    if False:\n",
+             ("tests/test_feed.py::test_the_call_plan_lands_on_every_event",)),
 )
 
 

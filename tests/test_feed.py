@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from ddim_jax import data, feed, models, parallel, train
-from train_helpers import final_state, free_port, run, subprocess_env, tiny_config, train_command, two_processes
+from ddim_jax import data, feed, models, parallel, train, trainer
+from train_helpers import (final_state, free_port, run, subprocess_env, tiny_config, train_command, two_processes,
+                           assert_same_state)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +53,7 @@ def _run(mesh, step_config, model, normalizer, batches_or_feed, calls, steps_per
       state, metrics = fn(state, batch, normalizer, key)
       losses.append(float(metrics["loss"]))
   else:
-    fn = batches_or_feed.make_train_fn(step_fn)
+    fn = batches_or_feed.make_train_fn(lambda k: train.per_device_step(model, step_config, k, parallel.AXIS))
     for _ in range(calls):
       batch, _ = batches_or_feed.next()
       state, metrics = fn(state, batch, normalizer, key)
@@ -161,3 +162,76 @@ def test_two_processes_train_the_same_in_both_placements(tmp_path, cache_dir):
   assert step_a == step_b == 4
   for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Several steps per call: every event at its own step, whatever K.
+
+
+def _calls(plan, start):
+  sizes, step = [], start
+  while step < plan.num_steps:
+    sizes.append(plan.size(step))
+    step += sizes[-1]
+  return sizes
+
+
+def test_the_call_plan_lands_on_every_event():
+  plan = feed.CallPlan(8, num_steps=200, intervals=(50, 1000, 0, 37), marks=(13, 21))
+  sizes = _calls(plan, 0)
+  ends = set(np.cumsum(sizes).tolist())
+  events = {s for s in range(1, 201) if s % 50 == 0 or s % 37 == 0 or s in (13, 21, 200)}
+  assert events <= ends  # no call passes over an event
+  assert set(sizes) == {1, 8} and sizes.count(8) >= 15  # and the rest runs 8 steps per call
+  assert plan.single_steps(0) == sizes.count(1)
+  for i, start in enumerate(np.cumsum(sizes).tolist()):  # resumed after any call: the whole run's calls from there
+    assert _calls(plan, start) == sizes[i + 1:]
+  assert _calls(feed.CallPlan(1, 7), 0) == [1] * 7
+  assert _calls(feed.CallPlan(4, 8, (4, 8)), 0) == [4, 4]  # multiples: no single steps at all
+
+
+def test_k_steps_per_call_with_events_between_is_bit_identical_in_both_placements(cache_dir):
+  """A plan of 4 steps per call with single-step calls between: the device gather and the host
+  thread give the same losses and weights as the host path making the same calls."""
+  config, reference_iter, normalizer = _iterator(cache_dir)
+  model = models.create_model(**config.model, bn_axis_name=parallel.AXIS)
+  step_config = train.StepConfig.from_config(config)
+  mesh = parallel.create_mesh(jax.devices()[:2])
+  plan = feed.CallPlan(4, num_steps=11, intervals=(6,))
+  sizes = _calls(plan, 0)
+  assert sizes == [4, 1, 1, 4, 1]
+  state = parallel.replicate(train.create_train_state(model, step_config, jax.random.key(0), 16), mesh)
+  key = parallel.replicate(jax.random.key_data(jax.random.key(1)), mesh)
+  norm = parallel.replicate(normalizer, mesh)
+  want_losses = []
+  for k in sizes:
+    fn = parallel.make_train_fn(train.per_device_step(model, step_config, k, parallel.AXIS), mesh, "shard_map", k)
+    batch = _host_float_batches(reference_iter, 1, k)[0]
+    state, metrics = fn(state, batch, norm, key)
+    want_losses.append(float(metrics["loss"]))
+  want_state = jax.device_get(state)
+  for placement in ("device", "host"):
+    _, train_iter, _ = _iterator(cache_dir)
+    train_feed = feed.TrainFeed(train_iter, mesh, plan, placement)
+    got_state, losses = _run(mesh, step_config, model, normalizer, train_feed, len(sizes), None, placement)
+    assert losses == want_losses, placement
+    assert int(got_state.step) == 11
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_state), jax.tree.leaves(got_state)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{placement} {jax.tree_util.keystr(path)}")
+
+
+def test_a_run_of_k_steps_per_call_logs_and_saves_at_its_steps_and_resumes_exactly(tmp_path, cache_dir):
+  """steps_per_call=4 with intervals it does not divide (log 3, checkpoint 6, 14 steps): metrics and
+  checkpoints at exactly their steps, and a run stopped at step 6 and resumed == the run in one go."""
+  extra = {"train.steps_per_call": 4, "train.log_every": 3, "train.checkpoint_every": 6, "train.num_steps": 14}
+  whole, parts = tmp_path / "whole", tmp_path / "parts"
+  result = run(train_command(whole, cache_dir, **extra), subprocess_env(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "4 steps per call (+ " in result.stdout  # the banner says how the calls go
+  logged = [json.loads(line)["step"] for line in (whole / "metrics.jsonl").read_text().splitlines()]
+  assert logged == [3, 6, 9, 12, 14]
+  assert sorted(int(p.name) for p in (whole / "checkpoints").iterdir() if p.name.isdigit()) == [6, 12, 14]
+  for steps in (6, 14):
+    result = run(train_command(parts, cache_dir, **{**extra, "train.num_steps": steps}), subprocess_env(1))
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert_same_state(final_state(parts), final_state(whole))

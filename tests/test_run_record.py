@@ -243,7 +243,7 @@ def test_profile_steps_write_a_trace(tmp_path, cache_dir):
   with gzip.open(traces[0], "rt") as f:
     events = json.load(f)["traceEvents"]
   assert sum(e.get("ph") == "X" for e in events) > 10  # timed events of the traced steps
-  for bad in ("4,2", "x", "3,5"):  # the last: steps_per_call=2 needs even steps
+  for bad in ("4,2", "x"):
     with pytest.raises(errors.ConfigError, match="profile_steps"):
       trainer.validate_config(tiny_config(cache_dir, **{"train.profile_steps": bad, "train.steps_per_call": 2}), 1)
 
