@@ -90,6 +90,7 @@ def parse_args(argv=None):
                  help="measure ddim_jax.trainer.train_and_evaluate on the demo preset against the bare step")
   p.add_argument("--host-time", action="store_true",
                  help="only the loop's host time per step with the device work stubbed out (also part of --loop)")
+  p.add_argument("--loop-config", default="demo", help="the preset --loop trains (demo, default, r_variant)")
   p.add_argument("--loop-steps", type=int, default=300)
   p.add_argument("--loop-override", action="append", default=[],
                  help="extra --config.* override for --loop (repeatable)")
@@ -595,7 +596,7 @@ def run_loop(args):
   from ddim_jax import configs, models, parallel, train, trainer  # pylint: disable=import-outside-toplevel
 
   overrides = [f"--config.train.num_steps={args.loop_steps}", *args.loop_override]
-  config = configs.load_config("demo", overrides)
+  config = configs.load_config(args.loop_config, overrides)
   batch = int(config.train.batch_size)
   log_every = int(config.train.log_every)
   with tempfile.TemporaryDirectory() as tmp:
@@ -638,12 +639,12 @@ def run_loop(args):
   rates = []
   for _ in range(args.repeats):
     t = time.perf_counter()
-    for _ in range(log_every // k):
+    for _ in range(max(1, log_every // k)):
       state, m = fn(state, images_dev, normalizer, key)
     jax.block_until_ready((state, m))
-    rates.append(batch * (log_every // k) * k / (time.perf_counter() - t))
+    rates.append(batch * max(1, log_every // k) * k / (time.perf_counter() - t))
   bare = median(rates)
-  return {"mode": "loop", "preset": "demo", "overrides": overrides, "batch_size": batch,
+  return {"mode": "loop", "preset": args.loop_config, "overrides": overrides, "batch_size": batch,
           "image_size": size, "widths": list(config.model.widths), "log_every": log_every,
           "checkpoint_every": int(config.train.checkpoint_every), "sample_every": int(config.train.sample_every),
           "loop_img_s": loop_rate, "loop_interval_img_s": [r["images_per_second"] for r in records],
@@ -652,7 +653,8 @@ def run_loop(args):
           "devices": jax.device_count(), "date": time.strftime("%Y-%m-%d")}
 
 
-def host_time_per_step(steps: int = 200, image_size: int = 64, batch: int = 64, num_images: int = 2048) -> dict:
+def host_time_per_step(steps: int = 200, image_size: int = 64, batch: int = 64, num_images: int = 2048,
+                       steps_per_call: int | None = None) -> dict:
   """The training loop's host time per step, device work excluded (milliseconds).
 
   The loop's host section (getting the batch, uploading it, dispatching the call with the whole
@@ -660,12 +662,16 @@ def host_time_per_step(steps: int = 200, image_size: int = 64, batch: int = 64, 
   state unchanged (aliased, so the device does nothing), on this process's devices, with a
   synthetic uint8 training set at the default preset's shapes. "before": the host path this
   replaced (float32 lookup of the batch on the host, float32 upload); "device" / "host": the two
-  placements of ``ddim_jax.feed`` (for "host", the time the loop waits for the background thread).
+  placements of ``ddim_jax.feed`` (for "host", the time the loop waits for the background thread),
+  one step per call; "device_k": the set on the devices at ``steps_per_call`` steps per call (None:
+  the default preset's), per optimiser step.
   """
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from ddim_jax import data, feed, models, parallel, train  # pylint: disable=import-outside-toplevel
+  from ddim_jax import configs, data, feed, models, parallel, train  # pylint: disable=import-outside-toplevel
+
+  k = int(configs.load_config("default").train.steps_per_call) if steps_per_call is None else steps_per_call
 
   mesh = parallel.create_mesh(jax.local_devices())
   model = models.create_model("keras")
@@ -676,15 +682,17 @@ def host_time_per_step(steps: int = 200, image_size: int = 64, batch: int = 64, 
   normalizer = parallel.replicate({"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.08, np.float32)}, mesh)
   key = parallel.replicate(jax.random.key_data(jax.random.key(2)), mesh)
   stub = jax.jit(lambda state, batch, normalizer, key, *rest: (state, {"loss": jnp.zeros(())}), donate_argnums=(0,))
-  out = {"steps": steps, "batch_size": batch, "image_size": image_size, "devices": len(mesh.devices.flat)}
-  for name in ("before", "device", "host"):
+  out = {"steps": steps, "batch_size": batch, "image_size": image_size, "devices": len(mesh.devices.flat),
+         "steps_per_call": k}
+  for name in ("before", "device", "host", "device_k"):
     it = data.BatchIterator(images, batch, seed=0)
+    calls = max(1, steps // k) if name == "device_k" else steps
     if name == "before":
       def next_call(state, it=it):
         return stub(state, parallel.shard_batch(next(it)["images"], mesh), normalizer, key)
     else:
-      train_feed = feed.TrainFeed(it, mesh, 1, name)
-      extra = (train_feed.data,) if name == "device" else ()
+      train_feed = feed.TrainFeed(it, mesh, k if name == "device_k" else 1, name.removesuffix("_k"))
+      extra = (train_feed.data,) if name.startswith("device") else ()
 
       def next_call(state, train_feed=train_feed, extra=extra):
         return stub(state, train_feed.next()[0], normalizer, key, *extra)
@@ -692,10 +700,10 @@ def host_time_per_step(steps: int = 200, image_size: int = 64, batch: int = 64, 
       state, metrics = next_call(state)
     jax.block_until_ready(state)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(calls):
       state, metrics = next_call(state)
     jax.block_until_ready(state)
-    out[f"{name}_ms"] = 1e3 * (time.perf_counter() - start) / steps
+    out[f"{name}_ms"] = 1e3 * (time.perf_counter() - start) / (calls * (k if name == "device_k" else 1))
     if name != "before":
       train_feed.close()
   return out
@@ -715,7 +723,8 @@ def run_loop_processes(args):
     port = sock.getsockname()[1]
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
-    argv = [sys.executable, os.path.abspath(__file__), "--loop", "--loop-steps", str(args.loop_steps),
+    argv = [sys.executable, os.path.abspath(__file__), "--loop", "--loop-config", args.loop_config,
+            "--loop-steps", str(args.loop_steps),
             "--repeats", str(args.repeats), "--loop-workdir", os.path.join(tmp, "workdir"),
             *[f"--loop-override={o}" for o in args.loop_override]]
     procs = []
@@ -739,7 +748,8 @@ def format_host_time(result) -> str:
   return (f"loop host time per step (stub step, batch {result['batch_size']} of {result['image_size']}x"
           f"{result['image_size']}x3 uint8, {result['devices']} device(s)): before {result['before_ms']:.3f} ms "
           f"(float32 lookup + upload on the host); now {result['device_ms']:.3f} ms (set on the devices), "
-          f"{result['host_ms']:.3f} ms (uint8 batches uploaded ahead)")
+          f"{result['host_ms']:.3f} ms (uint8 batches uploaded ahead); {result['device_k_ms']:.3f} ms at "
+          f"{result['steps_per_call']} steps per call (the default preset's)")
 
 
 def main(argv=None):
@@ -754,7 +764,7 @@ def main(argv=None):
     result = run_loop_processes(args) if args.loop_processes > 1 else run_loop(args)
     if args.loop_processes == 1:
       result["host_time"] = host_time_per_step()
-    table = (f"training loop (demo preset, {result['overrides']}): {result['loop_img_s']:.1f} img/s; bare step "
+    table = (f"training loop ({result['preset']} preset, {result['overrides']}): {result['loop_img_s']:.1f} img/s; bare step "
              f"{result['bare_step_img_s']:.1f} img/s; loop/bare = {100 * result['loop_fraction_of_bare']:.1f}%")
     if "host_time" in result:
       table += "\n" + format_host_time(result["host_time"])
