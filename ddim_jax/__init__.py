@@ -1,11 +1,18 @@
 """ddim-jax: the Keras DDIM example (and its R torch port) in JAX/Flax.
 
-Core: ``schedules`` (noise schedules, ``DiffusionSpec``), ``models`` (U-Net), ``sampling`` (DDIM),
-``train`` (the pure training step). Around it: ``trainer`` (the loop), ``inference`` and
-``figures`` (what the commands compute), ``evaluation`` (KID, inversion errors), ``convert``
-(weights <-> PyTorch / safetensors), ``data``, ``parallel`` and ``checkpointing`` (leaves), and
-``cli`` (the ``ddim-jax`` command). The PyTorch twin lives in ``ddim_torch_ref`` with the same
-module names.
+The folders are the layers, bottom up (``tests/test_layout.py`` holds the imports to them):
+
+  errors, configs  the error types; the ml_collections presets
+  core/            schedules, models (the U-Net), sampling (DDIM), step (the pure training step), rng
+  data/            the input: sources, the uint8 cache, splits, the batch iterator
+  infra/           parallel (devices, sharding), checkpointing, workdir, run_record, flops
+  quality/         metrics (KID, Frechet), inception, digits_metric
+  interop/         weight_files (the format shared with the PyTorch twin), parity
+  inference/       pipeline (restore, sharded sampling), evaluation, figures, grids (PNG files)
+  training/        trainer (the loop), feed (its input on the devices)
+  arguments, cli   the ``ddim-jax`` command
+
+The PyTorch twin lives in ``ddim_torch_ref`` with the same module names.
 """
 
 __version__ = "0.1.0"

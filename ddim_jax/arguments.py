@@ -9,7 +9,8 @@ import contextlib
 import math
 import os
 
-from ddim_jax import data, errors, evaluation
+from ddim_jax import data, errors
+from ddim_jax.inference import evaluation
 
 # Argument types (argparse prints `ddim-jax CMD: error: argument --x: ...` and exits 2) and the
 # checks of what the parser cannot know (output paths, the environment).

@@ -27,8 +27,13 @@ import time
 import jax
 import numpy as np
 
-from ddim_jax import (configs, convert, data, digits_metric, errors, evaluation, figures, inference, models,
-                      parallel, sampling, schedules, trainer, visualize)
+from ddim_jax import configs, data, errors
+from ddim_jax.core import models, sampling, schedules
+from ddim_jax.inference import evaluation, figures, grids, pipeline
+from ddim_jax.infra import parallel
+from ddim_jax.interop import weight_files
+from ddim_jax.quality import digits_metric
+from ddim_jax.training import trainer
 from ddim_jax.arguments import (positive_int, nonnegative_int, seed_int, step_count, upscale_int, frame_count,
                                 cache_image_size, eta_float, step_counts, cpu_devices_arg, check_output, writing,
                                 prepare_output, check_environment, one_line)
@@ -60,10 +65,10 @@ def cmd_train(args, overrides) -> int:
 def cmd_export(args) -> int:
   """ddim-jax export: the newest checkpoint's EMA (or raw) weights as a safetensors weight file."""
   check_output("--out", args.out)
-  model, variables, normalizer, config, step, how = inference.restore_checkpoint_described(
+  model, variables, normalizer, config, step, how = pipeline.restore_checkpoint_described(
       args.workdir, ema=not args.raw, step=args.step)
   with writing("--out", args.out):
-    convert.save_weights(args.out, model, variables, normalizer, int(config.model.image_size),
+    weight_files.save_weights(args.out, model, variables, normalizer, int(config.model.image_size),
                          schedules.DiffusionSpec.from_config(config), weights="raw" if args.raw else "ema", step=step)
   print(f"wrote {args.out} ({'raw' if args.raw else 'EMA'} weights of step {step}, {how})")
   return 0
@@ -74,19 +79,19 @@ def cmd_demo(args, overrides) -> int:
   config = configs.load_config("demo", overrides)
   start = time.time()
   trainer.train_and_evaluate(config, args.workdir, config_source=shlex.join(["demo", *overrides]))
-  model, variables, normalizer, config, step = inference.restore_checkpoint(args.workdir)
+  model, variables, normalizer, config, step = pipeline.restore_checkpoint(args.workdir)
   weights = os.path.join(args.workdir, "demo.safetensors")
   spec = schedules.DiffusionSpec.from_config(config)
-  convert.save_weights(weights, model, variables, normalizer, int(config.model.image_size), spec, weights="ema",
+  weight_files.save_weights(weights, model, variables, normalizer, int(config.model.image_size), spec, weights="ema",
                        step=step)
-  images = inference.sample_images(model, variables, normalizer, int(config.sample.num_images),
+  images = pipeline.sample_images(model, variables, normalizer, int(config.sample.num_images),
                                    int(config.model.image_size), int(config.sample.steps), 0.0, config.seed, 64, spec)
-  out = visualize.save_grid(images, os.path.join(args.workdir, "samples.png"),
-                            upscale=visualize.default_upscale(int(config.model.image_size)))
+  out = grids.save_grid(images, os.path.join(args.workdir, "samples.png"),
+                            upscale=grids.default_upscale(int(config.model.image_size)))
   if digits_metric.is_digits(config.data):
     num, steps = int(config.eval.num_quality_images), int(config.sample.steps)
     metric = digits_metric.DigitsMetric.for_data(config.data, int(config.model.image_size))
-    scores = {f"model ({steps} steps)": metric.score(inference.sample_images(
+    scores = {f"model ({steps} steps)": metric.score(pipeline.sample_images(
         model, variables, normalizer, num, int(config.model.image_size), steps, 0.0, config.seed, 64, spec))}
     scores.update(metric.calibration(num))
     print(f"digits metric of {num} EMA samples against the {metric.num_reference} validation digits (as `ddim-jax "
@@ -102,12 +107,12 @@ def cmd_sample(args) -> int:
   for option, path in (("--out", args.out), ("--array-out", args.array_out), ("--trajectory", args.trajectory)):
     check_output(option, path)
   check_output("--out-dir", args.out_dir, folder=True)
-  source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
-  noise = inference.initial_noise(args.seed, args.num_images, source.image_shape, args.noise_file, args.numpy_noise)
+  source = pipeline.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
+  noise = pipeline.initial_noise(args.seed, args.num_images, source.image_shape, args.noise_file, args.numpy_noise)
   images = source.sample(args.num_images, args.steps, args.eta, args.seed, args.batch_size, initial_noise=noise)
   with writing("--out", args.out):
-    visualize.save_grid(images, args.out, rows=args.rows,
-                        upscale=visualize.default_upscale(source.image_size, args.upscale))
+    grids.save_grid(images, args.out, rows=args.rows,
+                        upscale=grids.default_upscale(source.image_size, args.upscale))
   devices = parallel.rows_mesh(min(args.batch_size, args.num_images)).size
   print(f"wrote {args.out} ({len(images)} images of {source.description}, {args.steps} steps, eta={args.eta}, "
         f"batches split over {devices} device{'s' * (devices > 1)})")
@@ -117,7 +122,7 @@ def cmd_sample(args) -> int:
     print(f"wrote {args.array_out} (float32 images in [0, 1], NHWC)")
   if args.out_dir:
     with writing("--out-dir", args.out_dir):
-      paths = visualize.save_images(images, args.out_dir, upscale=args.upscale or 1)
+      paths = grids.save_images(images, args.out_dir, upscale=args.upscale or 1)
     print(f"wrote {len(paths)} PNG files to {args.out_dir}")
   if args.trajectory:
     k = min(args.trajectory_images, args.num_images)
@@ -126,7 +131,7 @@ def cmd_sample(args) -> int:
     rows = figures.trajectory_rows(source.model, source.variables, source.normalizer, first, args.steps, eta=args.eta,
                                    key=jax.random.key(args.seed + 1) if args.eta > 0 else None, spec=source.spec)
     with writing("--trajectory", args.trajectory):
-      visualize.save_rows(rows, args.trajectory, upscale=visualize.default_upscale(source.image_size, args.upscale))
+      grids.save_rows(rows, args.trajectory, upscale=grids.default_upscale(source.image_size, args.upscale))
     print(f"wrote {args.trajectory} ({k} samples: rows of noisy images and predicted images)")
   return 0
 
@@ -134,8 +139,8 @@ def cmd_sample(args) -> int:
 def cmd_figures(args) -> int:
   """ddim-jax figures: the blog's forward process, reverse process and 6x6 sample grid."""
   check_output("--out-dir", args.out_dir, folder=True)
-  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
-  upscale = visualize.default_upscale(source.image_size, args.upscale)
+  source = pipeline.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
+  upscale = grids.default_upscale(source.image_size, args.upscale)
   train_images = source.real_images("train")
   if args.image_index >= len(train_images):
     raise errors.ConfigError(f"--image-index {args.image_index} is out of range: the training split of "
@@ -147,12 +152,12 @@ def cmd_figures(args) -> int:
   image = np.asarray(sampling.normalize(real, source.normalizer))[0]
   forward = os.path.join(args.out_dir, "forward.png")
   rows = [figures.denormalized(r, source.normalizer) for r in figures.forward_figure_rows(image, args.seed)]
-  visualize.save_rows(rows, forward, upscale=upscale)
+  grids.save_rows(rows, forward, upscale=upscale)
   reverse = os.path.join(args.out_dir, "reverse.png")
-  visualize.save_rows(figures.reverse_figure_rows(source.model, source.variables, source.normalizer, image, args.seed,
+  grids.save_rows(figures.reverse_figure_rows(source.model, source.variables, source.normalizer, image, args.seed,
                                                   source.spec), reverse, upscale=upscale)
   samples = os.path.join(args.out_dir, "samples.png")
-  visualize.save_grid(source.sample(36, args.steps, 0.0, args.seed, 64), samples, rows=6, upscale=upscale)
+  grids.save_grid(source.sample(36, args.steps, 0.0, args.seed, 64), samples, rows=6, upscale=upscale)
   print(f"wrote {forward} (forward process, rows cosine/linear), {reverse} (reverse process), {samples} "
         f"(6x6 samples, {args.steps} steps) from {source.description}")
   return 0
@@ -162,7 +167,7 @@ def cmd_invert(args) -> int:
   """ddim-jax invert: DDIM inversion image -> noise -> image, reconstruction error per step count."""
   check_output("--json", args.json)
   check_output("--out", args.out)
-  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
+  source = pipeline.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
   steps_list = args.steps
   images = source.real_images(args.split, args.num_images)
   start = time.time()
@@ -185,7 +190,7 @@ def cmd_invert(args) -> int:
     rows = figures.inversion_rows(source.model, source.variables, source.normalizer,
                                   evaluation.as_float_images(images[:args.show]), steps_list, source.spec)
     with writing("--out", args.out):
-      visualize.save_rows(rows, args.out, upscale=visualize.default_upscale(source.image_size, args.upscale))
+      grids.save_rows(rows, args.out, upscale=grids.default_upscale(source.image_size, args.upscale))
     print(f"wrote {args.out} (rows: originals, reconstructions at {steps_list[:-1]} steps, the noise at "
           f"{steps_list[-1]} steps and its reconstruction)")
   return 0
@@ -194,8 +199,8 @@ def cmd_invert(args) -> int:
 def cmd_interpolate(args) -> int:
   """ddim-jax interpolate: samples along a spherical interpolation between two initial noises."""
   check_output("--out", args.out)
-  source = inference.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
-  noise = inference.initial_noise(args.seed, 2 * args.pairs, source.image_shape, args.noise_file, args.numpy_noise)
+  source = pipeline.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
+  noise = pipeline.initial_noise(args.seed, 2 * args.pairs, source.image_shape, args.noise_file, args.numpy_noise)
   if noise is None:
     noise = np.asarray(jax.random.normal(jax.random.key(args.seed), (2 * args.pairs,) + source.image_shape))
   weights = np.linspace(0.0, 1.0, args.num_frames, dtype=np.float32)
@@ -204,7 +209,7 @@ def cmd_interpolate(args) -> int:
       source.model, source.variables, parallel.shard_rows(sampling.slerp(noise[2 * p], noise[2 * p + 1], weights), mesh),
       source.normalizer, steps=args.steps, spec=source.spec)["images"]) for p in range(args.pairs)]
   with writing("--out", args.out):
-    visualize.save_rows(rows, args.out, upscale=visualize.default_upscale(source.image_size, args.upscale))
+    grids.save_rows(rows, args.out, upscale=grids.default_upscale(source.image_size, args.upscale))
   print(f"wrote {args.out} ({args.pairs} x {args.num_frames} frames, {args.steps} steps, from {source.description}; "
         f"{mesh.size} device{'s' * (mesh.size > 1)})")
   return 0
@@ -215,7 +220,7 @@ def cmd_evaluate(args) -> int:
   check_output("--json", args.json)
   if args.num_images is not None and args.num_images < 2:
     raise errors.ConfigError(f"--num-images {args.num_images}: the metrics compare sets of at least 2 images")
-  source = inference.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
+  source = pipeline.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
   steps_list = args.steps
   if args.metric == "digits" or (args.metric == "auto" and digits_metric.is_digits(source.data_config)):
     return cmd_evaluate_digits(args, source, steps_list)
@@ -274,8 +279,8 @@ def cmd_evaluate_digits(args, source, steps_list) -> int:
 
 def cmd_info(args) -> int:
   """ddim-jax info: metadata and tensor count of a weight file."""
-  _, variables, normalizer, metadata = convert.load_weights(args.weights)
-  print(convert.metadata_json(metadata))
+  _, variables, normalizer, metadata = weight_files.load_weights(args.weights)
+  print(weight_files.metadata_json(metadata))
   print(f"parameters: {models.count_parameters(variables['params']):,}  "
         f"batch statistics: {models.count_parameters(variables.get('batch_stats', {})):,}")
   print(f"normalizer mean {np.round(normalizer['mean'], 4).tolist()} variance "

@@ -1,9 +1,9 @@
-"""InceptionV3 feature extractor for KID (PyTorch, NCHW), the twin of ``ddim_jax/inception.py``.
+"""InceptionV3 feature extractor for KID (PyTorch, NCHW), the twin of ``ddim_jax/quality/inception.py``.
 
 Written from scratch (no torchvision import) with torchvision's module layout, so both
 ``inception_v3_google-0cc3c7bd.pth`` (flavour "torchvision") and pytorch-fid's
 ``pt_inception-2015-12-05-6726825d.pth`` (flavour "fid") load with ``strict=True``. The flavours
-differ only in the pool branches (see ddim_jax/inception.py): torchvision averages with the
+differ only in the pool branches (see ddim_jax/quality/inception.py): torchvision averages with the
 padding counted; fid (pytorch-fid's FIDInceptionA/C/E_1) excludes it, and Mixed_7c (FIDInceptionE_2)
 max-pools. ``forward`` returns the 2048-d pooled features; ``fc`` and ``AuxLogits`` exist only so
 that the files load strictly.

@@ -1,4 +1,4 @@
-"""The noise-prediction U-Net in PyTorch (NCHW), the twin of ``ddim_jax/models.py``.
+"""The noise-prediction U-Net in PyTorch (NCHW), the twin of ``ddim_jax/core/models.py``.
 
 Same variants, same numerics, same submodule names (``down_blocks.0.residual_blocks.1.conv1``
 here is ``down_blocks_0/residual_blocks_1/conv1`` there). BatchNorm follows the Flax/Keras
@@ -206,7 +206,7 @@ class UNet(nn.Module):
 
 def create_model(variant="keras", widths=(32, 64, 96, 128), block_depth=2, embedding_dims=32, channels=3,
                  **unused) -> UNet:
-  """Builds a UNet (the twin of ``ddim_jax.models.create_model``)."""
+  """Builds a UNet (the twin of ``ddim_jax.core.models.create_model``)."""
   return UNet(variant, widths, block_depth, embedding_dims, channels)
 
 

@@ -8,7 +8,7 @@ The initial noise is ``np.random.default_rng(seed).standard_normal((N, H, W, C),
 draws its per-step noise (steps, B, H, W, C) from ``np.random.default_rng(seed + 1)``. These are
 exactly the draws of ``ddim-jax sample --numpy-noise`` (or ``--noise-file``), so both commands give
 the same images from the same weight file (measured: within 1e-4 per pixel, float32 on CPU).
-The grid is written by ``ddim_jax.visualize`` (NumPy + Pillow only), as ``ddim-jax sample`` does.
+The grid is written by ``ddim_jax.inference.grids`` (NumPy + Pillow only), as ``ddim-jax sample`` does.
 """
 
 import argparse
@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from ddim_torch_ref import convert, sampling, schedules
+from ddim_torch_ref import sampling, schedules, weight_files
 
 
 def numpy_noise(seed: int, shape) -> np.ndarray:
@@ -37,7 +37,7 @@ def sample_images(model, normalizer, initial_noise: np.ndarray, steps: int, eta:
   """Generates images from NHWC NumPy noise in batches; returns (N, H, W, C) float32 in [0, 1].
 
   For eta > 0 the per-step draws of each batch, (steps, B, H, W, C), come in batch order from
-  ``np.random.default_rng(seed + 1)`` (as ``ddim_jax.inference``).
+  ``np.random.default_rng(seed + 1)`` (as ``ddim_jax.inference.pipeline``).
   """
   step_rng = numpy_step_noise_generator(seed)
   out = []
@@ -111,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   """Entry point."""
   args = build_parser().parse_args(argv)
-  from ddim_jax import visualize  # pylint: disable=import-outside-toplevel  (NumPy + Pillow only, no JAX)
+  from ddim_jax.inference import grids  # pylint: disable=import-outside-toplevel  (NumPy + Pillow only, no JAX)
   try:
-    model, normalizer, metadata = convert.load_weights(args.weights)  # every metadata key validated
-    size, channels = convert.image_size_from_metadata(metadata), int(metadata["channels"])
+    model, normalizer, metadata = weight_files.load_weights(args.weights)  # every metadata key validated
+    size, channels = weight_files.image_size_from_metadata(metadata), int(metadata["channels"])
     if args.noise_file:
       noise = load_noise_file(args.noise_file, args.num_images, (size, size, channels))
   except ValueError as e:
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     noise = numpy_noise(args.seed, (args.num_images, size, size, channels))
   images = sample_images(model, normalizer, noise, args.steps, args.eta, args.seed, args.batch_size,
                          schedules.DiffusionSpec.from_metadata(metadata))
-  visualize.save_grid(images, args.out, rows=args.rows, upscale=visualize.default_upscale(size, args.upscale))
+  grids.save_grid(images, args.out, rows=args.rows, upscale=grids.default_upscale(size, args.upscale))
   if args.array_out:
     np.save(args.array_out, images)
   print(f"wrote {args.out} ({len(images)} images, {args.steps} steps, eta={args.eta}, torch)")

@@ -1,4 +1,4 @@
-"""DDIM sampling in PyTorch, the twin of ``ddim_jax/sampling.py`` (same names, same formulas, NCHW).
+"""DDIM sampling in PyTorch, the twin of ``ddim_jax/core/sampling.py`` (same names, same formulas, NCHW).
 
 See the JAX module for the notation block. Random draws are passed in (``step_noises``) or come
 from an explicit ``torch.Generator``; nothing here touches the global RNG.
@@ -127,7 +127,7 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, spec=D
 @torch.no_grad()
 def generate(model, initial_noise, normalizer=None, step_noises=None, generator=None, *, steps=20, spec=DEFAULT_SPEC,
              eta=0.0, return_trajectory=False):
-  """Samples with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.sampling.generate``."""
+  """Samples with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.core.sampling.generate``."""
   was_training = model.training
   model.eval()
   try:
@@ -189,7 +189,7 @@ def ddim_inversion(network_fn: Callable, images, steps: int, *, spec=DEFAULT_SPE
 
 @torch.no_grad()
 def invert(model, images, normalizer=None, *, steps=20, spec=DEFAULT_SPEC, return_trajectory=False):
-  """``ddim_inversion`` with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.sampling.invert``."""
+  """``ddim_inversion`` with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.core.sampling.invert``."""
   was_training = model.training
   model.eval()
   try:

@@ -1,4 +1,4 @@
-"""Diffusion schedules, the twin of ``ddim_jax/schedules.py`` (read them side by side)."""
+"""Diffusion schedules, the twin of ``ddim_jax/core/schedules.py`` (read them side by side)."""
 
 import dataclasses
 import math

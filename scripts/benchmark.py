@@ -10,7 +10,7 @@ What is timed, per framework, on the same model, batch and precision:
 * train: a full optimiser step (forward, backward, AdamW, EMA of weights and BatchNorm
   statistics, plus the per-example noise and time draws): JAX ``parallel.make_train_fn`` over all
   local devices (``--steps-per-call`` steps per call with ``lax.scan``), torch
-  ``ddim_torch_ref.train.train_step_from_draws`` with its ``EMA``.
+  ``ddim_torch_ref.step.train_step_from_draws`` with its ``EMA``.
 * sample: a ``--sample-steps`` DDIM run of ``--batch-size`` images: ``sampling.generate`` (one jit,
   ``lax.scan``) vs ``ddim_torch_ref.sampling.generate``.
 
@@ -20,7 +20,7 @@ up first (reported as compile time, excluded from the rates), then the parent in
 repeats (jax, torch_eager, torch_compile, jax, ...) and reports the median of ``--repeats``. Ratios
 come from these same interleaved measurements.
 
-FLOPs and MFU: FLOPs per image are counted from the jaxpr (``ddim_jax.flops``: 2 per multiply-add of
+FLOPs and MFU: FLOPs per image are counted from the jaxpr (``ddim_jax.infra.flops``: 2 per multiply-add of
 every convolution and dot of the single-device step and of the sampler; never compiled, so the same
 number on every backend). XLA's compiled cost analysis is reported beside it only as a diagnostic
 (``xla_cost_analysis_*``): on GPU it counts the cuDNN convolutions as 0 FLOPs. MFU = images/s x
@@ -37,7 +37,7 @@ or None), ``peak_flops_source``, ``jax_device_count``, ``<framework>_train_mfu``
 Imports only jax, flax, optax, torch, numpy and ddim_jax.{models,train,parallel,sampling,schedules,flops}
 / ddim_torch_ref (no TensorFlow, ml_collections or input pipeline), so it runs on a GPU machine's
 preinstalled packages without installing this package. ``--loop`` is the exception: it drives
-``ddim_jax.trainer.train_and_evaluate`` (ml_collections, the input pipeline, orbax) on the demo
+``ddim_jax.training.trainer.train_and_evaluate`` (ml_collections, the input pipeline, orbax) on the demo
 preset and lives in its own clearly separated function.
 """
 
@@ -54,7 +54,7 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
-FLOPS_METHOD = ("jaxpr count (ddim_jax.flops): 2 FLOPs per multiply-add of every conv_general_dilated and "
+FLOPS_METHOD = ("jaxpr count (ddim_jax.infra.flops): 2 FLOPs per multiply-add of every conv_general_dilated and "
                 "dot_general, the same on every backend")
 
 
@@ -87,7 +87,7 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
   p.add_argument("--loop", action="store_true",
-                 help="measure ddim_jax.trainer.train_and_evaluate on the demo preset against the bare step")
+                 help="measure ddim_jax.training.trainer.train_and_evaluate on the demo preset against the bare step")
   p.add_argument("--host-time", action="store_true",
                  help="only the loop's host time per step with the device work stubbed out (also part of --loop)")
   p.add_argument("--loop-config", default="demo", help="the preset --loop trains (demo, default, r_variant)")
@@ -117,10 +117,11 @@ class JaxWorker:
     import jax
     import jax.numpy as jnp
     # Before the backend starts: the number of CPU devices (only the CPU client reads it).
-    from ddim_jax import parallel
+    from ddim_jax.infra import parallel
     parallel.configure_cpu_devices(args.jax_cpu_devices, args.batch_size)  # the CLI's own rule
     import numpy as np
-    from ddim_jax import flops, models, sampling, train
+    from ddim_jax.core import models, sampling, step as step_lib
+    from ddim_jax.infra import flops
     self.jax, self.np, self.sampling = jax, np, sampling
     self.args = args
     rss0 = peak_rss_mb()
@@ -130,20 +131,20 @@ class JaxWorker:
     kw = dict(variant=args.variant, widths=widths, block_depth=args.block_depth, dtype=dtype)
     model = models.create_model(**kw, bn_axis_name=parallel.AXIS)
     self.eval_model = models.create_model(**kw)
-    step_config = train.StepConfig()
+    step_config = step_lib.StepConfig()
     mesh = parallel.create_mesh(jax.local_devices())
     self.devices = mesh.devices.size
     parallel.check_batch_size(args.batch_size, self.devices)
     k, b, s = args.steps_per_call, args.batch_size, args.image_size
     rng = np.random.default_rng(args.seed)
-    state = jax.jit(train.create_train_state, static_argnums=(0, 1, 3))(model, step_config, jax.random.key(args.seed), s)
+    state = jax.jit(step_lib.create_train_state, static_argnums=(0, 1, 3))(model, step_config, jax.random.key(args.seed), s)
     self.state = parallel.replicate(state, mesh)
     local = rng.random((b, s, s, 3) if k == 1 else (k, b, s, s, 3), dtype=np.float32)
     self.images = parallel.shard_batch(local, mesh, k)
     self.normalizer = parallel.replicate({"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.08, np.float32)},
                                          mesh)
     self.base_key = parallel.replicate(jax.random.key_data(jax.random.key(args.seed + 2)), mesh)
-    self.train_fn = parallel.make_train_fn(train.per_device_step(model, step_config, k, parallel.AXIS), mesh,
+    self.train_fn = parallel.make_train_fn(step_lib.per_device_step(model, step_config, k, parallel.AXIS), mesh,
                                            "shard_map", k)
     # Sampling is data parallel too: the noise batch is split over the devices (GSPMD partitions the scan).
     noise = rng.standard_normal((b, s, s, 3), dtype=np.float32)
@@ -154,7 +155,7 @@ class JaxWorker:
     single = models.create_model(**kw)
     counted = {}
     try:
-      counted["train"] = flops.train_step_flops(train.train_step, state, single, step_config, s, b)
+      counted["train"] = flops.train_step_flops(step_lib.train_step, state, single, step_config, s, b)
       counted["forward"] = flops.forward_flops(single, state.variables(ema=True), s, b)
       counted["sample"] = flops.sample_flops(sampling.generate, self.eval_model, state.variables(ema=True), s, b,
                                              args.sample_steps)
@@ -164,7 +165,7 @@ class JaxWorker:
     # Diagnostic only: XLA's cost analysis of the compiled step (0 FLOPs for cuDNN convolutions on GPU).
     xla_flops = {}
     try:
-      step1 = jax.jit(lambda st, im, nz, key: train.train_step(st, im, nz, key, model=single, step_config=step_config,
+      step1 = jax.jit(lambda st, im, nz, key: step_lib.train_step(st, im, nz, key, model=single, step_config=step_config,
                                                                axis_name=None))
       one_batch = jnp.asarray(local if k == 1 else local[0])
       cost = step1.lower(state, one_batch, {"mean": jnp.full(3, 0.5), "variance": jnp.full(3, 0.08)},
@@ -241,8 +242,8 @@ class TorchWorker:
     from ddim_torch_ref import models as tmodels
     from ddim_torch_ref import sampling as tsampling
     from ddim_torch_ref import schedules as tschedules
-    from ddim_torch_ref import train as ttrain
-    self.torch, self.tsampling, self.ttrain = torch, tsampling, ttrain
+    from ddim_torch_ref import step as tstep
+    self.torch, self.tsampling, self.tstep = torch, tsampling, tstep
     self.args = args
     rss0 = peak_rss_mb()
     cuda = torch.cuda.is_available()
@@ -253,8 +254,8 @@ class TorchWorker:
     channels_last = compiled and (args.channels_last == "on" or (args.channels_last == "auto" and cuda))
     self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=self.memory_format)
-    self.optimizer = ttrain.make_optimizer(model)
-    self.ema = ttrain.EMA(model)
+    self.optimizer = tstep.make_optimizer(model)
+    self.ema = tstep.EMA(model)
     if compiled:
       mode = args.compile_mode
       if mode == "auto":
@@ -305,7 +306,7 @@ class TorchWorker:
       times = torch.rand((b, 1, 1, 1), device=self.dev)
       noise_rates, signal_rates = self.schedule(times)
       with self._ctx():
-        self.ttrain.train_step_from_draws(self.model, self.optimizer, self.ema, self.step, self.images, noises,
+        self.tstep.train_step_from_draws(self.model, self.optimizer, self.ema, self.step, self.images, noises,
                                           noise_rates, signal_rates)
       self.step += 1
     self._sync()
@@ -521,7 +522,7 @@ def add_flops_and_mfu(result, infos, precision):
 
   # MFU where the peak of the device is known (flops.PEAK_FLOPS); JAX uses all its local devices,
   # torch one. Never a guessed peak: elsewhere the MFU is None.
-  from ddim_jax import flops  # pylint: disable=import-outside-toplevel
+  from ddim_jax.infra import flops  # pylint: disable=import-outside-toplevel
   jax_devices = jax_info.get("device_count", 1)
   result["jax_device_count"] = jax_devices if "jax" in infos else None
   peaks = {}
@@ -593,7 +594,10 @@ def run_loop(args):
 
   import jax
   import numpy as np
-  from ddim_jax import configs, models, parallel, train, trainer  # pylint: disable=import-outside-toplevel
+  from ddim_jax import configs
+  from ddim_jax.core import models, step as step_lib
+  from ddim_jax.infra import parallel
+  from ddim_jax.training import trainer  # pylint: disable=import-outside-toplevel
 
   overrides = [f"--config.train.num_steps={args.loop_steps}", *args.loop_override]
   config = configs.load_config(args.loop_config, overrides)
@@ -621,10 +625,10 @@ def run_loop(args):
   # The bare step at the same config, timed the same way (median of repeats of log_every steps).
   mesh = parallel.create_mesh()
   k = int(config.train.get("steps_per_call", 1))
-  step_config = train.StepConfig.from_config(config)
+  step_config = step_lib.StepConfig.from_config(config)
   model = models.create_model(**config.model, bn_axis_name=parallel.AXIS)
   size = int(config.model.image_size)
-  state = parallel.replicate(jax.jit(train.create_train_state, static_argnums=(0, 1, 3))(
+  state = parallel.replicate(jax.jit(step_lib.create_train_state, static_argnums=(0, 1, 3))(
       model, step_config, jax.random.key(0), size), mesh)
   rng = np.random.default_rng(0)
   local_batch = batch // jax.process_count()  # this process's slice of the global batch
@@ -632,7 +636,7 @@ def run_loop(args):
   images_dev = parallel.shard_batch(local, mesh, k)
   normalizer = parallel.replicate({"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.08, np.float32)}, mesh)
   key = parallel.replicate(jax.random.key_data(jax.random.key(2)), mesh)
-  fn = parallel.make_train_fn(train.per_device_step(model, step_config, k, parallel.AXIS), mesh, config.parallel, k)
+  fn = parallel.make_train_fn(step_lib.per_device_step(model, step_config, k, parallel.AXIS), mesh, config.parallel, k)
   for _ in range(2):
     state, m = fn(state, images_dev, normalizer, key)
   jax.block_until_ready(state)
@@ -662,21 +666,24 @@ def host_time_per_step(steps: int = 200, image_size: int = 64, batch: int = 64, 
   state unchanged (aliased, so the device does nothing), on this process's devices, with a
   synthetic uint8 training set at the default preset's shapes. "before": the host path this
   replaced (float32 lookup of the batch on the host, float32 upload); "device" / "host": the two
-  placements of ``ddim_jax.feed`` (for "host", the time the loop waits for the background thread),
+  placements of ``ddim_jax.training.feed`` (for "host", the time the loop waits for the background thread),
   one step per call; "device_k": the set on the devices at ``steps_per_call`` steps per call (None:
   the default preset's), per optimiser step.
   """
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from ddim_jax import configs, data, feed, models, parallel, train  # pylint: disable=import-outside-toplevel
+  from ddim_jax import configs, data
+  from ddim_jax.core import models, step as step_lib
+  from ddim_jax.infra import parallel
+  from ddim_jax.training import feed  # pylint: disable=import-outside-toplevel
 
   k = int(configs.load_config("default").train.steps_per_call) if steps_per_call is None else steps_per_call
 
   mesh = parallel.create_mesh(jax.local_devices())
   model = models.create_model("keras")
-  step_config = train.StepConfig()
-  state = parallel.replicate(jax.jit(train.create_train_state, static_argnums=(0, 1, 3))(
+  step_config = step_lib.StepConfig()
+  state = parallel.replicate(jax.jit(step_lib.create_train_state, static_argnums=(0, 1, 3))(
       model, step_config, jax.random.key(0), image_size), mesh)
   images = np.random.default_rng(0).integers(0, 256, (num_images, image_size, image_size, 3), dtype=np.uint8)
   normalizer = parallel.replicate({"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.08, np.float32)}, mesh)

@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
-from ddim_jax import models, parity  # noqa: E402  pylint: disable=wrong-import-position
+from ddim_jax.core import models
+from ddim_jax.interop import parity  # noqa: E402  pylint: disable=wrong-import-position
 
 _T = _mark("import jax + ddim_jax", _START)
 import torch  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import

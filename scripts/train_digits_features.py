@@ -1,4 +1,4 @@
-"""Trains the feature network of the digits metric (``ddim_jax.digits_metric``) and writes its weights.
+"""Trains the feature network of the digits metric (``ddim_jax.quality.digits_metric``) and writes its weights.
 
   python scripts/train_digits_features.py --out ddim_jax/assets/digits_features.safetensors
 
@@ -15,7 +15,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from ddim_jax import digits_metric  # noqa: E402  (after the platform choice)
+from ddim_jax.quality import digits_metric  # noqa: E402  (after the platform choice)
 
 
 def main(argv=None) -> int:

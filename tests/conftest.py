@@ -33,7 +33,7 @@ def trained_weights(tmp_path_factory):
   the first worker writes a weight file under a lock, the others read it.
   """
   from filelock import FileLock
-  from ddim_jax import convert, parity
+  from ddim_jax.interop import parity, weight_files
   root = tmp_path_factory.getbasetemp().parent
 
   def get(variant: str):
@@ -41,7 +41,7 @@ def trained_weights(tmp_path_factory):
     with FileLock(str(path) + ".lock"):
       if not path.exists():
         model, variables, normalizer = parity.trained_reference(variant)
-        convert.save_weights(str(path), model, variables, normalizer, 16, weights="raw")
+        weight_files.save_weights(str(path), model, variables, normalizer, 16, weights="raw")
     return str(path)
 
   return get
@@ -50,12 +50,12 @@ def trained_weights(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_model(trained_weights):
   """(model, variables, normalizer) of the trained parity model of a variant (see trained_weights)."""
-  from ddim_jax import convert
+  from ddim_jax.interop import weight_files
   cache = {}
 
   def get(variant: str):
     if variant not in cache:
-      model, variables, normalizer, _ = convert.load_weights(trained_weights(variant))
+      model, variables, normalizer, _ = weight_files.load_weights(trained_weights(variant))
       cache[variant] = (model, variables, normalizer)
     return cache[variant]
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ddim_jax import inception
+from ddim_jax.quality import inception
 from ddim_torch_ref import inception as ref_inception
 
 

@@ -31,7 +31,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from ddim_jax import cli, configs, convert, data, errors, inception, models
+from ddim_jax import cli, configs, data, errors
+from ddim_jax.core import models
+from ddim_jax.interop import weight_files
+from ddim_jax.quality import inception
 from ddim_jax.data import images as image_io
 
 
@@ -354,7 +357,7 @@ CASES = [
      {"JAX_NUM_PROCESSES": "two"}),
     ("env-process-id-negative", ["info", "--weights", W], ["JAX_PROCESS_ID='-1'", "integer >= 0"],
      {"JAX_PROCESS_ID": "-1"}),
-    # --- workdirs (ddim_jax/workdir.py) --------------------------------------------------------
+    # --- workdirs (ddim_jax/infra/workdir.py) --------------------------------------------------------
     ("workdir-ftp-train", ["train", "--workdir", "ftp://host/run", "--config", "demo"],
      ["ftp://host/run", "ftp:// is not supported", "gs://bucket/path"]),
     ("workdir-hdfs-export", ["export", "--workdir", "hdfs://namenode/run", "--out", "{root}/never/w.safetensors"],
@@ -505,23 +508,23 @@ def test_save_weights_leaves_no_temporary_file_and_creates_missing_folders(tmp_p
   target = tmp_path / "exists_as_folder.safetensors"
   target.mkdir()
   with pytest.raises(errors.ConfigError, match="is a folder"):
-    convert.save_weights(str(target), model, variables, normalizer, 16)
+    weight_files.save_weights(str(target), model, variables, normalizer, 16)
   blocked = tmp_path / "blocked.safetensors"
-  original = convert.os.replace
+  original = weight_files.os.replace
 
   def failing_replace(src, dst):
     assert os.path.exists(src)  # the temporary file was written...
     raise OSError(28, "No space left on device")
-  convert.os.replace = failing_replace
+  weight_files.os.replace = failing_replace
   try:
     with pytest.raises(errors.InputError, match="No space left"):
-      convert.save_weights(str(blocked), model, variables, normalizer, 16)
+      weight_files.save_weights(str(blocked), model, variables, normalizer, 16)
   finally:
-    convert.os.replace = original
+    weight_files.os.replace = original
   assert sorted(os.listdir(tmp_path)) == ["exists_as_folder.safetensors"]  # ...and removed
   nested = tmp_path / "new" / "folder" / "w.safetensors"
-  convert.save_weights(str(nested), model, variables, normalizer, 16)
-  assert convert.load_weights(str(nested))[0] == model
+  weight_files.save_weights(str(nested), model, variables, normalizer, 16)
+  assert weight_files.load_weights(str(nested))[0] == model
   assert os.listdir(nested.parent) == ["w.safetensors"]
 
 

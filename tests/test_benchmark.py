@@ -1,5 +1,5 @@
 """Smoke test of scripts/benchmark.py: runs at a tiny size (not a timing test) and checks the JSON keys,
-the FLOPs (the jaxpr count of ddim_jax.flops, not XLA's cost analysis) and that no MFU is made up on CPU."""
+the FLOPs (the jaxpr count of ddim_jax.infra.flops, not XLA's cost analysis) and that no MFU is made up on CPU."""
 
 import json
 import os

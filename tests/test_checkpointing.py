@@ -1,4 +1,4 @@
-"""Tests of ddim_jax.checkpointing: round trip, retention, fallback, crash and preemption safety.
+"""Tests of ddim_jax.infra.checkpointing: round trip, retention, fallback, crash and preemption safety.
 
 Tiny pytrees stand in for the U-Net; crash and SIGTERM behaviour is tested in subprocesses that
 run the script below.
@@ -24,8 +24,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from ddim_jax import checkpointing
-from ddim_jax.checkpointing import (Checkpointer, CheckpointRestoreError, CheckpointRestoreWarning,
+from ddim_jax.infra import checkpointing
+from ddim_jax.infra.checkpointing import (Checkpointer, CheckpointRestoreError, CheckpointRestoreWarning,
                                     PreemptionFlag)
 from train_helpers import xla_flags
 

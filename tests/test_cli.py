@@ -7,7 +7,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from ddim_jax import cli, convert
+from ddim_jax import cli
+from ddim_jax.interop import weight_files
 from train_helpers import run, subprocess_env, tiny_overrides
 
 
@@ -45,8 +46,8 @@ def test_demo_train_export_sample_end_to_end(tmp_path):
   for extra in ([], ["--raw"]):
     out = tmp_path / f"w{len(extra)}.safetensors"
     assert cli.main(["export", "--workdir", str(workdir), "--out", str(out), *extra]) == 0
-  ema = convert.read_weight_file(str(tmp_path / "w0.safetensors"))
-  raw = convert.read_weight_file(str(tmp_path / "w1.safetensors"))
+  ema = weight_files.read_weight_file(str(tmp_path / "w0.safetensors"))
+  raw = weight_files.read_weight_file(str(tmp_path / "w1.safetensors"))
   assert ema[1]["weights"] == "ema" and raw[1]["weights"] == "raw" and ema[1]["step"] == "4"
   assert any(np.any(ema[0][k] != raw[0][k]) for k in ema[0])  # the EMA is not the raw weights
   # `sample` of the exported file, with demo's numbers (4 images, 3 steps, seed 0), writes demo's grid: the

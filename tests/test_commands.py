@@ -17,8 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_jax import (checkpointing, cli, convert, data, evaluation, inference, metrics, sampling, schedules,
-                      trainer, visualize)
+from ddim_jax import cli, data
+from ddim_jax.core import sampling, schedules
+from ddim_jax.inference import evaluation, grids, pipeline
+from ddim_jax.infra import checkpointing
+from ddim_jax.interop import weight_files
+from ddim_jax.quality import metrics
+from ddim_jax.training import trainer
 from ddim_torch_ref import sample as ref_sample
 from inception_helpers import random_torch_inception
 from train_helpers import REPO, subprocess_env, tiny_config
@@ -60,7 +65,7 @@ def kid_run(tmp_path_factory, inception_file):
 
 def _run_model(workdir):
   """(model, EMA variables, normalizer, config) of a run's newest checkpoint, as the commands load it."""
-  model, variables, normalizer, config, _ = inference.restore_checkpoint(workdir)
+  model, variables, normalizer, config, _ = pipeline.restore_checkpoint(workdir)
   return model, variables, normalizer, config
 
 
@@ -87,15 +92,15 @@ def test_step_chooses_the_best_latest_or_a_numbered_checkpoint(kid_run, tmp_path
     out = tmp_path / f"{which}.safetensors"
     assert cli.main(["export", "--workdir", kid_run, "--out", str(out), "--step", which]) == 0
     assert f"of step {want}," in capsys.readouterr().out
-    _, variables, _, config, step = inference.restore_checkpoint(kid_run, step=want)
-    written, metadata = convert.read_weight_file(str(out))
+    _, variables, _, config, step = pipeline.restore_checkpoint(kid_run, step=want)
+    written, metadata = weight_files.read_weight_file(str(out))
     assert step == want and int(metadata["step"]) == want
-    expected = convert.flax_to_torch_state_dict(variables)
+    expected = weight_files.flax_to_torch_state_dict(variables)
     for name, value in expected.items():
       np.testing.assert_array_equal(written[name], value, err_msg=f"{which}: {name}")
   if best != 8:  # the two checkpoints differ: best really is not the newest
-    best_weights = convert.read_weight_file(str(tmp_path / "best.safetensors"))[0]
-    latest_weights = convert.read_weight_file(str(tmp_path / "latest.safetensors"))[0]
+    best_weights = weight_files.read_weight_file(str(tmp_path / "best.safetensors"))[0]
+    latest_weights = weight_files.read_weight_file(str(tmp_path / "latest.safetensors"))[0]
     assert any(np.any(best_weights[k] != latest_weights[k]) for k in best_weights)
   assert cli.main(["sample", "--workdir", kid_run, "--step", "best", "--num-images", "2", "--steps", "2",
                    "--out", str(tmp_path / "s.png")]) == 0
@@ -182,7 +187,7 @@ def test_sample_from_a_workdir_writes_grid_images_and_trajectory(kid_run, tmp_pa
   assert strip.shape == (4 * TILE + 2, 3 * TILE + 2, 3)  # 2 samples x (noisy, predicted) rows, 3 steps
   # The strip starts from the grid's noise: its last prediction of sample 0 is grid image 0.
   images = np.load(arrays)
-  want = visualize.to_uint8(images[0]).repeat(4, axis=0).repeat(4, axis=1)
+  want = grids.to_uint8(images[0]).repeat(4, axis=0).repeat(4, axis=1)
   assert np.abs(_tile(strip, 1, 2, 64).astype(int) - want).max() <= 1
   assert np.abs(_tile(strip, 0, 0, 64).astype(int) - want).mean() > 10  # the first column is noise
 
@@ -213,7 +218,7 @@ def test_figures_forward_reverse_and_samples(kid_run, tmp_path):
                                         spec=spec)["noisy_trajectory"])[:, 0]
   for row, states in enumerate((top, bottom)):
     for col in range(11):
-      want = visualize.to_uint8(np.clip(mean + states[col] * std, 0.0, 1.0)).repeat(4, axis=0).repeat(4, axis=1)
+      want = grids.to_uint8(np.clip(mean + states[col] * std, 0.0, 1.0)).repeat(4, axis=0).repeat(4, axis=1)
       assert np.abs(_tile(reverse, row, col, 64).astype(int) - want).max() <= 1, (row, col)
 
 
@@ -254,7 +259,7 @@ def test_interpolate_endpoints_are_the_samples_of_the_same_noise(kid_run, tmp_pa
   assert image.shape == (2 * TILE + 2, 5 * TILE + 2, 3)
   assert cli.main(["sample", "--workdir", kid_run, "--num-images", "4", "--steps", "3", "--numpy-noise", "--seed", "4",
                    "--out", str(grid), "--array-out", str(arrays)]) == 0
-  direct = visualize.to_uint8(np.load(arrays)).repeat(4, axis=1).repeat(4, axis=2)
+  direct = grids.to_uint8(np.load(arrays)).repeat(4, axis=1).repeat(4, axis=2)
   for row, (first, last) in enumerate([(0, 1), (2, 3)]):
     assert np.abs(_tile(image, row, 0, 64).astype(int) - direct[first]).max() <= 1
     assert np.abs(_tile(image, row, 4, 64).astype(int) - direct[last]).max() <= 1

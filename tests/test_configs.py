@@ -15,7 +15,9 @@ import math
 import jax
 import pytest
 
-from ddim_jax import configs, models, parallel, train
+from ddim_jax import configs
+from ddim_jax.core import models, step as step_lib
+from ddim_jax.infra import parallel
 
 # Oxford Flowers 102: 8189 images, 80% for training in both originals (6551), each repeated 5 times.
 TRAIN_IMAGES = int(0.8 * 8189)
@@ -122,7 +124,7 @@ def test_demo_ema_is_short():
 def test_presets_reach_the_step_and_the_model(preset):
   config = configs.get_preset(preset)
   expected = EXPECTED[preset]
-  step = train.StepConfig.from_config(config)
+  step = step_lib.StepConfig.from_config(config)
   assert (step.learning_rate, step.weight_decay, step.loss, step.diffusion.target, step.diffusion.schedule) == (
       expected["train.learning_rate"], expected["train.weight_decay"], expected["train.loss"],
       expected["diffusion.target"], expected["diffusion.schedule"])

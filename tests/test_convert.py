@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from ddim_jax import convert, models, parity
-from ddim_torch_ref import convert as torch_convert
+from ddim_jax.core import models
+from ddim_jax.interop import parity, weight_files
+from ddim_torch_ref import weight_files as torch_weight_files
 from ddim_torch_ref import models as torch_models
 
 SMALL = dict(widths=(8, 16), block_depth=1)
@@ -23,8 +24,8 @@ def small(request):
 def test_flax_file_flax_is_bit_exact(small, tmp_path):
   model, variables = small
   path = str(tmp_path / "w.safetensors")
-  convert.save_weights(path, model, variables, NORMALIZER, 16, weights="ema", step=7)
-  loaded_model, loaded, normalizer, metadata = convert.load_weights(path)
+  weight_files.save_weights(path, model, variables, NORMALIZER, 16, weights="ema", step=7)
+  loaded_model, loaded, normalizer, metadata = weight_files.load_weights(path)
   assert loaded_model == model
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(loaded)):
     assert a.dtype == b.dtype and a.shape == b.shape
@@ -37,16 +38,16 @@ def test_flax_file_flax_is_bit_exact(small, tmp_path):
 def test_file_is_the_torch_state_dict_both_ways(small, tmp_path):
   model, variables = small
   path = str(tmp_path / "w.safetensors")
-  convert.save_weights(path, model, variables, NORMALIZER, 16)
-  twin, normalizer, _ = torch_convert.load_weights(path)
+  weight_files.save_weights(path, model, variables, NORMALIZER, 16)
+  twin, normalizer, _ = torch_weight_files.load_weights(path)
   reference = parity.torch_twin(model, variables)
   for name, value in reference.state_dict().items():
     np.testing.assert_array_equal(twin.state_dict()[name].numpy(), value.numpy())
   np.testing.assert_array_equal(normalizer["variance"], NORMALIZER["variance"])
   # torch -> file -> Flax gives the original Flax variables back.
   path2 = str(tmp_path / "w2.safetensors")
-  torch_convert.save_weights(path2, twin, NORMALIZER, 16)
-  _, loaded, _, _ = convert.load_weights(path2)
+  torch_weight_files.save_weights(path2, twin, NORMALIZER, 16)
+  _, loaded, _, _ = weight_files.load_weights(path2)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(a, b)
 
@@ -54,7 +55,7 @@ def test_file_is_the_torch_state_dict_both_ways(small, tmp_path):
 def test_kernel_layout_is_oihw():
   model = models.create_model("keras", **SMALL)
   variables = models.init_variables(model, jax.random.key(0), 16)
-  state = convert.flax_to_torch_state_dict(variables)
+  state = weight_files.flax_to_torch_state_dict(variables)
   kernel = np.asarray(variables["params"]["down_blocks_0"]["residual_blocks_0"]["conv1"]["kernel"])  # HWIO
   np.testing.assert_array_equal(state["down_blocks.0.residual_blocks.0.conv1.weight"], kernel.transpose(3, 2, 0, 1))
   assert set(state) == set(torch_models.create_model("keras", **SMALL).state_dict())
@@ -77,50 +78,50 @@ def _rewrite(path, out, mutate_tensors=None, mutate_meta=None):
 def weight_file(tmp_path):
   model = models.create_model("keras", **SMALL)
   path = str(tmp_path / "good.safetensors")
-  convert.save_weights(path, model, models.init_variables(model, jax.random.key(0), 16), NORMALIZER, 16)
+  weight_files.save_weights(path, model, models.init_variables(model, jax.random.key(0), 16), NORMALIZER, 16)
   return path
 
 
 def test_missing_tensor_is_named(weight_file, tmp_path):
   bad = _rewrite(weight_file, str(tmp_path / "b.safetensors"),
                  lambda t: t.pop("mid_blocks.0.conv2.weight"))
-  with pytest.raises(convert.WeightFileError, match=r"mid_blocks.0.conv2.weight.*\(16, 16, 3, 3\)"):
-    convert.load_weights(bad)
+  with pytest.raises(weight_files.WeightFileError, match=r"mid_blocks.0.conv2.weight.*\(16, 16, 3, 3\)"):
+    weight_files.load_weights(bad)
   with pytest.raises(ValueError, match=r"mid_blocks.0.conv2.weight.*\(16, 16, 3, 3\)"):
-    torch_convert.load_weights(bad)
+    torch_weight_files.load_weights(bad)
 
 
 def test_wrong_shape_is_named(weight_file, tmp_path):
   def widen(t):
     t["head.weight"] = np.zeros((3, 9, 1, 1), np.float32)
   bad = _rewrite(weight_file, str(tmp_path / "b.safetensors"), widen)
-  with pytest.raises(convert.WeightFileError, match=r"head.weight.*\(3, 9, 1, 1\).*expected \(3, 8, 1, 1\)"):
-    convert.load_weights(bad)
+  with pytest.raises(weight_files.WeightFileError, match=r"head.weight.*\(3, 9, 1, 1\).*expected \(3, 8, 1, 1\)"):
+    weight_files.load_weights(bad)
 
 
 def test_wrong_variant(weight_file, tmp_path):
-  with pytest.raises(convert.WeightFileError, match="'keras' U-Net, expected 'r'"):
-    convert.load_weights(weight_file, variant="r")
+  with pytest.raises(weight_files.WeightFileError, match="'keras' U-Net, expected 'r'"):
+    weight_files.load_weights(weight_file, variant="r")
   # A keras file relabelled as r: the r model's tensors are missing.
   bad = _rewrite(weight_file, str(tmp_path / "b.safetensors"), mutate_meta=lambda m: m.update(variant="r"))
-  with pytest.raises(convert.WeightFileError, match="missing tensor|has shape .* expected"):
-    convert.load_weights(bad)
+  with pytest.raises(weight_files.WeightFileError, match="missing tensor|has shape .* expected"):
+    weight_files.load_weights(bad)
 
 
 def test_truncated_foreign_and_absent_files(weight_file, tmp_path):
   data = open(weight_file, "rb").read()
   truncated = tmp_path / "t.safetensors"
   truncated.write_bytes(data[: len(data) // 2])
-  with pytest.raises(convert.WeightFileError, match="truncated or not a safetensors"):
-    convert.load_weights(str(truncated))
+  with pytest.raises(weight_files.WeightFileError, match="truncated or not a safetensors"):
+    weight_files.load_weights(str(truncated))
   with pytest.raises(ValueError, match="truncated or not a safetensors"):
-    torch_convert.load_weights(str(truncated))
+    torch_weight_files.load_weights(str(truncated))
   foreign = str(tmp_path / "f.safetensors")
   save_file({"x": np.zeros(3, np.float32)}, foreign)
-  with pytest.raises(convert.WeightFileError, match="not a ddim-jax weight file"):
-    convert.load_weights(foreign)
-  with pytest.raises(convert.WeightFileError, match="does not exist"):
-    convert.load_weights(str(tmp_path / "nope.safetensors"))
+  with pytest.raises(weight_files.WeightFileError, match="not a ddim-jax weight file"):
+    weight_files.load_weights(foreign)
+  with pytest.raises(weight_files.WeightFileError, match="does not exist"):
+    weight_files.load_weights(str(tmp_path / "nope.safetensors"))
 
 
 class _CodeOnUnpickle:
@@ -143,7 +144,7 @@ def test_inception_pth_loaders_refuse_pickled_code(loader, tmp_path, monkeypatch
   """
   import pickle
 
-  from ddim_jax import inception
+  from ddim_jax.quality import inception
   from ddim_torch_ref import inception as torch_inception
   monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
   monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -167,6 +168,6 @@ def test_torch_state_dict_converts_to_flax():
   state = torch.load(buffer, weights_only=True)
   model = models.create_model("keras", **SMALL)
   reference = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 16))
-  variables = convert.torch_state_dict_to_flax(state, reference)
+  variables = weight_files.torch_state_dict_to_flax(state, reference)
   assert models.count_parameters(variables["params"]) == torch_models.count_parameters(
       torch_models.create_model("keras", **SMALL))

@@ -1,4 +1,4 @@
-"""The offline digits metric (``ddim_jax.digits_metric``): the Frechet distance against closed forms, the
+"""The offline digits metric (``ddim_jax.quality.digits_metric``): the Frechet distance against closed forms, the
 shipped feature weights against a retraining, the calibration order, and ``ddim-jax evaluate`` on digits.
 """
 
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ddim_jax import cli, configs, data, digits_metric, inference, metrics
+from ddim_jax import cli, configs, data
+from ddim_jax.inference import pipeline
+from ddim_jax.quality import digits_metric, metrics
 
 N = 500  # the calibration's default size (the digits metric's default number of samples)
 
@@ -245,7 +247,7 @@ def test_evaluate_on_digits_prints_the_metric_and_its_calibration(trained_weight
   assert "Frechet" in text and "coverage" in text
   # The same numbers from the library: 64 samples of the weight file (seed 0, batches of 64) and
   # the calibration of 64 images.
-  source = inference.load_model(weights=weights)
+  source = pipeline.load_model(weights=weights)
   metric = digits_metric.DigitsMetric.for_data(source.data_config, source.image_size)
   for steps in (2, 8):
     score = metric.score(source.sample(64, steps, 0.0, 0, 64))

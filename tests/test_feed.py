@@ -1,4 +1,4 @@
-"""The training input on the devices (ddim_jax/feed.py): the same images, losses and weights as the
+"""The training input on the devices (ddim_jax/training/feed.py): the same images, losses and weights as the
 host path, bit for bit, in both placements, on 1 and 4 devices and on 2 processes; the checkpoint's
 data position is the position of what was trained, not of what was prefetched."""
 
@@ -9,7 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from ddim_jax import data, feed, models, parallel, train, trainer
+from ddim_jax import data
+from ddim_jax.core import models, step as step_lib
+from ddim_jax.infra import parallel
+from ddim_jax.training import feed, trainer
 from train_helpers import (final_state, free_port, run, subprocess_env, tiny_config, train_command, two_processes,
                            assert_same_state)
 
@@ -42,10 +45,10 @@ def _host_float_batches(train_iter, count, steps_per_call):
 
 
 def _run(mesh, step_config, model, normalizer, batches_or_feed, calls, steps_per_call, placement=None):
-  state = parallel.replicate(train.create_train_state(model, step_config, jax.random.key(0), 16), mesh)
+  state = parallel.replicate(step_lib.create_train_state(model, step_config, jax.random.key(0), 16), mesh)
   key = parallel.replicate(jax.random.key_data(jax.random.key(1)), mesh)
   normalizer = parallel.replicate(normalizer, mesh)
-  step_fn = train.per_device_step(model, step_config, steps_per_call, parallel.AXIS)
+  step_fn = step_lib.per_device_step(model, step_config, steps_per_call, parallel.AXIS)
   losses = []
   if placement is None:
     fn = parallel.make_train_fn(step_fn, mesh, "shard_map", steps_per_call)
@@ -53,7 +56,7 @@ def _run(mesh, step_config, model, normalizer, batches_or_feed, calls, steps_per
       state, metrics = fn(state, batch, normalizer, key)
       losses.append(float(metrics["loss"]))
   else:
-    fn = batches_or_feed.make_train_fn(lambda k: train.per_device_step(model, step_config, k, parallel.AXIS))
+    fn = batches_or_feed.make_train_fn(lambda k: step_lib.per_device_step(model, step_config, k, parallel.AXIS))
     for _ in range(calls):
       batch, _ = batches_or_feed.next()
       state, metrics = fn(state, batch, normalizer, key)
@@ -67,7 +70,7 @@ def test_both_placements_train_bit_identically_to_the_host_path(cache_dir, devic
   calls = 3
   config, reference_iter, normalizer = _iterator(cache_dir)
   model = models.create_model(**config.model, bn_axis_name=parallel.AXIS)
-  step_config = train.StepConfig.from_config(config)
+  step_config = step_lib.StepConfig.from_config(config)
   mesh = parallel.create_mesh(jax.devices()[:devices])
   want_state, want_losses = _run(mesh, step_config, model, normalizer,
                                  _host_float_batches(reference_iter, calls, steps_per_call), calls, steps_per_call)
@@ -195,17 +198,17 @@ def test_k_steps_per_call_with_events_between_is_bit_identical_in_both_placement
   thread give the same losses and weights as the host path making the same calls."""
   config, reference_iter, normalizer = _iterator(cache_dir)
   model = models.create_model(**config.model, bn_axis_name=parallel.AXIS)
-  step_config = train.StepConfig.from_config(config)
+  step_config = step_lib.StepConfig.from_config(config)
   mesh = parallel.create_mesh(jax.devices()[:2])
   plan = feed.CallPlan(4, num_steps=11, intervals=(6,))
   sizes = _calls(plan, 0)
   assert sizes == [4, 1, 1, 4, 1]
-  state = parallel.replicate(train.create_train_state(model, step_config, jax.random.key(0), 16), mesh)
+  state = parallel.replicate(step_lib.create_train_state(model, step_config, jax.random.key(0), 16), mesh)
   key = parallel.replicate(jax.random.key_data(jax.random.key(1)), mesh)
   norm = parallel.replicate(normalizer, mesh)
   want_losses = []
   for k in sizes:
-    fn = parallel.make_train_fn(train.per_device_step(model, step_config, k, parallel.AXIS), mesh, "shard_map", k)
+    fn = parallel.make_train_fn(step_lib.per_device_step(model, step_config, k, parallel.AXIS), mesh, "shard_map", k)
     batch = _host_float_batches(reference_iter, 1, k)[0]
     state, metrics = fn(state, batch, norm, key)
     want_losses.append(float(metrics["loss"]))

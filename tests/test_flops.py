@@ -1,4 +1,4 @@
-"""ddim_jax.flops: the jaxpr FLOP count against closed forms (the U-Net, convs, dots, control flow) and the peaks.
+"""ddim_jax.infra.flops: the jaxpr FLOP count against closed forms (the U-Net, convs, dots, control flow) and the peaks.
 
 The U-Net's closed form below is written from the architecture (/work/shared/reference/seed_spec.md
 section 5 and the models.py docstring), not from the jaxpr: every conv is 2 x H x W x C_in x C_out x
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ddim_jax import flops, models, sampling, train
+from ddim_jax.core import models, sampling, step as step_lib
+from ddim_jax.infra import flops
 
 
 def unet_convs(variant, widths, size, block_depth=2, embedding_dims=32, channels=3):
@@ -112,9 +113,9 @@ def test_forward_matches_the_closed_form(variant, widths, size, depth, emb):
 @pytest.mark.parametrize("variant,widths,size,depth,emb", SMALL[:1] + SMALL[3:])
 def test_train_step_matches_the_closed_form(variant, widths, size, depth, emb):
   model, _ = _model_and_shapes(variant, widths, size, depth, emb)
-  config = train.StepConfig()
-  state = jax.eval_shape(lambda: train.create_train_state(model, config, jax.random.key(0), size))
-  counted = flops.train_step_flops(train.train_step, state, model, config, size, batch=2)
+  config = step_lib.StepConfig()
+  state = jax.eval_shape(lambda: step_lib.create_train_state(model, config, jax.random.key(0), size))
+  counted = flops.train_step_flops(step_lib.train_step, state, model, config, size, batch=2)
   assert counted == closed_form_train(variant, widths, size, depth, emb)
 
 
@@ -131,9 +132,9 @@ def test_the_real_keras_config_at_64():
   model16, _ = _model_and_shapes("keras", (32, 64, 96, 128), 64, dtype="bfloat16")
   assert flops.forward_flops(model16, variables, 64, batch=1) == forward
 
-  config = train.StepConfig()
-  state = jax.eval_shape(lambda: train.create_train_state(model, config, jax.random.key(0), 64))
-  step = flops.train_step_flops(train.train_step, state, model, config, 64, batch=2)
+  config = step_lib.StepConfig()
+  state = jax.eval_shape(lambda: step_lib.create_train_state(model, config, jax.random.key(0), 64))
+  step = flops.train_step_flops(step_lib.train_step, state, model, config, 64, batch=2)
   assert step == closed_form_train("keras", (32, 64, 96, 128), 64) == 6_850_611_200
   # About 3x the forward (forward + input gradients + weight gradients), a little below 3: the
   # stem's input gradient and the embedding dot's gradients are never computed (0.03% here).
@@ -264,20 +265,20 @@ def test_shard_map_counts_every_device_and_the_sharded_train_step_is_the_same():
   pmapped = jax.pmap(lambda x, w: x @ w, in_axes=(0, None), devices=devices)
   assert flops.count_flops(pmapped, jax.ShapeDtypeStruct((4, 2, 6), jnp.float32), w) == 2 * 8 * 6 * 5
 
-  # The data-parallel training step (train.per_device_step under shard_map, as parallel.py runs it)
+  # The data-parallel training step (step_lib.per_device_step under shard_map, as parallel.py runs it)
   # over 4 devices counts what the single-device step counts for the same global batch.
   size, batch = 16, 8
   model = models.create_model(widths=(8, 16), block_depth=1, embedding_dims=8, bn_axis_name="data")
   single = models.create_model(widths=(8, 16), block_depth=1, embedding_dims=8)
-  config = train.StepConfig()
-  state = jax.eval_shape(lambda: train.create_train_state(single, config, jax.random.key(0), size))
-  step = jax.jit(jax.shard_map(train.per_device_step(model, config), mesh=mesh, in_specs=(P(), P("data"), P(), P()),
+  config = step_lib.StepConfig()
+  state = jax.eval_shape(lambda: step_lib.create_train_state(single, config, jax.random.key(0), size))
+  step = jax.jit(jax.shard_map(step_lib.per_device_step(model, config), mesh=mesh, in_specs=(P(), P("data"), P(), P()),
                                out_specs=(P(), P()), check_vma=False))
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
   normalizer = {"mean": jax.ShapeDtypeStruct((3,), jnp.float32), "variance": jax.ShapeDtypeStruct((3,), jnp.float32)}
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   sharded = flops.count_flops(step, state, images, normalizer, key)
-  assert sharded == batch * flops.train_step_flops(train.train_step, state, single, config, size, batch)
+  assert sharded == batch * flops.train_step_flops(step_lib.train_step, state, single, config, size, batch)
   assert sharded == batch * closed_form_train("keras", (8, 16), size, 1, 8)
 
 

@@ -1,4 +1,4 @@
-"""DDIM inversion and spherical interpolation (ddim_jax/sampling.py and its torch twin).
+"""DDIM inversion and spherical interpolation (ddim_jax/core/sampling.py and its torch twin).
 
 Analytic models give exact noise predictions: for a one-image data set the reconstruction must be
 exact at any step count, for Gaussian data the ODE is non-trivial and the error must fall as the
@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_jax import data, parity, sampling, schedules
+from ddim_jax import data
+from ddim_jax.core import sampling, schedules
+from ddim_jax.interop import parity
 from ddim_torch_ref import schedules as ref_schedules
-from ddim_torch_ref import convert as ref_convert
+from ddim_torch_ref import weight_files as ref_weight_files
 from ddim_torch_ref import sampling as ref_sampling
 
 SHAPE = (3, 8, 8, 1)
@@ -127,7 +129,7 @@ def test_inversion_of_the_trained_model_improves_with_steps_and_matches_torch(tr
   assert errors[50] < 0.02, errors  # a reconstruction, not an unrelated sample (~0.1 apart)
 
   # The torch twin computes the same latent noise (a float32 bound: full float32 on GPUs/TPUs too).
-  torch_model, torch_normalizer, _ = ref_convert.load_weights(trained_weights("keras"))
+  torch_model, torch_normalizer, _ = ref_weight_files.load_weights(trained_weights("keras"))
   with parity.precision("highest"):
     want = ref_sampling.invert(torch_model, torch.from_numpy(images).permute(0, 3, 1, 2), torch_normalizer,
                                steps=10)["noises"].permute(0, 2, 3, 1).numpy()

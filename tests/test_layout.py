@@ -5,7 +5,11 @@
   ``from ddim_jax.x import y``, relative imports). A package's ``__init__`` is a module of its own
   (``ddim_jax``); ``from ddim_jax import x`` is an edge to ``ddim_jax.x`` when x is a submodule or
   subpackage, else to ``ddim_jax``.
-* ``ddim_torch_ref`` never imports jax, flax or ddim_jax (but ``ddim_jax.visualize``, NumPy and
+* The layers (``LAYERS``): each folder of ``ddim_jax`` imports only the folders below it: ``core``,
+  ``data``, ``infra`` and ``configs`` only ``errors``; ``quality`` and ``interop`` those; ``inference``
+  everything but ``training``; ``training`` everything but the command line. A planted upward
+  import fails (tested on the real graph).
+* ``ddim_torch_ref`` never imports jax, flax or ddim_jax (but ``ddim_jax.inference.grids``, NumPy and
   Pillow only, which writes the twin's PNG grids exactly as ``ddim-jax sample`` does).
 * ``ddim_jax/cli.py`` is the command line only: top-level functions ``build_parser``, ``main``,
   ``cmd_*``, ``add_*_parser`` and ``add_*_arguments``, imports, UPPER_CASE constants, the module docstring and
@@ -274,8 +278,66 @@ def test_no_import_cycles():
   assert not cycles, "import cycle(s):\n" + "\n".join(format_cycle(c, graph) for c in cycles)
 
 
+# What each top-level module or folder of ddim_jax may import besides itself (bottom up).
+_BASE = {"errors"}
+LAYERS = {
+    "ddim_jax": set(),  # the package __init__: a docstring and the version
+    "errors": set(),
+    "configs": _BASE,
+    "core": _BASE,
+    "data": _BASE,
+    "infra": _BASE,
+    "quality": _BASE | {"configs", "core", "data"},
+    "interop": _BASE | {"configs", "core", "data"},
+    "inference": _BASE | {"configs", "core", "data", "infra", "quality", "interop"},
+    "training": _BASE | {"configs", "core", "data", "infra", "quality", "interop", "inference"},
+    "arguments": _BASE | {"configs", "core", "data", "infra", "quality", "interop", "inference"},
+    "cli": _BASE | {"configs", "core", "data", "infra", "quality", "interop", "inference", "training", "arguments"},
+}
+
+
+def layer_of(module: str) -> str:
+  """``ddim_jax.core.models`` -> ``core``; ``ddim_jax`` -> ``ddim_jax``."""
+  parts = module.split(".")
+  return parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer_violations(graph, layers=LAYERS) -> list[str]:
+  """Imports of ``ddim_jax`` modules that reach a layer their own may not import (or an unknown one)."""
+  found = []
+  for module, targets in sorted(graph.items()):
+    if not module.startswith("ddim_jax"):
+      continue
+    own = layer_of(module)
+    if own not in layers:
+      found.append(f"{module}: {own!r} is in no layer (add it to LAYERS)")
+      continue
+    for target, line in sorted(targets.items()):
+      other = layer_of(target)
+      if target.startswith("ddim_jax") and other != own and other not in layers[own]:
+        found.append(f"{module} (line {line}) imports {target}: {own} may import {sorted(layers[own]) or 'nothing'}")
+  return found
+
+
+def test_the_layers_hold():
+  graph = import_graph(REPO, ("ddim_jax",))
+  assert {layer_of(m) for m in graph} == set(LAYERS), "a folder without a layer, or a layer without a folder"
+  violations = layer_violations(graph)
+  assert not violations, "imports against the layers:\n" + "\n".join(violations)
+
+
+def test_a_planted_upward_import_breaks_the_layers():
+  graph = {m: dict(t) for m, t in import_graph(REPO, ("ddim_jax",)).items()}
+  graph["ddim_jax.core.models"]["ddim_jax.training.trainer"] = 7
+  graph["ddim_jax.inference.pipeline"]["ddim_jax.training.feed"] = 9
+  assert layer_violations(graph) == [
+      "ddim_jax.core.models (line 7) imports ddim_jax.training.trainer: core may import ['errors']",
+      "ddim_jax.inference.pipeline (line 9) imports ddim_jax.training.feed: inference may import "
+      "['configs', 'core', 'data', 'errors', 'infra', 'interop', 'quality']"]
+
+
 FORBIDDEN_IN_TWIN = ("jax", "flax", "ddim_jax")
-ALLOWED_IN_TWIN = ("ddim_jax.visualize",)  # NumPy + Pillow: the same PNG grids as ddim-jax sample
+ALLOWED_IN_TWIN = ("ddim_jax.inference.grids",)  # NumPy + Pillow: the same PNG grids as ddim-jax sample
 
 
 def test_torch_twin_never_imports_jax():
@@ -343,8 +405,8 @@ def test_cli_holds_only_the_command_line():
                    "imports and UPPER_CASE constants; move the rest into the library:\n" + "\n".join(bad))
 
 
-LEAVES = ("ddim_jax.parallel", "ddim_jax.checkpointing", "ddim_jax.data", "ddim_jax.errors", "ddim_jax.workdir",
-          "ddim_jax.flops")
+LEAVES = ("ddim_jax.infra.parallel", "ddim_jax.infra.checkpointing", "ddim_jax.data", "ddim_jax.errors", "ddim_jax.infra.workdir",
+          "ddim_jax.infra.flops")
 SHARED = "ddim_jax.errors"  # the exception classes: the one module every leaf may import
 
 

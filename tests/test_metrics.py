@@ -1,4 +1,4 @@
-"""KID (ddim_jax/metrics.py) and the InceptionV3 feature extractor (ddim_jax/inception.py).
+"""KID (ddim_jax/quality/metrics.py) and the InceptionV3 feature extractor (ddim_jax/quality/inception.py).
 
 The KID estimator is checked against a double loop in float64; the Flax InceptionV3 against the
 torch twin (ddim_torch_ref/inception.py) on random weights saved to a .pth file, for both weight
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddim_jax import inception, metrics
+from ddim_jax.quality import inception, metrics
 from ddim_torch_ref import inception as ref_inception
 from inception_helpers import random_torch_inception
 

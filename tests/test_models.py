@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from flax import linen as nn
 
-from ddim_jax import models, parity
+from ddim_jax.core import models
+from ddim_jax.interop import parity
 from ddim_torch_ref import models as torch_models
 
 
@@ -250,7 +251,7 @@ def test_bad_model_config_errors():
 
 def test_bfloat16_compute_keeps_float32_state_and_tracks_float32():
   """Mixed precision (the benchmark's --precision bf16): bf16 activations, float32 params and optimiser."""
-  from ddim_jax import train
+  from ddim_jax.core import step as step_lib
   kw = dict(widths=(8, 16), block_depth=1)
   model32, model16 = models.create_model(**kw), models.create_model(**kw, dtype=jnp.bfloat16)
   variables = parity.perturbed_variables(model32, 16)
@@ -263,17 +264,17 @@ def test_bfloat16_compute_keeps_float32_state_and_tracks_float32():
   rel = np.abs(np.asarray(out16) - out32).max() / np.abs(out32).max()
   assert 1e-5 < rel < 0.05, rel  # bf16 really ran (not exact), and stays within bf16's ~3 digits
 
-  step_config = train.StepConfig()
+  step_config = step_lib.StepConfig()
   normalizer = {"mean": jnp.full(3, 0.5), "variance": jnp.full(3, 0.08)}
   images = jnp.asarray(rng.random((4, 16, 16, 3), dtype=np.float32))
   key = jax.random.key_data(jax.random.key(1))
   losses = {}
   for name, model in (("fp32", model32), ("bf16", model16)):
-    state = train.create_train_state(model, step_config, jax.random.key(0), 16)
+    state = step_lib.create_train_state(model, step_config, jax.random.key(0), 16)
     # Perturbed weights: the fresh zero-initialised head would predict 0 in both precisions.
     state = state.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
                           batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
-    state, metrics = jax.jit(lambda s, m=model: train.train_step(s, images, normalizer, key, model=m,
+    state, metrics = jax.jit(lambda s, m=model: step_lib.train_step(s, images, normalizer, key, model=m,
                                                                   step_config=step_config, axis_name=None))(state)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((state.params, state.ema_params)))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.opt_state) if hasattr(leaf, "dtype")

@@ -1,11 +1,11 @@
-"""CPU device configuration (ddim_jax/parallel.py): how many JAX devices the CPU backend gets."""
+"""CPU device configuration (ddim_jax/infra/parallel.py): how many JAX devices the CPU backend gets."""
 
 import os
 import sys
 
 import pytest
 
-from ddim_jax import parallel
+from ddim_jax.infra import parallel
 from train_helpers import run, subprocess_env
 
 
@@ -52,7 +52,7 @@ def test_configure_cpu_devices_sets_the_backend_device_count(spec):
 def small_model():
   import jax
   import numpy as np
-  from ddim_jax import models
+  from ddim_jax.core import models
   model = models.create_model("keras", widths=(8, 16), block_depth=1)
   variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), np.zeros((1, 1, 1, 1), np.float32))
   # Non-trivial BatchNorm statistics and weights: the zero-initialised head would output zeros.
@@ -73,18 +73,18 @@ def test_sampling_kid_and_inversion_on_4_devices_equal_one_device(small_model, m
   round-off."""
   import jax
   import numpy as np
-  from ddim_jax import evaluation, figures, inference
+  from ddim_jax.inference import evaluation, figures, pipeline
   assert jax.local_device_count() == 4
   model, variables, normalizer = small_model
   assert parallel.rows_mesh(8).size == 4 and parallel.rows_mesh(6).size == 3 and parallel.rows_mesh(7).size == 1
   images = np.random.default_rng(0).uniform(0, 1, (8, 16, 16, 3)).astype(np.float32)
-  numpy_noise = inference.numpy_noise(3, (6, 16, 16, 3))
+  numpy_noise = pipeline.numpy_noise(3, (6, 16, 16, 3))
   feature_fn = jax.jit(lambda x: jnp_features(x))
 
   def compute():
-    out = {f"sample_eta{eta}": inference.sample_images(model, variables, normalizer, 8, 16, 3, eta, 1, 4)
+    out = {f"sample_eta{eta}": pipeline.sample_images(model, variables, normalizer, 8, 16, 3, eta, 1, 4)
            for eta in (0.0, 0.5)}  # 2 batches of 4
-    out["sample_numpy"] = inference.sample_images(model, variables, normalizer, 6, 16, 3, 0.5, 1, 6,
+    out["sample_numpy"] = pipeline.sample_images(model, variables, normalizer, 6, 16, 3, 0.5, 1, 6,
                                                   initial_noise=numpy_noise)  # 1 batch of 6: 3 devices
     out["kid"] = np.asarray(list(evaluation.kid_for_steps(model, variables, normalizer, images, feature_fn, [2, 3],
                                                           batch_size=4).values()))

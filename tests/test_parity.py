@@ -1,8 +1,8 @@
-"""JAX vs PyTorch parity on the same converted weights (ddim_jax/parity.py; README, "Parity").
+"""JAX vs PyTorch parity on the same converted weights (ddim_jax/interop/parity.py; README, "Parity").
 
 Forward: every tensor perturbed, BN in eval and train mode, a batch with mixed noise levels, max
 |diff| <= 1e-5. Trajectories: a model briefly trained (in the torch twin, on the bundled digits,
-by code in ddim_jax/parity.py) so that states stay bounded; every state <= 1e-4. The bounds are
+by code in ddim_jax/interop/parity.py) so that states stay bounded; every state <= 1e-4. The bounds are
 float32's: the comparisons run under ``parity.precision("highest")`` (full float32 on GPUs and TPUs
 too; on CPU the same numbers as XLA's default, which a test below checks).
 """
@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddim_jax import convert, models, parity
+from ddim_jax.core import models
+from ddim_jax.interop import parity, weight_files
 
 
 @pytest.mark.parametrize("variant,image_size,widths", [
@@ -52,7 +53,7 @@ def test_trajectory_parity(trained, steps, eta):
 def test_trained_reference_is_a_denoiser(trained):
   """The fixture is meaningful: its noise predictions beat predicting zero by a wide margin."""
   import jax.numpy as jnp
-  from ddim_jax import schedules
+  from ddim_jax.core import schedules
   model, variables, normalizer = trained
   images = (parity.load_digits_images(16)[:64].astype(np.float32) / 255 - normalizer["mean"]) / np.sqrt(
       normalizer["variance"])
@@ -108,9 +109,9 @@ def test_trained_reference_cache_is_bit_exact_and_keyed(tmp_path):
   assert second[0] == first[0]
   jax.tree.map(np.testing.assert_array_equal, (second[1], second[2]), (first[1], first[2]))
   # A file whose recorded key differs (e.g. written by other code) is not trusted: trained and rewritten.
-  model, variables, normalizer, _ = convert.load_weights(first[3]["path"])
+  model, variables, normalizer, _ = weight_files.load_weights(first[3]["path"])
   key = dict(first[3]["key"], code="something else")
-  convert.save_weights(first[3]["path"], model, variables, normalizer, 16, weights="raw",
+  weight_files.save_weights(first[3]["path"], model, variables, normalizer, 16, weights="raw",
                        parity_fixture=json.dumps(key))
   third = parity.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=2, widths=(8, 16))
   assert third[3]["source"] == "trained"

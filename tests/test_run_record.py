@@ -14,7 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddim_jax import cli, errors, inference, run_record, train, trainer
+from ddim_jax import cli, errors
+from ddim_jax.core import step as step_lib
+from ddim_jax.inference import pipeline
+from ddim_jax.infra import run_record
+from ddim_jax.training import trainer
 from train_helpers import final_weights, run, subprocess_env, tiny_config, tiny_overrides
 
 
@@ -215,7 +219,7 @@ def test_the_loop_reports_steps_only_after_they_finished(tmp_path, cache_dir, mo
 def test_a_non_finite_state_is_never_saved(tmp_path, cache_dir, monkeypatch):
   """The update of step 4 makes the weights NaN while the loss (computed before it) is finite:
   the run stops with the step named, and the newest checkpoint is step 2's finite state."""
-  real = train.per_device_step
+  real = step_lib.per_device_step
 
   def poisoned(model, step_config, steps_per_call=1, axis_name="data"):
     step_fn = real(model, step_config, steps_per_call, axis_name)
@@ -253,7 +257,7 @@ def test_profile_steps_write_a_trace(tmp_path, cache_dir):
 
 
 class _Checkpoints:
-  """What ``inference.select_step`` reads of a Checkpointer: steps, their metrics, the directory."""
+  """What ``pipeline.select_step`` reads of a Checkpointer: steps, their metrics, the directory."""
 
   def __init__(self, kids):
     self.kids, self.directory = kids, "/run/checkpoints"
@@ -267,17 +271,17 @@ class _Checkpoints:
 
 def test_select_step_best_is_the_lowest_kid_not_the_newest():
   ckpt = _Checkpoints({2: 0.5, 4: 0.1, 6: 0.3, 8: None, 10: float("nan")})
-  assert inference.select_step(ckpt, "best") == (4, "best: val_kid 0.10000")
-  assert inference.select_step(ckpt, "latest") == (10, "latest")
-  assert inference.select_step(ckpt, None) == (10, "latest")
-  assert inference.select_step(ckpt, "6") == (6, "step 6")
-  assert inference.select_step(_Checkpoints({2: 0.2, 4: 0.2}), "best")[0] == 2  # a tie: the earlier step
+  assert pipeline.select_step(ckpt, "best") == (4, "best: val_kid 0.10000")
+  assert pipeline.select_step(ckpt, "latest") == (10, "latest")
+  assert pipeline.select_step(ckpt, None) == (10, "latest")
+  assert pipeline.select_step(ckpt, "6") == (6, "step 6")
+  assert pipeline.select_step(_Checkpoints({2: 0.2, 4: 0.2}), "best")[0] == 2  # a tie: the earlier step
   with pytest.raises(errors.MissingInputError, match=r"no checkpoint of step 7 .* steps \[2, 4, 6, 8, 10\]"):
-    inference.select_step(ckpt, "7")
+    pipeline.select_step(ckpt, "7")
   with pytest.raises(errors.ConfigError, match="none of the checkpoints .* has a KID"):
-    inference.select_step(_Checkpoints({2: None, 4: None}), "best")
+    pipeline.select_step(_Checkpoints({2: None, 4: None}), "best")
   with pytest.raises(errors.MissingInputError, match="no complete checkpoint"):
-    inference.select_step(_Checkpoints({}), "latest")
+    pipeline.select_step(_Checkpoints({}), "latest")
 
 
 # ------------------------------------------------------------------------------------------------

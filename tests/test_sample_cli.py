@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddim_jax import cli, convert, figures, sampling, schedules, visualize
+from ddim_jax import cli
+from ddim_jax.core import sampling, schedules
+from ddim_jax.inference import figures, grids
+from ddim_jax.interop import weight_files
 
 TILE = 16 * 4 + 2  # a 16 px image upscaled x4 (the default for 16 px strips) plus 2 px padding
 
@@ -54,11 +57,11 @@ def test_weight_file_metadata_drives_the_sampler(trained_model, tmp_path):
   assert linear[0] != sampling.step_rates(8, schedules.DiffusionSpec("linear", 0.02, 0.8))[1][0]
   assert linear[-1] != sampling.step_rates(8, schedules.DiffusionSpec("linear", 0.03, 0.95))[1][-1]
   weights = tmp_path / "r_linear_image.safetensors"
-  convert.save_weights(str(weights), model, variables, normalizer, 16, spec, weights="ema")
+  weight_files.save_weights(str(weights), model, variables, normalizer, 16, spec, weights="ema")
   arrays = tmp_path / "images.npy"
   assert cli.main(["sample", "--weights", str(weights), "--num-images", "3", "--steps", "8", "--numpy-noise",
                    "--seed", "2", "--out", str(tmp_path / "grid.png"), "--array-out", str(arrays)]) == 0
-  loaded, _, _, metadata = convert.load_weights(str(weights))
+  loaded, _, _, metadata = weight_files.load_weights(str(weights))
   assert loaded.variant == "r" and metadata["schedule"] == "linear" and metadata["target"] == "image"
   noise = np.random.default_rng(2).standard_normal((3, 16, 16, 3), dtype=np.float32)
   want = np.asarray(sampling.generate(model, variables, noise, normalizer, steps=8, spec=spec)["images"])
@@ -70,14 +73,14 @@ def test_weight_file_metadata_drives_the_sampler(trained_model, tmp_path):
 
 def test_pick_columns_is_evenly_spaced_with_first_and_last():
   for steps, max_columns in [(12, 5), (23, 20), (50, 6), (100, 20), (7, 2)]:
-    columns = visualize.pick_columns(steps, max_columns)
+    columns = grids.pick_columns(steps, max_columns)
     # Closed form: round(k (S - 1) / (K - 1)), k = 0..K-1 (no .5 ties for these sizes but (12, 5)'s 5.5 -> 6).
     want = [int(np.floor(k * (steps - 1) / (max_columns - 1) + 0.5)) for k in range(max_columns)]
     np.testing.assert_array_equal(columns, want)
     assert columns[0] == 0 and columns[-1] == steps - 1 and len(columns) == max_columns
     gaps = np.diff(columns)
     assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1, (steps, columns)  # evenly spaced
-  np.testing.assert_array_equal(visualize.pick_columns(6, 20), np.arange(6))  # few steps: all of them
+  np.testing.assert_array_equal(grids.pick_columns(6, 20), np.arange(6))  # few steps: all of them
 
 
 def test_trajectory_rows_show_the_chosen_steps(trained_model):
@@ -105,7 +108,7 @@ def test_sample_trajectory_strip_of_many_steps(trained_weights, trained_model, t
   assert strip.shape == (2 * TILE + 2, 20 * TILE + 2, 3)
   noise = np.random.default_rng(5).standard_normal((1, 16, 16, 3), dtype=np.float32)
   out = sampling.generate(model, variables, noise, normalizer, steps=23, return_trajectory=True)
-  shown = lambda x: visualize.to_uint8(_denormalize(x, normalizer)).repeat(4, axis=0).repeat(4, axis=1)  # noqa: E731
+  shown = lambda x: grids.to_uint8(_denormalize(x, normalizer)).repeat(4, axis=0).repeat(4, axis=1)  # noqa: E731
   for col in range(20):
     step = int(np.floor(col * 22 / 19 + 0.5))
     assert np.abs(_tile(strip, 0, col) - shown(out["noisy_trajectory"][step, 0])).max() <= 1, col
@@ -114,13 +117,13 @@ def test_sample_trajectory_strip_of_many_steps(trained_weights, trained_model, t
 
 def test_noise_conventions_agree_between_the_twins():
   """The torch twin's CLI keeps a JAX-free copy of the NumPy noise conventions: the same numbers."""
-  from ddim_jax import inference
+  from ddim_jax.inference import pipeline
   from ddim_torch_ref import sample as ref_sample
   shape = (3, 16, 16, 3)
-  np.testing.assert_array_equal(inference.numpy_noise(5, shape), ref_sample.numpy_noise(5, shape))
-  np.testing.assert_array_equal(inference.numpy_step_noise_generator(5).standard_normal(shape, dtype=np.float32),
+  np.testing.assert_array_equal(pipeline.numpy_noise(5, shape), ref_sample.numpy_noise(5, shape))
+  np.testing.assert_array_equal(pipeline.numpy_step_noise_generator(5).standard_normal(shape, dtype=np.float32),
                                 ref_sample.numpy_step_noise_generator(5).standard_normal(shape, dtype=np.float32))
-  assert np.abs(inference.numpy_noise(5, shape) - inference.numpy_noise(6, shape)).mean() > 0.5
+  assert np.abs(pipeline.numpy_noise(5, shape) - pipeline.numpy_noise(6, shape)).mean() > 0.5
 
 
 def test_sample_cpu_devices_splits_the_batches_and_keeps_the_images(trained_weights, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_jax import sampling, schedules
+from ddim_jax.core import sampling, schedules
 from ddim_torch_ref import sampling as torch_sampling
 
 RNG = np.random.default_rng(0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_jax import schedules
+from ddim_jax.core import schedules
 from ddim_torch_ref import schedules as torch_schedules
 
 TIMES = np.linspace(0.0, 1.0, 101, dtype=np.float32)

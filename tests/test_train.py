@@ -13,7 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddim_jax import cli, configs, convert, models, parallel, parity, sampling, train, trainer, visualize
+from ddim_jax import cli, configs
+from ddim_jax.core import models, sampling, step as step_lib
+from ddim_jax.inference import grids
+from ddim_jax.infra import parallel
+from ddim_jax.interop import parity, weight_files
+from ddim_jax.training import trainer
 from train_helpers import (assert_same_state, final_state, final_weights, free_port, run, subprocess_env,
                            tiny_config, tiny_overrides, train_command, two_processes, wait_until)
 
@@ -64,7 +69,7 @@ def test_train_step_parity_r_variant_outside_adam_ill_conditioning():
 
 
 # ------------------------------------------------------------------------------------------------
-# The production step (``train.train_step``: folded draws, jnp schedule, normalisation) against
+# The production step (``step_lib.train_step``: folded draws, jnp schedule, normalisation) against
 # the closed form, and a JAX training run that learns.
 
 
@@ -90,17 +95,17 @@ def test_production_train_step_equals_the_closed_form_step():
   """
   model = models.create_model("keras", widths=(8, 16))
   variables = parity.perturbed_variables(model, 16, seed=3)
-  step_config = train.StepConfig()
-  start = train.TrainState(step=jnp.asarray(3, jnp.int32), params=variables["params"],
+  step_config = step_lib.StepConfig()
+  start = step_lib.TrainState(step=jnp.asarray(3, jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"],
-                           opt_state=train.make_optimizer(step_config).init(variables["params"]),
+                           opt_state=step_lib.make_optimizer(step_config).init(variables["params"]),
                            ema_params=variables["params"], ema_batch_stats=variables["batch_stats"])
   rng = np.random.default_rng(0)
   batch = 8
   images = rng.uniform(0.0, 1.0, (batch, 16, 16, 3)).astype(np.float32)
   normalizer = {"mean": np.array([0.2, 0.5, 0.7], np.float32), "variance": np.array([0.04, 0.09, 0.16], np.float32)}
   key = jax.random.key(7)
-  got, got_metrics = jax.jit(functools.partial(train.train_step, model=model, step_config=step_config,
+  got, got_metrics = jax.jit(functools.partial(step_lib.train_step, model=model, step_config=step_config,
                                                axis_name=None))(start, images, normalizer, key)
 
   # The key convention, spelled out example by example.
@@ -110,7 +115,7 @@ def test_production_train_step_equals_the_closed_form_step():
     noises.append(np.asarray(jax.random.normal(noise_key, (16, 16, 3))))
     times.append(np.asarray(jax.random.uniform(time_key, (1, 1, 1))))
   noises, times = np.stack(noises), np.stack(times)
-  drawn_noises, drawn_times = train.draw_noises_and_times(key, jnp.asarray(3, jnp.int32),
+  drawn_noises, drawn_times = step_lib.draw_noises_and_times(key, jnp.asarray(3, jnp.int32),
                                                           jnp.arange(batch, dtype=jnp.int32), (16, 16, 3))
   np.testing.assert_array_equal(np.asarray(drawn_noises), noises)
   np.testing.assert_array_equal(np.asarray(drawn_times), times)
@@ -119,7 +124,7 @@ def test_production_train_step_equals_the_closed_form_step():
   noise_rates, signal_rates = _closed_form_cosine_rates(times)
   normalized = ((images.astype(np.float64) - normalizer["mean"]) / np.sqrt(normalizer["variance"].astype(
       np.float64))).astype(np.float32)
-  want, want_metrics = jax.jit(functools.partial(train.train_step_from_draws, model=model, step_config=step_config,
+  want, want_metrics = jax.jit(functools.partial(step_lib.train_step_from_draws, model=model, step_config=step_config,
                                                  axis_name=None))(start, normalized, noises, noise_rates, signal_rates)
   for name in ("loss", "noise_loss", "image_loss"):
     assert abs(float(got_metrics[name]) - float(want_metrics[name])) <= 1e-5 * abs(float(want_metrics[name])), name
@@ -132,27 +137,27 @@ def test_production_train_step_equals_the_closed_form_step():
 
 def test_learning_rate_schedules_closed_forms_and_the_first_warmup_step_moves_nothing():
   lr = 2e-3
-  assert train.learning_rate_schedule(train.StepConfig(learning_rate=lr)) == lr  # the originals: a constant
-  cosine = train.learning_rate_schedule(train.StepConfig(learning_rate=lr, lr_schedule="cosine", warmup_steps=10,
+  assert step_lib.learning_rate_schedule(step_lib.StepConfig(learning_rate=lr)) == lr  # the originals: a constant
+  cosine = step_lib.learning_rate_schedule(step_lib.StepConfig(learning_rate=lr, lr_schedule="cosine", warmup_steps=10,
                                                          num_steps=110))
   for step, want in ((0, 0.0), (5, lr / 2), (10, lr), (60, lr / 2), (110, 0.0)):
     assert float(cosine(step)) == pytest.approx(want, abs=1e-9), step
-  warm = train.learning_rate_schedule(train.StepConfig(learning_rate=lr, warmup_steps=4))
+  warm = step_lib.learning_rate_schedule(step_lib.StepConfig(learning_rate=lr, warmup_steps=4))
   assert [float(warm(s)) for s in (0, 2, 4, 100)] == pytest.approx([0.0, lr / 2, lr, lr])
   with pytest.raises(ValueError, match="lr_schedule"):
-    train.learning_rate_schedule(train.StepConfig(lr_schedule="linear"))
+    step_lib.learning_rate_schedule(step_lib.StepConfig(lr_schedule="linear"))
   # Through the optimiser: the first step of a warm-up has rate 0, so AdamW (and its decoupled weight
   # decay, scaled by the rate) leaves the weights as they were; the second step moves them.
   model = models.create_model("keras", widths=(8, 16))
   variables = models.init_variables(model, jax.random.key(0), 16)
-  step_config = train.StepConfig(lr_schedule="cosine", warmup_steps=10, num_steps=100)
-  state = train.TrainState(step=jnp.asarray(0, jnp.int32), params=variables["params"],
+  step_config = step_lib.StepConfig(lr_schedule="cosine", warmup_steps=10, num_steps=100)
+  state = step_lib.TrainState(step=jnp.asarray(0, jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"],
-                           opt_state=train.make_optimizer(step_config).init(variables["params"]),
+                           opt_state=step_lib.make_optimizer(step_config).init(variables["params"]),
                            ema_params=variables["params"], ema_batch_stats=variables["batch_stats"])
   images = np.random.default_rng(0).uniform(0.0, 1.0, (4, 16, 16, 3)).astype(np.float32)
   normalizer = {"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.1, np.float32)}
-  step = jax.jit(functools.partial(train.train_step, model=model, step_config=step_config, axis_name=None))
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, step_config=step_config, axis_name=None))
   first, _ = step(state, images, normalizer, jax.random.key(1))
   second, _ = step(first, images, normalizer, jax.random.key(1))
   assert _tree_rel(first.params, state.params) == 0.0
@@ -165,13 +170,13 @@ def test_a_short_jax_training_run_on_the_digits_gives_a_denoiser():
   The check ``test_parity.py`` applies to the torch-trained reference, here on JAX's own run of a
   small U-Net (measured: mean |error| 0.30 of the noise's at t = 0.5; an untrained head gives 1).
   """
-  from ddim_jax import schedules
+  from ddim_jax.core import schedules
   model = models.create_model("keras", widths=(8, 16), block_depth=1)
-  step_config = train.StepConfig(learning_rate=3e-3)
-  state = train.create_train_state(model, step_config, jax.random.key(0), 16)
+  step_config = step_lib.StepConfig(learning_rate=3e-3)
+  state = step_lib.create_train_state(model, step_config, jax.random.key(0), 16)
   data = parity.load_digits_images(16).astype(np.float32) / 255.0
   normalizer = {"mean": data.mean(axis=(0, 1, 2)), "variance": data.var(axis=(0, 1, 2))}
-  step = jax.jit(functools.partial(train.train_step, model=model, step_config=step_config, axis_name=None))
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, step_config=step_config, axis_name=None))
   rng, key = np.random.default_rng(0), jax.random.key(1)
   for _ in range(100):
     state, _ = step(state, data[rng.choice(len(data), 16, replace=False)], normalizer, key)
@@ -189,10 +194,10 @@ def test_a_short_jax_training_run_on_the_digits_gives_a_denoiser():
 
 def _run_steps(mode: str, num_devices: int, num_steps: int = 5, steps_per_call: int = 1, dtype: str = "float32"):
   model = models.create_model("keras", widths=(8, 16), block_depth=1, bn_axis_name=parallel.AXIS, dtype=dtype)
-  step_config = train.StepConfig(ema_decay=0.9)
+  step_config = step_lib.StepConfig(ema_decay=0.9)
   mesh = parallel.create_mesh(jax.devices()[:num_devices])
-  state = parallel.replicate(train.create_train_state(model, step_config, jax.random.key(0), 16), mesh)
-  fn = parallel.make_train_fn(train.per_device_step(model, step_config, steps_per_call, parallel.AXIS), mesh, mode,
+  state = parallel.replicate(step_lib.create_train_state(model, step_config, jax.random.key(0), 16), mesh)
+  fn = parallel.make_train_fn(step_lib.per_device_step(model, step_config, steps_per_call, parallel.AXIS), mesh, mode,
                               steps_per_call)
   rng = np.random.default_rng(0)
   normalizer = {"mean": np.full(3, 0.5, np.float32), "variance": np.full(3, 0.1, np.float32)}
@@ -223,8 +228,8 @@ def test_device_count_invariance():
       assert _tree_rel(state.opt_state, reference.opt_state) <= 1e-4, (mode, devices)
       assert abs(loss - ref_loss) <= 1e-5
   # Sanity: the runs really trained (the comparison is not between untouched inits).
-  initial = train.create_train_state(models.create_model("keras", widths=(8, 16), block_depth=1),
-                                     train.StepConfig(), jax.random.key(0), 16)
+  initial = step_lib.create_train_state(models.create_model("keras", widths=(8, 16), block_depth=1),
+                                     step_lib.StepConfig(), jax.random.key(0), 16)
   assert _max_diff(reference.params, initial.params) > 1e-3
 
 
@@ -245,8 +250,8 @@ def test_bf16_training_from_the_config_keeps_float32_state_and_tracks_float32():
   assert all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.floating))
   assert abs(bf16_loss - fp32_loss) <= 0.02 * abs(fp32_loss), (bf16_loss, fp32_loss)
   # The weights' 5-step change agrees with float32's to a few percent (measured: 2.5%), in norm.
-  initial = train.create_train_state(models.create_model("keras", widths=(8, 16), block_depth=1),
-                                     train.StepConfig(), jax.random.key(0), 16)
+  initial = step_lib.create_train_state(models.create_model("keras", widths=(8, 16), block_depth=1),
+                                     step_lib.StepConfig(), jax.random.key(0), 16)
   flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
   moved = np.linalg.norm(flat(fp32.params) - flat(initial.params))
   apart = np.linalg.norm(flat(bf16.params) - flat(fp32.params))
@@ -487,15 +492,15 @@ def test_demo_writes_its_weight_file_sample_grids_and_final_samples(tmp_path, ca
                                            "train.keep_checkpoints": "2"})
   assert cli.main(["demo", "--workdir", str(workdir), *overrides]) == 0
   config = tiny_config(cache_dir, **{"train.sample_every": "4"})
-  model, variables, normalizer, metadata = convert.load_weights(str(workdir / "demo.safetensors"))
+  model, variables, normalizer, metadata = weight_files.load_weights(str(workdir / "demo.safetensors"))
   assert (metadata["weights"], int(metadata["step"])) == ("ema", 8)
   ema = final_weights(workdir, ema=True)
   raw = final_weights(workdir, ema=False)
-  written = convert.flax_to_torch_state_dict(variables)
+  written = weight_files.flax_to_torch_state_dict(variables)
   for name, value in written.items():
     np.testing.assert_array_equal(value, ema[name], err_msg=name)
   assert any(np.max(np.abs(ema[k] - raw[k])) > 1e-6 for k in written)  # EMA, not the raw weights
-  assert _png(workdir / "samples.png").shape[:2] == visualize.make_grid(
+  assert _png(workdir / "samples.png").shape[:2] == grids.make_grid(
       np.zeros((int(config.sample.num_images), 16, 16, 3)), upscale=4).shape[:2]
 
   grids = {}
@@ -503,6 +508,6 @@ def test_demo_writes_its_weight_file_sample_grids_and_final_samples(tmp_path, ca
     grids[step] = _png(workdir / "samples" / f"step_{step:07d}.png")
   noise = jax.random.normal(jax.random.key(int(config.seed) + 1), (int(config.sample.num_images), 16, 16, 3))
   images = sampling.generate(model, variables, noise, normalizer, steps=int(config.sample.steps))["images"]
-  want = visualize.make_grid(np.asarray(images), upscale=4)
+  want = grids.make_grid(np.asarray(images), upscale=4)
   assert np.abs(grids[8].astype(int) - want).max() <= 1
   assert np.abs(grids[4].astype(int) - grids[8]).mean() > 0.5  # the model of step 4 draws other images

@@ -18,7 +18,8 @@ import warnings
 
 import pytest
 
-from ddim_jax import checkpointing, cli, workdir as workdir_lib
+from ddim_jax import cli
+from ddim_jax.infra import checkpointing, workdir as workdir_lib
 from train_helpers import free_port, run, subprocess_env, tiny_overrides, train_command, two_processes, wait_until
 
 
@@ -281,7 +282,7 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume(trained, tmp_path, cac
 
 
 def test_a_start_that_fails_before_training_leaves_no_run_record(trained, tmp_path, cache_dir, monkeypatch):
-  from ddim_jax import parallel
+  from ddim_jax.infra import parallel
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
   runs_before = (workdir / "runs.jsonl").read_text()

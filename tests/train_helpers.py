@@ -31,9 +31,10 @@ def tiny_config(cache_dir, **extra):
 
 def final_weights(workdir, ema=False) -> dict[str, np.ndarray]:
   """The newest checkpoint's weights as a flat torch-named dict of NumPy arrays."""
-  from ddim_jax import convert, inference
-  _, variables, _, _, step = inference.restore_checkpoint(str(workdir), ema=ema)
-  out = convert.flax_to_torch_state_dict(variables)
+  from ddim_jax.inference import pipeline
+  from ddim_jax.interop import weight_files
+  _, variables, _, _, step = pipeline.restore_checkpoint(str(workdir), ema=ema)
+  out = weight_files.flax_to_torch_state_dict(variables)
   out["__step__"] = np.asarray(step)
   return out
 
@@ -43,11 +44,12 @@ def final_state(workdir):
   statistics, AdamW state, EMA, step) as NumPy, and the metadata (data-iterator position, ...)."""
   import jax
   import ml_collections
-  from ddim_jax import checkpointing, models, train
+  from ddim_jax.core import models, step as step_lib
+  from ddim_jax.infra import checkpointing
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
     config = ml_collections.ConfigDict(ckpt.read_meta(ckpt.latest_step())["config"])
     model = models.create_model(**config.model)
-    abstract = train.abstract_train_state(model, train.StepConfig.from_config(config), int(config.model.image_size),
+    abstract = step_lib.abstract_train_state(model, step_lib.StepConfig.from_config(config), int(config.model.image_size),
                                           jax.random.key(0), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     step, state, meta = ckpt.restore_latest(abstract)
   return step, jax.device_get(state), meta

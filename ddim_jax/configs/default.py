@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (docs/benchmarks.md, "The training loop's host time per step").
   config.train.steps_per_call = 8
   # "auto": the uint8 training set on the devices when it fits (a quarter of a device's memory), else
-  # uint8 batches uploaded ahead by a thread; "device" | "host" force one (ddim_jax/feed.py).
+  # uint8 batches uploaded ahead by a thread; "device" | "host" force one (ddim_jax/training/feed.py).
   config.train.data_placement = "auto"
   config.train.keep_checkpoints = 3  # the last N checkpoints are kept
   config.train.ema_warmup = False  # True: decay min(ema_decay, (1+n)/(10+n)) (short runs)
@@ -94,6 +94,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.kid_image_size = 75  # Inception input side: 75 (Keras) or 299 (R)
   config.eval.num_kid_images = ml_collections.config_dict.placeholder(int)  # None: the whole validation split
   config.eval.kid_batch_size = 64  # images per KID batch (Keras 64, R 128)
-  # `ddim-jax demo` on the bundled digits: samples scored by the digits metric at its end (ddim_jax.digits_metric).
+  # `ddim-jax demo` on the bundled digits: samples scored by the digits metric at its end (ddim_jax.quality.digits_metric).
   config.eval.num_quality_images = 500
   return config

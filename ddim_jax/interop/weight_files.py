@@ -14,7 +14,7 @@ OIHW kernels, float32) plus the data normaliser as ``normalizer.mean`` and ``nor
 (per-channel, shape (C,)). Its string metadata records ``format`` (= 'ddim-jax-weights'),
 ``format_version``, ``variant``, ``widths`` (comma-separated), ``block_depth``, ``embedding_dims``,
 ``channels``, ``image_size`` and, when known, ``schedule``, ``min_signal_rate``,
-``max_signal_rate``, ``target``, ``weights`` ('ema' or 'raw') and ``step``. ``ddim_torch_ref.convert``
+``max_signal_rate``, ``target``, ``weights`` ('ema' or 'raw') and ``step``. ``ddim_torch_ref.weight_files``
 reads and writes the same file without JAX.
 
 torch is only imported inside the ``*_torch`` helpers, never at module import.
@@ -30,7 +30,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from ddim_jax import errors, models, schedules
+from ddim_jax import errors
+from ddim_jax.core import models, schedules
 
 FORMAT = "ddim-jax-weights"
 FORMAT_VERSION = "1"
@@ -165,7 +166,7 @@ def model_kwargs_from_metadata(metadata: Mapping[str, str]) -> dict:
   missing = [k for k in MODEL_KEYS if k not in metadata]
   if missing:
     raise WeightFileError(f"metadata lacks {missing}; write it with `ddim-jax export` or "
-                          f"ddim_jax.convert.save_weights")
+                          f"ddim_jax.interop.weight_files.save_weights")
   variant = metadata["variant"]
   if variant not in models.VARIANTS:
     raise WeightFileError(f"metadata variant={variant!r} is invalid: must be one of {models.VARIANTS}")

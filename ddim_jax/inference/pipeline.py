@@ -23,8 +23,11 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from ddim_jax import checkpointing, configs, convert, data, errors, models, parallel, sampling, schedules, train
-from ddim_jax import workdir as workdir_lib
+from ddim_jax import configs, data, errors
+from ddim_jax.core import models, sampling, schedules, step as step_lib
+from ddim_jax.infra import checkpointing, parallel
+from ddim_jax.interop import weight_files
+from ddim_jax.infra import workdir as workdir_lib
 
 
 def numpy_noise(seed: int, shape) -> np.ndarray:
@@ -198,9 +201,9 @@ def restore_checkpoint_described(workdir: str, ema: bool = True, step: str | int
       meta = ckpt.read_meta(chosen)
     config = ml_collections.ConfigDict(meta["config"])
     model = models.create_model(**config.model)
-    step_config = train.StepConfig.from_config(config)
+    step_config = step_lib.StepConfig.from_config(config)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = train.abstract_train_state(model, step_config, int(config.model.image_size), jax.random.key(0), sharding)
+    abstract = step_lib.abstract_train_state(model, step_config, int(config.model.image_size), jax.random.key(0), sharding)
     if how == "latest":  # falls back to an older step if the newest does not restore
       chosen, state, meta = ckpt.restore_latest(abstract)
     else:
@@ -259,10 +262,10 @@ class InferenceModel:
   @classmethod
   def from_weights(cls, path: str, config: str | None = None) -> "InferenceModel":
     """A weight file; ``config`` (a preset or file, default demo) says where its real images are."""
-    model, variables, normalizer, metadata = convert.load_weights(path)  # every metadata key validated
-    return cls(model, variables, normalizer, convert.image_size_from_metadata(metadata),
+    model, variables, normalizer, metadata = weight_files.load_weights(path)  # every metadata key validated
+    return cls(model, variables, normalizer, weight_files.image_size_from_metadata(metadata),
                schedules.DiffusionSpec.from_metadata(metadata), configs.load_config(config or "demo").data,
-               f"{path} ({metadata.get('weights', 'unknown')} weights)", convert.step_from_metadata(metadata))
+               f"{path} ({metadata.get('weights', 'unknown')} weights)", weight_files.step_from_metadata(metadata))
 
   @property
   def channels(self) -> int:

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import errors, parallel
+from ddim_jax import errors
+from ddim_jax.infra import parallel
 
 PLACEMENTS = ("auto", "device", "host")
 DEVICE_FRACTION = 0.25  # of a device's memory, at most, for the dataset (the model's state is tiny)

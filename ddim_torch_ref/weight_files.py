@@ -2,7 +2,7 @@
 
 The file is the torch ``state_dict`` of ``ddim_torch_ref.models.UNet`` (torch names, OIHW kernels)
 plus ``normalizer.mean`` and ``normalizer.variance``; its metadata describes the model. See
-``ddim_jax/convert.py`` for the full format description; both packages read and write it.
+``ddim_jax/interop/weight_files.py`` for the full format description; both packages read and write it.
 """
 
 import os
@@ -15,7 +15,7 @@ from ddim_torch_ref import models
 FORMAT = "ddim-jax-weights"
 FORMAT_VERSION = "1"
 NORMALIZER_KEYS = ("normalizer.mean", "normalizer.variance")
-# The bounds of ddim_jax.models (MAX_WIDTH, MAX_LEVELS, ...) and ddim_jax.convert, for the metadata checks.
+# The bounds of ddim_jax.core.models (MAX_WIDTH, MAX_LEVELS, ...) and ddim_jax.interop.weight_files, for the metadata checks.
 MAX_WIDTH, MAX_LEVELS, MAX_BLOCK_DEPTH, MAX_EMBEDDING_DIMS, MAX_CHANNELS, MAX_IMAGE_SIZE = 4096, 10, 16, 4096, 4, 1024
 VARIANTS = ("keras", "r")
 WEIGHT_KINDS = ("ema", "raw")
@@ -92,7 +92,7 @@ def image_size_from_metadata(metadata, kwargs=None) -> int:
 
 
 def check_tensors(tensors, channels: int) -> None:
-  """Every tensor float32 and finite, the normaliser (C,) with variances > 0 (as ddim_jax.convert)."""
+  """Every tensor float32 and finite, the normaliser (C,) with variances > 0 (as ddim_jax.interop.weight_files)."""
   for name, value in tensors.items():
     if value.dtype != torch.float32:
       raise ValueError(f"tensor {name!r} has dtype {value.dtype}, expected float32; export the file again")

@@ -22,7 +22,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from ddim_jax import errors, inception, metrics, parallel, rng, sampling, schedules
+from ddim_jax import errors
+from ddim_jax.core import rng, sampling, schedules
+from ddim_jax.infra import parallel
+from ddim_jax.quality import inception, metrics
 
 FeatureFn = Callable[[Any], Any]
 

@@ -27,7 +27,9 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from ddim_jax import convert, data, errors, models, sampling, schedules, train
+from ddim_jax import data, errors
+from ddim_jax.core import models, sampling, schedules, step as step_lib
+from ddim_jax.interop import weight_files
 
 PRECISIONS = ("default", "highest")
 
@@ -170,7 +172,7 @@ def _init_key(model, image_size: int, seed: int) -> dict:
   """What ``models.init_variables`` values depend on: the model, the size, the seed, JAX and models.py."""
   with open(inspect.getsourcefile(models), "rb") as f:
     code = hashlib.sha256(f.read()).hexdigest()[:16]
-  return {**convert.model_metadata(model, image_size), "dtype": str(model.dtype), "seed": seed,
+  return {**weight_files.model_metadata(model, image_size), "dtype": str(model.dtype), "seed": seed,
           "jax": jax.__version__, "backend": jax.default_backend(), "code": code}
 
 
@@ -261,7 +263,7 @@ def torch_twin(model, variables):
   from ddim_torch_ref import models as torch_models  # pylint: disable=import-outside-toplevel
   twin = torch_models.create_model(variant=model.variant, widths=model.widths, block_depth=model.block_depth,
                                    embedding_dims=model.embedding_dims, channels=model.channels)
-  return convert.flax_to_torch(variables, twin)
+  return weight_files.flax_to_torch(variables, twin)
 
 
 def mixed_noise_inputs(batch: int, image_size: int, channels: int, seed: int = 1):
@@ -298,7 +300,7 @@ def forward_parity(model, variables, image_size: int, batch: int = 8, seed: int 
   with timer("torch run: forward"), torch.no_grad():
     ref_eval = _nhwc(twin.eval()(x_t, v_t).numpy())
     ref_train = _nhwc(twin.train()(x_t, v_t).numpy())
-  new_stats = convert.flax_to_torch_state_dict({"batch_stats": updates["batch_stats"]})
+  new_stats = weight_files.flax_to_torch_state_dict({"batch_stats": updates["batch_stats"]})
   twin_state = twin.state_dict()
   bn_diff = max(float(np.max(np.abs(v - twin_state[k].numpy()))) for k, v in new_stats.items())
   return {
@@ -330,7 +332,7 @@ def trained_reference(variant: str = "keras", widths=(16, 32, 48), block_depth: 
   import torch  # pylint: disable=import-outside-toplevel
   from ddim_torch_ref import models as torch_models  # pylint: disable=import-outside-toplevel
   from ddim_torch_ref import schedules as torch_schedules  # pylint: disable=import-outside-toplevel
-  from ddim_torch_ref import train as torch_train  # pylint: disable=import-outside-toplevel
+  from ddim_torch_ref import step as torch_step  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(seed)
   data = load_digits_images(image_size).astype(np.float32) / 255.0
@@ -339,17 +341,17 @@ def trained_reference(variant: str = "keras", widths=(16, 32, 48), block_depth: 
   normalized = (data - normalizer["mean"]) / np.sqrt(normalizer["variance"])
   images = torch.from_numpy(_nchw(normalized))
   twin = torch_models.create_model(variant=variant, widths=widths, block_depth=block_depth)
-  optimizer = torch_train.make_optimizer(twin, learning_rate)
+  optimizer = torch_step.make_optimizer(twin, learning_rate)
   schedule_fn = torch_schedules.get_schedule("cosine")
   rng = np.random.default_rng(seed)
   for step in range(num_steps):
     idx = rng.choice(len(images), batch_size, replace=False)
     noises = torch.from_numpy(rng.standard_normal((batch_size,) + tuple(images.shape[1:])).astype(np.float32))
     times = torch.from_numpy(rng.uniform(0.0, 1.0, (batch_size, 1, 1, 1)).astype(np.float32))
-    torch_train.train_step(twin, optimizer, None, step, images[idx], noises, times, schedule_fn)
+    torch_step.train_step(twin, optimizer, None, step, images[idx], noises, times, schedule_fn)
   model = models.create_model(variant=variant, widths=widths, block_depth=block_depth)
   reference = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), image_size))
-  variables = convert.torch_state_dict_to_flax(twin.state_dict(), reference)
+  variables = weight_files.torch_state_dict_to_flax(twin.state_dict(), reference)
   return model, variables, normalizer
 
 
@@ -368,14 +370,14 @@ def fixture_key(variant: str = "keras", **kwargs) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   from ddim_torch_ref import models as torch_models  # pylint: disable=import-outside-toplevel
   from ddim_torch_ref import schedules as torch_schedules  # pylint: disable=import-outside-toplevel
-  from ddim_torch_ref import train as torch_train  # pylint: disable=import-outside-toplevel
+  from ddim_torch_ref import step as torch_step  # pylint: disable=import-outside-toplevel
   bound = inspect.signature(trained_reference.__wrapped__).bind(variant, **kwargs)
   bound.apply_defaults()
   digest = hashlib.sha256()
   loader = inspect.getmodule(data.load_digits_images)
   for function in (trained_reference.__wrapped__, loader.load_digits_images, loader.resize_weights, loader.quantize):
     digest.update(inspect.getsource(function).encode())
-  for module in (torch_models, torch_schedules, torch_train):
+  for module in (torch_models, torch_schedules, torch_step):
     with open(inspect.getsourcefile(module), "rb") as f:
       digest.update(f.read())
   return {**{k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()},
@@ -400,17 +402,17 @@ def cached_trained_reference(variant: str = "keras", cache_dir: str | None = Non
   if path and os.path.exists(path):
     try:
       with timer("torch fixture: read cache"):
-        model, variables, normalizer, metadata = convert.load_weights(path, variant=variant)
+        model, variables, normalizer, metadata = weight_files.load_weights(path, variant=variant)
       if json.loads(metadata.get("parity_fixture", "null")) == key:
         return model, variables, normalizer, {"source": "cache", "path": path, "key": key}
-    except (convert.WeightFileError, ValueError):
+    except (weight_files.WeightFileError, ValueError):
       pass  # retrained and rewritten below
   with timer(f"torch fixture: training ({key['num_steps']} steps)"):
     model, variables, normalizer = trained_reference(variant, **kwargs)
   info = {"source": "trained", "path": path, "key": key}
   if path:
     try:
-      convert.save_weights(path, model, variables, normalizer, key["image_size"], weights="raw",
+      weight_files.save_weights(path, model, variables, normalizer, key["image_size"], weights="raw",
                            parity_fixture=json.dumps(key, sort_keys=True))
     except errors.Error as e:  # an unwritable cache costs the next run a training, nothing else
       info.update(path=None, cache_error=str(e))
@@ -513,17 +515,17 @@ def train_step_parity(model, variables, image_size: int, num_steps: int = 10, ba
     tensor-relative difference) and ``worst_<n>`` (the tensor that attains the largest).
   """
   import torch  # pylint: disable=import-outside-toplevel
-  from ddim_torch_ref import train as torch_train  # pylint: disable=import-outside-toplevel
-  step_config = step_config or train.StepConfig()
-  state = train.TrainState(
+  from ddim_torch_ref import step as torch_step  # pylint: disable=import-outside-toplevel
+  step_config = step_config or step_lib.StepConfig()
+  state = step_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
-      opt_state=train.make_optimizer(step_config).init(variables["params"]), ema_params=variables["params"],
+      opt_state=step_lib.make_optimizer(step_config).init(variables["params"]), ema_params=variables["params"],
       ema_batch_stats=variables["batch_stats"])
-  jax_step = jax.jit(functools.partial(train.train_step_from_draws, model=model, step_config=step_config,
+  jax_step = jax.jit(functools.partial(step_lib.train_step_from_draws, model=model, step_config=step_config,
                                        axis_name=None))
   twin = torch_twin(model, variables)
-  optimizer = torch_train.make_optimizer(twin, step_config.learning_rate, step_config.weight_decay)
-  ema = torch_train.EMA(twin, step_config.ema_decay, step_config.ema_warmup)
+  optimizer = torch_step.make_optimizer(twin, step_config.learning_rate, step_config.weight_decay)
+  ema = torch_step.EMA(twin, step_config.ema_decay, step_config.ema_warmup)
   rng = np.random.default_rng(seed)
   out = {"loss_max_abs": 0.0, "metrics_max_abs": 0.0}
   for step in range(num_steps):
@@ -532,7 +534,7 @@ def train_step_parity(model, variables, image_size: int, num_steps: int = 10, ba
     noises = rng.standard_normal(shape).astype(np.float32)
     noise_rates, signal_rates = step_config.diffusion.rate_table(rng.uniform(0.0, 1.0, (batch, 1, 1, 1)))
     state, metrics = jax_step(state, images, noises, noise_rates, signal_rates)
-    torch_metrics = torch_train.train_step_from_draws(
+    torch_metrics = torch_step.train_step_from_draws(
         twin, optimizer, ema, step, torch.from_numpy(_nchw(images)), torch.from_numpy(_nchw(noises)),
         torch.from_numpy(noise_rates), torch.from_numpy(signal_rates), step_config.loss, step_config.diffusion.target)
     out["loss_max_abs"] = max(out["loss_max_abs"], abs(float(metrics["loss"]) - float(torch_metrics["loss"])))
@@ -546,8 +548,8 @@ def train_step_parity(model, variables, image_size: int, num_steps: int = 10, ba
       out["ill_conditioned"] = int(sum(np.sum(~m) for m in masks.values()))
       out["num_parameters"] = int(sum(m.size for m in masks.values()))
     if n in check_steps or n == num_steps:
-      raw = convert.flax_to_torch_state_dict(state.variables(ema=False))
-      ema_jax = convert.flax_to_torch_state_dict(state.variables(ema=True))
+      raw = weight_files.flax_to_torch_state_dict(state.variables(ema=False))
+      ema_jax = weight_files.flax_to_torch_state_dict(state.variables(ema=True))
       twin_state = {k: v.detach().numpy() for k, v in twin.state_dict().items()}
       ema_state = {k: v.detach().numpy() for k, v in ema.model.state_dict().items()}
       param_names = {k for k in raw if not k.endswith(("running_mean", "running_var"))}

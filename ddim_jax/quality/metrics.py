@@ -9,11 +9,11 @@ where the off-diagonal means divide by B(B - 1). The reported KID is the equal-w
 per-batch values (Keras' ``keras.metrics.Mean`` over ``update_state`` calls), not the estimate over
 all images at once; so it depends on the batch size (the Keras example uses 64, the R port 128).
 
-Features come from ``ddim_jax.inception`` (``inception_feature_fn``); any ``images -> features``
+Features come from ``ddim_jax.quality.inception`` (``inception_feature_fn``); any ``images -> features``
 function works.
 
 ``frechet_distance``: the Frechet distance between two Gaussians (FID's formula), used on the
-features of ``ddim_jax.digits_metric``'s small digit classifier.
+features of ``ddim_jax.quality.digits_metric``'s small digit classifier.
 """
 
 from typing import Callable, Optional

@@ -27,10 +27,12 @@ from tqdm import tqdm
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams as tensorboard_hparams
 
-from ddim_jax import (checkpointing, data, errors, evaluation, models, parallel, rng, run_record, sampling, schedules,
-                      train, visualize)
-from ddim_jax import feed as feed_lib
-from ddim_jax import workdir as workdir_lib
+from ddim_jax import data, errors
+from ddim_jax.core import models, rng, sampling, schedules, step as step_lib
+from ddim_jax.inference import evaluation, grids
+from ddim_jax.infra import checkpointing, parallel, run_record
+from ddim_jax.training import feed as feed_lib
+from ddim_jax.infra import workdir as workdir_lib
 
 
 # Training calls dispatched ahead of the one whose results the loop has waited for (see the loop).
@@ -60,9 +62,9 @@ def validate_config(config, num_devices: int) -> None:
   require(0.0 <= float(t.ema_decay) < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
   require(float(t.learning_rate) > 0, "train.learning_rate", t.learning_rate, "must be > 0")
   require(float(t.weight_decay) >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-  require(t.loss in train.LOSSES, "train.loss", t.loss, f"choose one of {train.LOSSES}")
-  require(t.get("lr_schedule", "constant") in train.LR_SCHEDULES, "train.lr_schedule", t.get("lr_schedule"),
-          f"choose one of {train.LR_SCHEDULES}")
+  require(t.loss in step_lib.LOSSES, "train.loss", t.loss, f"choose one of {step_lib.LOSSES}")
+  require(t.get("lr_schedule", "constant") in step_lib.LR_SCHEDULES, "train.lr_schedule", t.get("lr_schedule"),
+          f"choose one of {step_lib.LR_SCHEDULES}")
   require(int(t.get("warmup_steps", 0) or 0) >= 0, "train.warmup_steps", t.get("warmup_steps"), "must be >= 0")
   require(config.diffusion.target in sampling.TARGETS, "diffusion.target", config.diffusion.target,
           f"choose one of {sampling.TARGETS}")
@@ -211,9 +213,9 @@ def write_sample_grid(model, variables, normalizer, config, step: int, path: str
   out = sampling.generate(model, parallel.replicate(_to_host(variables), mesh), parallel.shard_rows(noise, mesh),
                           parallel.replicate(_to_host(normalizer), mesh), steps=int(config.sample.steps),
                           spec=schedules.DiffusionSpec.from_config(config))
-  grid = visualize.make_grid(parallel.gather_rows(out["images"]), upscale=visualize.default_upscale(size))
+  grid = grids.make_grid(parallel.gather_rows(out["images"]), upscale=grids.default_upscale(size))
   if jax.process_index() == 0:
-    visualize.save_png(grid, path)
+    grids.save_png(grid, path)
   return grid
 
 
@@ -382,7 +384,7 @@ def start_banner(config, workdir: str, config_source: str | None, step: int, sta
 
 
 def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None, progress: bool = True,
-                       config_source: str | None = None) -> train.TrainState:
+                       config_source: str | None = None) -> step_lib.TrainState:
   """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
 
   Writes ``config.json`` and ``runs.jsonl`` (``run_record``), ``checkpoints/`` (orbax: state,
@@ -469,7 +471,7 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
   # A workdir of another config is refused before anything is prepared, compiled or restored.
   changes = check_resume_config(config, workdir)
   mesh = parallel.create_mesh()
-  step_config = train.StepConfig.from_config(config)
+  step_config = step_lib.StepConfig.from_config(config)
   model = models.create_model(**config.model, bn_axis_name=parallel.AXIS)
   eval_model = models.create_model(**config.model)
   image_size = int(config.model.image_size)
@@ -494,7 +496,7 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
                                     best_metric="val_kid" if kid_fn is not None else None, best_mode="min")
   if jax.process_count() == 1:  # several processes: JAX's preemption service owns SIGTERM
     checkpointing.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
-  restored = ckpt.restore_latest(train.abstract_train_state(model, step_config, image_size, init_key,
+  restored = ckpt.restore_latest(step_lib.abstract_train_state(model, step_config, image_size, init_key,
                                                        parallel.replicated(mesh)))
   if restored is not None:
     step, state, meta = restored
@@ -507,7 +509,7 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
               f"{run_record.format_changes(changes)}")
   else:
     step = 0
-    state = parallel.replicate(jax.jit(train.create_train_state, static_argnums=(0, 1, 3))(
+    state = parallel.replicate(jax.jit(step_lib.create_train_state, static_argnums=(0, 1, 3))(
         model, step_config, init_key, image_size), mesh)
   # Written once the first training call has finished: a start that fails before (compilation, a
   # NaN, a full disk) leaves no record of a run.
@@ -520,8 +522,8 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
                        feed.describe()), flush=True)
   normalizer_dev = parallel.replicate(normalizer, mesh)
   base_key = parallel.replicate(jax.random.key_data(rng.purpose_key(config.seed, rng.TRAIN_DRAWS)), mesh)
-  train_fn = feed.make_train_fn(lambda k: train.per_device_step(model, step_config, k, parallel.AXIS))
-  state_is_finite = jax.jit(train.state_is_finite)
+  train_fn = feed.make_train_fn(lambda k: step_lib.per_device_step(model, step_config, k, parallel.AXIS))
+  state_is_finite = jax.jit(step_lib.state_is_finite)
   state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
   writer = MetricWriter(workdir, enabled=is_main, start_step=step)
   writer.write_hparams(config)

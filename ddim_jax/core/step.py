@@ -4,7 +4,7 @@ The per-device step (``train_step``) is written with named-axis collectives over
 ("data"): gradients and metrics are ``pmean``-ed and BatchNorm statistics are synchronised inside
 the model, so the step computes global-batch BatchNorm and the gradient of the global mean loss
 whatever the number of devices. ``parallel.py`` launches it (shard_map under jit, or pmap); the
-loop that drives it is ``trainer.train_and_evaluate``. The twin is ``ddim_torch_ref/train.py``.
+loop that drives it is ``trainer.train_and_evaluate``. The twin is ``ddim_torch_ref/step.py``.
 
 Per-example randomness (diffusion time and noise) comes from
 ``fold_in(fold_in(base_key, step), global_example_index)``: never from the device index, so the
@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddim_jax import errors, models, sampling, schedules
+from ddim_jax import errors
+from ddim_jax.core import models, sampling, schedules
 
 LOSSES = ("mae", "mse")
 

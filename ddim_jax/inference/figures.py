@@ -1,4 +1,4 @@
-"""The blog's figures as arrays: rows of images in [0, 1] that ``visualize.save_rows`` writes.
+"""The blog's figures as arrays: rows of images in [0, 1] that ``grids.save_rows`` writes.
 
 - ``forward_figure_rows``: the forward process under the cosine and the linear schedule;
 - ``reverse_figure_rows``: an image noised to t = 1, then denoised by 10 DDIM steps;
@@ -9,7 +9,9 @@
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import inference, parallel, sampling, schedules, visualize
+from ddim_jax.core import sampling, schedules
+from ddim_jax.inference import grids, pipeline
+from ddim_jax.infra import parallel
 
 
 def denormalized(images, normalizer) -> np.ndarray:
@@ -32,11 +34,11 @@ def forward_figure_rows(image, seed: int, num_columns: int = 11) -> list[np.ndar
     Two rows of (num_columns, H, W, C) noisy images in normalised space.
   """
   times = np.linspace(0.0, 1.0, num_columns)
-  noises = inference.numpy_noise(seed, (num_columns,) + tuple(np.shape(image)))
+  noises = pipeline.numpy_noise(seed, (num_columns,) + tuple(np.shape(image)))
   rows = []
   for fn in (schedules.offset_cosine_schedule, schedules.linear_schedule):
     noise_rates, signal_rates = fn(times, 0.0, 1.0, xp=np)
-    rows.append(visualize.forward_process(image, noises, noise_rates, signal_rates))
+    rows.append(grids.forward_process(image, noises, noise_rates, signal_rates))
   return rows
 
 
@@ -51,7 +53,7 @@ def reverse_figure_rows(model, variables, normalizer, image, seed: int,
   """
   times = np.linspace(0.0, 1.0, 11)
   noise_rates, signal_rates = spec.rate_table(times)
-  top = visualize.forward_process(image, inference.numpy_noise(seed + 1, (11,) + np.shape(image)), noise_rates,
+  top = grids.forward_process(image, pipeline.numpy_noise(seed + 1, (11,) + np.shape(image)), noise_rates,
                                   signal_rates)
   out = sampling.generate(model, variables, top[-1:], normalizer, steps=10, spec=spec, return_trajectory=True)
   bottom = np.asarray(out["noisy_trajectory"])[:, 0]
@@ -68,7 +70,7 @@ def trajectory_rows(model, variables, normalizer, initial_noise, steps: int, max
   """
   out = sampling.generate(model, variables, jnp.asarray(initial_noise), normalizer, key=key, steps=steps, spec=spec,
                           eta=eta, return_trajectory=True)
-  columns = visualize.pick_columns(steps, max_columns)
+  columns = grids.pick_columns(steps, max_columns)
 
   def shown(trajectory):  # (S, B, H, W, C) -> the chosen columns, denormalised (a 4-D call: no rank promotion)
     chosen = np.asarray(trajectory)[columns]

@@ -1,4 +1,4 @@
-"""The training step in PyTorch: the loss, AdamW and the EMA of the weights (twin of ddim_jax/train.py).
+"""The training step in PyTorch: the loss, AdamW and the EMA of the weights (twin of ddim_jax/core/step.py).
 
 Random draws (noises and diffusion times, or the rates of those times) are arguments, so a parity
 test can feed this step and the JAX one the same NumPy draws. BatchNorm statistics are those of

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import data, errors, metrics
+from ddim_jax import data, errors
+from ddim_jax.quality import metrics
 
 FEATURE_SIZE = 16  # the network's input side
 NUM_CLASSES = 10
@@ -198,8 +199,8 @@ def train_feature_params(seed: int = TRAIN_SEED, epochs: int = TRAIN_EPOCHS, bat
 def save_feature_params(path: str, params: Mapping[str, np.ndarray], record: Mapping[str, Any]) -> None:
   """Writes the weights as safetensors, with how they were made (``record``) as string metadata."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  metadata = {"format": "ddim_jax.digits_metric feature network",
-              "produced_by": "python scripts/train_digits_features.py (ddim_jax.digits_metric.train_feature_params)",
+  metadata = {"format": "ddim_jax.quality.digits_metric feature network",
+              "produced_by": "python scripts/train_digits_features.py (ddim_jax.quality.digits_metric.train_feature_params)",
               "data": "sklearn.datasets.load_digits, 16x16 bilinear, training split of the demo preset "
                       "(random_split(1797, 0.8, split_seed=1)), sklearn labels"}
   metadata.update({k: str(v) for k, v in record.items()})

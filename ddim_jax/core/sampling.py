@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import errors, schedules
+from ddim_jax import errors
+from ddim_jax.core import schedules
 
 TARGETS = schedules.TARGETS
 DEFAULT_SPEC = schedules.DiffusionSpec()

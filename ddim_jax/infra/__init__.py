@@ -1,0 +1,3 @@
+"""Infrastructure: devices and sharding, checkpoints, workdirs, run records, FLOP counting.
+
+Leaves: each imports ``ddim_jax.errors`` only."""

@@ -1,0 +1,1 @@
+"""Sample quality: KID and Frechet distances, the Inception network, the offline digits metric."""

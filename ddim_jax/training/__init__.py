@@ -1,0 +1,1 @@
+"""The training loop, its input feed and its reporting."""
