@@ -389,7 +389,7 @@ def workdir_inputs(tmp_path_factory):
   locked = root / "locked"
   locked.mkdir()
   holder = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time; from ddim_jax import workdir as w; w.WorkdirLock(sys.argv[1]).acquire(); "
+      "import sys, time; from ddim_jax.infra import workdir as w; w.WorkdirLock(sys.argv[1]).acquire(); "
       "print('held', flush=True); time.sleep(3600)"), str(locked)], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"

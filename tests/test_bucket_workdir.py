@@ -345,7 +345,7 @@ def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_
 
 LOCK_SCRIPT = """
 import json, os, sys, time, warnings
-from ddim_jax import workdir as w
+from ddim_jax.infra import workdir as w
 path, out = sys.argv[1], {}
 w.HEARTBEAT_SECONDS = 0.2
 lock = w.WorkdirLock(path).acquire()

@@ -334,7 +334,7 @@ def test_reached_preemption_follows_flag_and_sigterm_handler(tmp_path):
 _SCRIPT = r'''
 import asyncio, os, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from ddim_jax import checkpointing
+from ddim_jax.infra import checkpointing
 
 mode, directory = sys.argv[1], sys.argv[2]
 

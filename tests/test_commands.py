@@ -280,8 +280,8 @@ def test_torch_twin_sample_command_matches_ddim_jax(trained_weights, tmp_path):
   a, b = np.load(jax_arr), np.load(torch_arr)
   assert a.shape == b.shape == (6, 16, 16, 3) and a.std() > 0.05
   assert np.max(np.abs(a - b)) <= 1e-4
-  grids = _png(tmp_path / "jax.png").astype(int), _png(tmp_path / "torch.png").astype(int)
-  assert np.abs(grids[0] - grids[1]).max() <= 1  # uint8 rounding of <= 1e-4 differences
+  pngs = _png(tmp_path / "jax.png").astype(int), _png(tmp_path / "torch.png").astype(int)
+  assert np.abs(pngs[0] - pngs[1]).max() <= 1  # uint8 rounding of <= 1e-4 differences
 
   # --noise-file, eta > 0 (per-step draws from NumPy too), the twin in process this time.
   noise_file = tmp_path / "noise.npy"

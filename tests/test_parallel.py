@@ -26,7 +26,7 @@ def test_cpu_device_count_auto_divides_the_batch(monkeypatch):
 def test_configure_cpu_devices_sets_the_backend_device_count(spec):
   """Without XLA_FLAGS forcing a count, the CPU backend starts with the configured devices."""
   env = subprocess_env(None)
-  code = ("import jax; from ddim_jax import parallel; "
+  code = ("import jax; from ddim_jax.infra import parallel; "
           f"n = parallel.configure_cpu_devices({spec!r}, 12); "
           f"print(n, jax.local_device_count(), parallel.cpu_device_count({spec!r}, 12)); "
           "import os; print(os.environ.get('XLA_FLAGS', ''))")

@@ -299,8 +299,8 @@ def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 if "nu" not in str(path) else 0,
                                err_msg=jax.tree_util.keystr(path))
   for step in (2, 4):  # the sample grids (written by process 0) are the single process's
-    grids = [_png(d / "samples" / f"step_{step:07d}.png").astype(int) for d in (single_dir, multi_dir)]
-    assert np.abs(grids[0] - grids[1]).max() <= 1, step
+    pngs = [_png(d / "samples" / f"step_{step:07d}.png").astype(int) for d in (single_dir, multi_dir)]
+    assert np.abs(pngs[0] - pngs[1]).max() <= 1, step
   kids = [{r["step"]: r["val_kid"] for r in map(json.loads, open(d / "metrics.jsonl", encoding="utf-8"))
            if "val_kid" in r} for d in (single_dir, multi_dir)]
   assert sorted(kids[1]) == [2, 4] and kids[1][2] != kids[1][4]
@@ -503,11 +503,11 @@ def test_demo_writes_its_weight_file_sample_grids_and_final_samples(tmp_path, ca
   assert _png(workdir / "samples.png").shape[:2] == grids.make_grid(
       np.zeros((int(config.sample.num_images), 16, 16, 3)), upscale=4).shape[:2]
 
-  grids = {}
+  saved = {}
   for step in (4, 8):
-    grids[step] = _png(workdir / "samples" / f"step_{step:07d}.png")
+    saved[step] = _png(workdir / "samples" / f"step_{step:07d}.png")
   noise = jax.random.normal(jax.random.key(int(config.seed) + 1), (int(config.sample.num_images), 16, 16, 3))
   images = sampling.generate(model, variables, noise, normalizer, steps=int(config.sample.steps))["images"]
   want = grids.make_grid(np.asarray(images), upscale=4)
-  assert np.abs(grids[8].astype(int) - want).max() <= 1
-  assert np.abs(grids[4].astype(int) - grids[8]).mean() > 0.5  # the model of step 4 draws other images
+  assert np.abs(saved[8].astype(int) - want).max() <= 1
+  assert np.abs(saved[4].astype(int) - saved[8]).mean() > 0.5  # the model of step 4 draws other images
