@@ -28,9 +28,8 @@ import jax
 import numpy as np
 
 from ddim_jax import configs, data, errors
-from ddim_jax.core import models, sampling, schedules
-from ddim_jax.inference import evaluation, figures, grids, pipeline
-from ddim_jax.infra import parallel
+from ddim_jax.core import models, schedules
+from ddim_jax.inference import evaluation, figures, grids, pipeline, sharded
 from ddim_jax.interop import weight_files
 from ddim_jax.quality import digits_metric
 from ddim_jax.training import trainer
@@ -113,7 +112,7 @@ def cmd_sample(args) -> int:
   with writing("--out", args.out):
     grids.save_grid(images, args.out, rows=args.rows,
                         upscale=grids.default_upscale(source.image_size, args.upscale))
-  devices = parallel.rows_mesh(min(args.batch_size, args.num_images)).size
+  devices = sharded.devices_for(min(args.batch_size, args.num_images))
   print(f"wrote {args.out} ({len(images)} images of {source.description}, {args.steps} steps, eta={args.eta}, "
         f"batches split over {devices} device{'s' * (devices > 1)})")
   if args.array_out:
@@ -149,7 +148,7 @@ def cmd_figures(args) -> int:
   real = np.asarray(train_images[args.image_index:args.image_index + 1]).astype(np.float32) / 255.0
   with writing("--out-dir", args.out_dir):
     os.makedirs(args.out_dir, exist_ok=True)
-  image = np.asarray(sampling.normalize(real, source.normalizer))[0]
+  image = figures.normalized(real, source.normalizer)[0]
   forward = os.path.join(args.out_dir, "forward.png")
   rows = [figures.denormalized(r, source.normalizer) for r in figures.forward_figure_rows(image, args.seed)]
   grids.save_rows(rows, forward, upscale=upscale)
@@ -173,7 +172,7 @@ def cmd_invert(args) -> int:
   start = time.time()
   errors = evaluation.reconstruction_errors(source.model, source.variables, source.normalizer, images, steps_list,
                                             batch_size=args.batch_size, spec=source.spec)
-  devices = parallel.rows_mesh(min(args.batch_size, len(images))).size
+  devices = sharded.devices_for(min(args.batch_size, len(images)))
   print(f"DDIM inversion reconstruction error of {len(images)} {args.split} images ({source.description}; "
         f"{devices} device{'s' * (devices > 1)}), MSE of pixels in [0, 1]:")
   print(f"{'steps':>6} {'MSE':>10} {'DDIM paper (CIFAR10)':>22}")
@@ -200,18 +199,12 @@ def cmd_interpolate(args) -> int:
   """ddim-jax interpolate: samples along a spherical interpolation between two initial noises."""
   check_output("--out", args.out)
   source = pipeline.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
-  noise = pipeline.initial_noise(args.seed, 2 * args.pairs, source.image_shape, args.noise_file, args.numpy_noise)
-  if noise is None:
-    noise = np.asarray(jax.random.normal(jax.random.key(args.seed), (2 * args.pairs,) + source.image_shape))
-  weights = np.linspace(0.0, 1.0, args.num_frames, dtype=np.float32)
-  mesh = parallel.rows_mesh(args.num_frames)  # each strip's frames split over this process's devices
-  rows = [parallel.gather_rows(sampling.generate(
-      source.model, source.variables, parallel.shard_rows(sampling.slerp(noise[2 * p], noise[2 * p + 1], weights), mesh),
-      source.normalizer, steps=args.steps, spec=source.spec)["images"]) for p in range(args.pairs)]
+  rows = source.interpolate(args.pairs, args.num_frames, args.steps, args.seed, args.noise_file, args.numpy_noise)
+  devices = sharded.devices_for(args.num_frames)
   with writing("--out", args.out):
     grids.save_rows(rows, args.out, upscale=grids.default_upscale(source.image_size, args.upscale))
   print(f"wrote {args.out} ({args.pairs} x {args.num_frames} frames, {args.steps} steps, from {source.description}; "
-        f"{mesh.size} device{'s' * (mesh.size > 1)})")
+        f"{devices} device{'s' * (devices > 1)})")
   return 0
 
 
@@ -234,7 +227,7 @@ def cmd_evaluate(args) -> int:
   start = time.time()
   results = evaluation.kid_for_steps(source.model, source.variables, source.normalizer, reals, feature_fn, steps_list,
                                      batch_size=batch, seed=args.seed, progress=True, spec=source.spec)
-  devices = parallel.rows_mesh(batch).size
+  devices = sharded.devices_for(batch)
   print(f"KID of {source.description} against {used} validation images (batches of {batch} split over {devices} "
         f"device{'s' * (devices > 1)}, Inception at {args.image_size} px, {os.path.basename(weights)}):")
   print(f"{'steps':>6} {'KID':>10}")

@@ -13,7 +13,8 @@
   Pillow only, which writes the twin's PNG grids exactly as ``ddim-jax sample`` does).
 * ``ddim_jax/cli.py`` is the command line only: top-level functions ``build_parser``, ``main``,
   ``cmd_*``, ``add_*_parser`` and ``add_*_arguments``, imports, UPPER_CASE constants, the module docstring and
-  ``if __name__ == "__main__":``; the library code lives in the other modules.
+  ``if __name__ == "__main__":``; the library code lives in the other modules. It imports neither
+  ``parallel`` nor ``sampling``: devices and the sampler are the library's (``inference.sharded``).
 """
 
 import ast
@@ -403,6 +404,32 @@ def test_cli_holds_only_the_command_line():
     bad = cli_violations(f.read())
   assert not bad, ("ddim_jax/cli.py should define only build_parser, main, cmd_*, add_*_parser, add_*_arguments, "
                    "imports and UPPER_CASE constants; move the rest into the library:\n" + "\n".join(bad))
+
+
+# Devices and the sampler belong to the library (``ddim_jax.inference.sharded`` splits the rows): the
+# command line parses, calls one library function per step, and prints.
+CLI_FORBIDDEN = ("ddim_jax.infra.parallel", "ddim_jax.core.sampling")
+
+
+def cli_forbidden_imports(graph) -> list[str]:
+  """The imports of ``ddim_jax.cli`` that reach a module of ``CLI_FORBIDDEN``."""
+  return [f"ddim_jax.cli (line {line}) imports {target}" for target, line in sorted(graph["ddim_jax.cli"].items())
+          if target in CLI_FORBIDDEN]
+
+
+def test_cli_imports_neither_parallel_nor_sampling():
+  bad = cli_forbidden_imports(import_graph(REPO, ("ddim_jax",)))
+  assert not bad, ("ddim_jax/cli.py should leave devices and the sampler to the library (ddim_jax.inference.sharded, "
+                   "pipeline, figures):\n" + "\n".join(bad))
+
+
+def test_a_planted_sampler_import_in_the_cli_is_caught():
+  graph = {m: dict(t) for m, t in import_graph(REPO, ("ddim_jax",)).items()}
+  graph["ddim_jax.cli"]["ddim_jax.core.sampling"] = 30
+  graph["ddim_jax.cli"]["ddim_jax.infra.parallel"] = 31
+  graph["ddim_jax.cli"]["ddim_jax.core.schedules"] = 32  # allowed
+  assert cli_forbidden_imports(graph) == ["ddim_jax.cli (line 30) imports ddim_jax.core.sampling",
+                                          "ddim_jax.cli (line 31) imports ddim_jax.infra.parallel"]
 
 
 LEAVES = ("ddim_jax.infra.parallel", "ddim_jax.infra.checkpointing", "ddim_jax.data", "ddim_jax.errors", "ddim_jax.infra.workdir",

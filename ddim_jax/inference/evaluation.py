@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ddim_jax import errors
 from ddim_jax.core import rng, sampling, schedules
-from ddim_jax.infra import parallel
+from ddim_jax.inference import sharded
 from ddim_jax.quality import inception, metrics
 
 FeatureFn = Callable[[Any], Any]
@@ -107,10 +107,10 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
   shape = (batch,) + real_images.shape[1:3] + (int(model.channels),)
   key = jax.random.key(seed)
   # Every batch is split over the devices of ``mesh`` (by default the most of this process's that divide it).
-  mesh = mesh if mesh is not None and batch % mesh.size == 0 else parallel.rows_mesh(batch)
-  variables, normalizer = parallel.replicate(variables, mesh), parallel.replicate(normalizer, mesh)
+  mesh = sharded.mesh_for(batch, mesh)
+  variables, normalizer = sharded.replicate(variables, mesh), sharded.replicate(normalizer, mesh)
   # Real features once: they do not depend on the step count.
-  real_features = [parallel.gather_rows(feature_fn(parallel.shard_rows(real_images[i * batch:(i + 1) * batch], mesh)))
+  real_features = [sharded.map_rows(feature_fn, real_images[i * batch:(i + 1) * batch], mesh)
                    for i in range(num_batches)]
   results = {}
   for steps in steps_list:
@@ -118,9 +118,9 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
     bar = tqdm(range(num_batches), desc=f"KID ({steps} steps, {mesh.size} devices)",
                disable=None if progress else True)  # None: only on a terminal (no carriage returns in logs)
     for i in bar:
-      noise = parallel.shard_rows(jax.random.normal(jax.random.fold_in(key, i), shape), mesh)
-      generated = sampling.generate(model, variables, noise, normalizer, steps=int(steps), spec=spec)["images"]
-      accumulator.update(real_features[i], parallel.gather_rows(feature_fn(generated)))
+      noise = jax.random.normal(jax.random.fold_in(key, i), shape)
+      generated = sharded.generate(model, variables, noise, normalizer, steps=int(steps), spec=spec, mesh=mesh)
+      accumulator.update(real_features[i], sharded.map_rows(feature_fn, generated, mesh))
     results[int(steps)] = accumulator.result()
   return results
 
@@ -146,10 +146,10 @@ def reconstruction_errors(model, variables, normalizer: Mapping[str, Any], image
     squared_error = 0.0
     for start in range(0, len(images), batch_size):
       batch = images[start:start + batch_size]
-      sharded = parallel.shard_rows(batch, parallel.rows_mesh(len(batch)))  # over this process's devices
-      noises = sampling.invert(model, variables, sharded, normalizer, steps=int(steps), spec=spec)["noises"]
-      recon = sampling.generate(model, variables, noises, normalizer, steps=int(steps), spec=spec)["images"]
-      squared_error += float(np.sum(np.square(parallel.gather_rows(recon).astype(np.float64) - batch)))
+      # Over the most of this process's devices that divide the batch.
+      noises = sharded.invert(model, variables, batch, normalizer, steps=int(steps), spec=spec)
+      recon = sharded.generate(model, variables, noises, normalizer, steps=int(steps), spec=spec)
+      squared_error += float(np.sum(np.square(recon.astype(np.float64) - batch)))
     results[int(steps)] = squared_error / images.size
   return results
 

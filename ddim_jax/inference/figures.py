@@ -10,8 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax.core import sampling, schedules
-from ddim_jax.inference import grids, pipeline
-from ddim_jax.infra import parallel
+from ddim_jax.inference import grids, pipeline, sharded
+
+
+def normalized(images, normalizer) -> np.ndarray:
+  """Images in [0, 1] -> NumPy images in the model's normalised space (``sampling.normalize``)."""
+  return np.asarray(sampling.normalize(np.asarray(images, np.float32), normalizer))
 
 
 def denormalized(images, normalizer) -> np.ndarray:
@@ -89,11 +93,9 @@ def inversion_rows(model, variables, normalizer, images, steps_list,
   """Rows: ``images`` (float, [0, 1]), then per step count the reconstruction after DDIM inversion,
   with the latent noise of the last step count (shown through ``denormalize``) before its own."""
   rows = [images]
-  sharded = parallel.shard_rows(images, parallel.rows_mesh(len(images)))  # over this process's devices
   for steps in steps_list:
-    noises = sampling.invert(model, variables, sharded, normalizer, steps=steps, spec=spec)["noises"]
+    noises = sharded.invert(model, variables, images, normalizer, steps=steps, spec=spec)  # over this process's devices
     if steps == steps_list[-1]:
-      rows.append(parallel.gather_rows(sampling.denormalize(noises, normalizer)))
-    rows.append(parallel.gather_rows(sampling.generate(model, variables, noises, normalizer, steps=steps,
-                                                       spec=spec)["images"]))
+      rows.append(denormalized(noises, normalizer))
+    rows.append(sharded.generate(model, variables, noises, normalizer, steps=steps, spec=spec))
   return rows

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ddim_jax import configs, data, errors
 from ddim_jax.core import models, sampling, schedules, step as step_lib
+from ddim_jax.inference import sharded
 from ddim_jax.infra import checkpointing, parallel
 from ddim_jax.interop import weight_files
 from ddim_jax.infra import workdir as workdir_lib
@@ -97,6 +98,16 @@ def initial_noise(seed: int, num: int, image_shape, noise_file: str | None = Non
   return None
 
 
+def interpolation_noise(seed: int, num: int, image_shape, noise_file: str | None = None,
+                        use_numpy: bool = False) -> np.ndarray:
+  """The ``num`` end-point noises of ``interpolate`` (pair p: rows 2p, 2p + 1): those of ``initial_noise``,
+  or else one JAX draw of ``key(seed)`` (not ``batch_keys``: the pairs are no batch of images)."""
+  noise = initial_noise(seed, num, image_shape, noise_file, use_numpy)
+  if noise is None:
+    noise = np.asarray(jax.random.normal(jax.random.key(seed), (num,) + tuple(image_shape)))
+  return noise
+
+
 def sample_images(model, variables, normalizer, num_images: int, image_size: int, steps: int, eta: float, seed: int,
                   batch_size: int, spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC,
                   initial_noise=None) -> np.ndarray:
@@ -106,30 +117,26 @@ def sample_images(model, variables, normalizer, num_images: int, image_size: int
   it (N, H, W, C) (``--numpy-noise``, ``--noise-file``) the eta > 0 draws come from
   ``numpy_step_noise_generator(seed)``, so that the torch twin can reproduce the run.
 
-  Each batch is split over this process's devices (``parallel.rows_mesh``: the most that divide it),
+  Each batch is split over this process's devices (``sharded.generate``: the most that divide it),
   giving the images of one device (tested to 1e-6).
   """
   step_rng = numpy_step_noise_generator(seed) if initial_noise is not None else None
   out = []
-  devices = parallel.rows_mesh(min(batch_size, num_images)).size
+  devices = sharded.devices_for(min(batch_size, num_images))
   with tqdm(total=num_images, desc=f"sampling ({steps} steps, {devices} device{'s' * (devices > 1)})", unit="img",
             disable=True if num_images <= batch_size else None) as bar:  # None: off when stderr is no terminal
     for start in range(0, num_images, batch_size):
       n = min(batch_size, num_images - start)
-      mesh = parallel.rows_mesh(n)
       noise_key, step_key = batch_keys(seed, start)
       step_noises = None
       if initial_noise is not None:
         noise = np.asarray(initial_noise[start:start + n], np.float32)
         if eta > 0:
-          step_noises = parallel.shard_rows(step_rng.standard_normal((steps,) + noise.shape, dtype=np.float32),
-                                            mesh, axis=1)
+          step_noises = step_rng.standard_normal((steps,) + noise.shape, dtype=np.float32)
       else:
         noise = jax.random.normal(noise_key, (n, image_size, image_size, model.channels))
-      result = sampling.generate(model, variables, parallel.shard_rows(noise, mesh), normalizer,
-                                 step_noises=step_noises, key=step_key if eta > 0 and step_noises is None else None,
-                                 steps=steps, spec=spec, eta=eta)
-      out.append(parallel.gather_rows(result["images"]))
+      out.append(sharded.generate(model, variables, noise, normalizer, steps=steps, spec=spec, eta=eta,
+                                  step_noises=step_noises, key=step_key if eta > 0 and step_noises is None else None))
       bar.update(n)
   return np.concatenate(out)
 
@@ -292,3 +299,12 @@ class InferenceModel:
     """``sample_images`` with this model."""
     return sample_images(self.model, self.variables, self.normalizer, num_images, self.image_size, steps, eta, seed,
                          batch_size, self.spec, initial_noise=initial_noise)
+
+  def interpolate(self, pairs: int, num_frames: int, steps: int, seed: int = 0, noise_file: str | None = None,
+                  use_numpy: bool = False) -> list[np.ndarray]:
+    """The rows of ``interpolate``: per pair of ``interpolation_noise``, the (num_frames, H, W, C) images of
+    their spherical interpolation at evenly spaced weights 0..1 (each row split over this process's devices)."""
+    noise = interpolation_noise(seed, 2 * pairs, self.image_shape, noise_file, use_numpy)
+    weights = np.linspace(0.0, 1.0, num_frames, dtype=np.float32)
+    return [sharded.generate(self.model, self.variables, sampling.slerp(noise[2 * p], noise[2 * p + 1], weights),
+                             self.normalizer, steps=steps, spec=self.spec) for p in range(pairs)]

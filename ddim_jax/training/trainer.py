@@ -29,7 +29,7 @@ from tensorboardX.summary import hparams as tensorboard_hparams
 
 from ddim_jax import data, errors
 from ddim_jax.core import models, rng, sampling, schedules, step as step_lib
-from ddim_jax.inference import evaluation, grids
+from ddim_jax.inference import evaluation, grids, sharded
 from ddim_jax.infra import checkpointing, parallel, run_record
 from ddim_jax.training import feed as feed_lib
 from ddim_jax.infra import workdir as workdir_lib
@@ -209,11 +209,11 @@ def write_sample_grid(model, variables, normalizer, config, step: int, path: str
   n = int(num_images or config.sample.num_images)
   size = int(config.model.image_size)
   noise = jax.random.normal(rng.purpose_key(config.seed, rng.SAMPLE_GRID), (n, size, size, int(config.model.channels)))
-  mesh = mesh if mesh is not None and n % mesh.size == 0 else parallel.rows_mesh(n)
-  out = sampling.generate(model, parallel.replicate(_to_host(variables), mesh), parallel.shard_rows(noise, mesh),
-                          parallel.replicate(_to_host(normalizer), mesh), steps=int(config.sample.steps),
-                          spec=schedules.DiffusionSpec.from_config(config))
-  grid = grids.make_grid(parallel.gather_rows(out["images"]), upscale=grids.default_upscale(size))
+  mesh = sharded.mesh_for(n, mesh)
+  images = sharded.generate(model, sharded.replicate(_to_host(variables), mesh), noise,
+                            sharded.replicate(_to_host(normalizer), mesh), steps=int(config.sample.steps),
+                            spec=schedules.DiffusionSpec.from_config(config), mesh=mesh)
+  grid = grids.make_grid(images, upscale=grids.default_upscale(size))
   if jax.process_index() == 0:
     grids.save_png(grid, path)
   return grid
