@@ -154,8 +154,8 @@ def test_training_data_is_the_demo_pipelines_split():
   labels = data.load_digits_labels()
   np.testing.assert_array_equal(splits["train"][1], labels[indices["train"]])
   images = data.load_digits_images(16)
-  from ddim_jax.data.sources import _build_digits  # pylint: disable=import-outside-toplevel
-  arrays, _ = _build_digits(data.data_options(config), 16)
+  from ddim_jax.data.sources import build_digits  # pylint: disable=import-outside-toplevel
+  arrays, _ = build_digits(data.data_options(config), 16)
   np.testing.assert_array_equal(arrays["train"], images[indices["train"]])
   np.testing.assert_array_equal(arrays["validation"], images[indices["validation"]])
   np.testing.assert_allclose(splits["validation"][0][..., 0], arrays["validation"][..., 0] / 255.0, atol=1e-7)

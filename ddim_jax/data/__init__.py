@@ -14,7 +14,8 @@ TensorFlow or tensorflow-datasets. Modules, each importing only those above it:
   iterator     `BatchIterator` (shuffle, repeat, shard over processes, resume), `create_datasets`
   prepare      the steps of ``ddim-jax prepare-data``: `prepare_source`, `build_cache`
 
-Names with a leading underscore are shared between these modules, not API.
+Names with a leading underscore stay in their module; the names these modules share (such as
+`preprocess_many`, `build_folder`) are public there, but only those imported below are the package's API.
 
 Entry points:
   create_datasets(config, image_size, process_index, process_count) -> (train_iter, val_images, normalizer)

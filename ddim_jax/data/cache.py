@@ -22,8 +22,8 @@ import numpy as np
 from ddim_jax import errors
 from ddim_jax.data.images import compute_normalizer
 from ddim_jax.data.options import CACHE_FORMAT, LOCAL_SOURCES, SPLITS, DataOptions, data_options
-from ddim_jax.data.sources import _build_digits, _build_folder, _folder_fingerprint, list_image_files
-from ddim_jax.data.tfds_source import _build_tfds
+from ddim_jax.data.sources import build_digits, build_folder, folder_fingerprint, list_image_files
+from ddim_jax.data.tfds_source import build_tfds
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ def cache_key(options: DataOptions, image_size: int) -> dict:
   if options.dataset == "folder":
     files, _ = list_image_files(options.folder) if os.path.isdir(options.folder) else ([], [])
     key["folder"] = options.folder
-    key["listing"] = _folder_fingerprint(options.folder, files)
+    key["listing"] = folder_fingerprint(options.folder, files)
   return key
 
 
@@ -153,11 +153,11 @@ def prepare_cache(config_data: Any, image_size: int, force: bool = False) -> Cac
     shutil.rmtree(path)
   start = time.time()
   if options.dataset == "digits":
-    arrays, info = _build_digits(options, image_size)
+    arrays, info = build_digits(options, image_size)
   elif options.dataset == "folder":
-    arrays, info = _build_folder(options, image_size)
+    arrays, info = build_folder(options, image_size)
   else:
-    arrays, info = _build_tfds(options, image_size)
+    arrays, info = build_tfds(options, image_size)
   meta = {"key": cache_key(options, image_size), "splits": {k: int(len(v)) for k, v in arrays.items()},
           "seconds": round(time.time() - start, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
   _write_entry(path, arrays, meta)

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ddim_jax.data.images import BadImageError, preprocess_image
-from ddim_jax.data.options import _NUM_NAMES_IN_WARNING
+from ddim_jax.data.options import NUM_NAMES_IN_WARNING
 
 try:
   import threadpoolctl  # comes with scikit-learn; still optional here, as it only speeds things up
@@ -32,7 +32,7 @@ def _single_threaded_blas():
   return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
-def _preprocess_many(loaders: Sequence[Callable[[], np.ndarray]], names: Sequence[str], image_size: int,
+def preprocess_many(loaders: Sequence[Callable[[], np.ndarray]], names: Sequence[str], image_size: int,
                      antialias: bool, desc: str) -> tuple[np.ndarray, list[tuple[str, str]], int]:
   """Runs every loader (decode) and `preprocess_image` in a thread pool, keeping the order.
 
@@ -64,10 +64,11 @@ def _preprocess_many(loaders: Sequence[Callable[[], np.ndarray]], names: Sequenc
   return out[keep], skipped, upsampled
 
 
-def _warn_skipped(source: str, skipped: Sequence[tuple[str, str]], total: int) -> None:
+def warn_skipped(source: str, skipped: Sequence[tuple[str, str]], total: int) -> None:
+  """One RuntimeWarning naming the first skipped (unreadable) files of ``source``, if any."""
   if not skipped:
     return
-  first = "; ".join(f"{name} ({reason})" for name, reason in skipped[:_NUM_NAMES_IN_WARNING])
-  more = f" and {len(skipped) - _NUM_NAMES_IN_WARNING} more" if len(skipped) > _NUM_NAMES_IN_WARNING else ""
+  first = "; ".join(f"{name} ({reason})" for name, reason in skipped[:NUM_NAMES_IN_WARNING])
+  more = f" and {len(skipped) - NUM_NAMES_IN_WARNING} more" if len(skipped) > NUM_NAMES_IN_WARNING else ""
   message = f"{source}: skipped {len(skipped)} of {total} files that are not readable images: {first}{more}"
   warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -13,7 +13,7 @@ DEFAULT_CACHE_DIR = "~/.cache/ddim_jax"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 SPLITS = ("train", "validation")
 LOCAL_SOURCES = ("digits", "folder")
-_NUM_NAMES_IN_WARNING = 5
+NUM_NAMES_IN_WARNING = 5  # unreadable files named in a warning or an error (then a count)
 
 
 @dataclasses.dataclass(frozen=True)

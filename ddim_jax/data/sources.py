@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ddim_jax import errors
-from ddim_jax.data.decode_pool import _preprocess_many, _warn_skipped
+from ddim_jax.data.decode_pool import preprocess_many, warn_skipped
 from ddim_jax.data.images import decode_image, quantize, read_image_file, resize_weights
-from ddim_jax.data.options import _NUM_NAMES_IN_WARNING, IMAGE_EXTENSIONS, DataOptions
+from ddim_jax.data.options import IMAGE_EXTENSIONS, NUM_NAMES_IN_WARNING, DataOptions
 from ddim_jax.data.splits import random_split
 
 
@@ -38,7 +38,7 @@ def list_image_files(folder: str) -> tuple[list[str], list[str]]:
   return sorted(images), sorted(others)
 
 
-def _folder_fingerprint(folder: str, files: Sequence[str]) -> str:
+def folder_fingerprint(folder: str, files: Sequence[str]) -> str:
   """Changes when a file is added, removed, resized or touched (so the cache is rebuilt)."""
   digest = hashlib.sha256()
   for rel in files:
@@ -56,7 +56,8 @@ def _read_file(path: str) -> Callable[[], np.ndarray]:
   return load
 
 
-def _build_folder(options: DataOptions, image_size: int) -> tuple[dict, dict]:
+def build_folder(options: DataOptions, image_size: int) -> tuple[dict, dict]:
+  """The preprocessed images of an image folder: ({"train", "validation"}: uint8 arrays, cache info)."""
   folder = options.folder
   if not os.path.isdir(folder):
     if os.path.exists(folder):
@@ -72,13 +73,13 @@ def _build_folder(options: DataOptions, image_size: int) -> tuple[dict, dict]:
   for split, idx in (("train", train_idx), ("validation", val_idx)):
     names = [files[i] for i in idx]
     loaders = [_read_file(os.path.join(folder, name)) for name in names]
-    arrays[split], bad, small = _preprocess_many(loaders, names, image_size, options.antialias, f"folder {split}")
+    arrays[split], bad, small = preprocess_many(loaders, names, image_size, options.antialias, f"folder {split}")
     skipped += bad
     upsampled += small
-  _warn_skipped(f"image folder {folder}", skipped, len(files))
+  warn_skipped(f"image folder {folder}", skipped, len(files))
   if len(arrays["train"]) + len(arrays["validation"]) == 0:
     raise errors.InputError(f"image folder {folder!r}: none of its {len(files)} image files could be read "
-                            f"(first: {', '.join(n for n, _ in skipped[:_NUM_NAMES_IN_WARNING])})")
+                            f"(first: {', '.join(n for n, _ in skipped[:NUM_NAMES_IN_WARNING])})")
   if len(arrays["train"]) == 0:
     raise errors.InputError(f"image folder {folder!r}: no readable image landed in the training split")
   info = {"source": folder, "files": len(files), "ignored_non_image_files": len(others),
@@ -122,7 +123,8 @@ def digits_split_indices(options: DataOptions) -> dict[str, np.ndarray]:
   return {"train": train_idx, "validation": val_idx}
 
 
-def _build_digits(options: DataOptions, image_size: int) -> tuple[dict, dict]:
+def build_digits(options: DataOptions, image_size: int) -> tuple[dict, dict]:
+  """The bundled digits at ``image_size``: ({"train", "validation"}: uint8 arrays, cache info)."""
   images = load_digits_images(image_size)
   indices = digits_split_indices(options)
   arrays = {split: images[idx] for split, idx in indices.items()}

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ddim_jax import errors
-from ddim_jax.data.decode_pool import _preprocess_many, _warn_skipped
+from ddim_jax.data.decode_pool import preprocess_many, warn_skipped
 from ddim_jax.data.images import decode_image
 from ddim_jax.data.options import SPLITS, DataOptions
 from ddim_jax.data.splits import assign_tfds_splits
@@ -195,7 +195,8 @@ def _tfds_split_reader(tfds, builder, split: str, image_key: str):
   return len(blobs), lambda indices: [blobs[i] for i in indices]
 
 
-def _build_tfds(options: DataOptions, image_size: int) -> tuple[dict, dict]:
+def build_tfds(options: DataOptions, image_size: int) -> tuple[dict, dict]:
+  """A TFDS dataset's preprocessed images: ({"train", "validation"}: uint8 arrays, cache info)."""
   tfds = _import_tfds()
   name = options.dataset
   builder = _tfds_builder(name, options.data_dir)
@@ -232,13 +233,13 @@ def _build_tfds(options: DataOptions, image_size: int) -> tuple[dict, dict]:
         blob_by_item.update(zip([(s, i) for i in idx], readers[s][1](idx)))
       loaders = [functools.partial(decode_image, bytes(blob_by_item[item])) for item in part]
       names = [f"{s}[{i}]" for s, i in part]
-      images, bad, small = _preprocess_many(loaders, names, image_size, options.antialias, f"{name} {split}")
+      images, bad, small = preprocess_many(loaders, names, image_size, options.antialias, f"{name} {split}")
       parts.append(images)
       skipped += bad
       upsampled += small
     arrays[split] = (np.concatenate(parts) if parts else np.empty((0, image_size, image_size, 3), np.uint8))
   total = sum(readers[s][0] for s in split_names)
-  _warn_skipped(f"TFDS {name}", skipped, total)
+  warn_skipped(f"TFDS {name}", skipped, total)
   if len(arrays["train"]) == 0:
     raise errors.InputError(f"TFDS dataset {name!r}: no usable image in the training split "
                             f"({len(skipped)} of {total} records unreadable)")
