@@ -1,5 +1,6 @@
 """The offline digits metric (``ddim_jax.quality.digits_metric``): the Frechet distance against closed forms, the
-shipped feature weights against a retraining, the calibration order, and ``ddim-jax evaluate`` on digits.
+shipped feature weights against a retraining (the recipe: ``ddim_jax.quality.digits_features``), the calibration
+order, and ``ddim-jax evaluate`` on digits.
 """
 
 import json
@@ -10,7 +11,7 @@ import scipy.linalg
 
 from ddim_jax import cli, configs, data
 from ddim_jax.inference import pipeline
-from ddim_jax.quality import digits_metric, metrics
+from ddim_jax.quality import digits_features, digits_metric, metrics
 
 N = 500  # the calibration's default size (the digits metric's default number of samples)
 
@@ -97,10 +98,10 @@ def test_shipped_weights_record_their_recipe_and_classify_the_digits():
   says on the digits, on any processor."""
   shipped, meta = digits_metric.load_feature_params()
   assert (int(meta["seed"]), int(meta["epochs"]), int(meta["batch_size"]), float(meta["learning_rate"])) == (
-      digits_metric.TRAIN_SEED, digits_metric.TRAIN_EPOCHS, digits_metric.TRAIN_BATCH_SIZE,
-      digits_metric.TRAIN_LEARNING_RATE)
+      digits_features.TRAIN_SEED, digits_features.TRAIN_EPOCHS, digits_features.TRAIN_BATCH_SIZE,
+      digits_features.TRAIN_LEARNING_RATE)
   assert "scripts/train_digits_features.py" in meta["produced_by"]
-  splits = digits_metric.training_data()
+  splits = digits_features.training_data()
   assert (len(splits["train"][1]), len(splits["validation"][1])) == (1437, 360)
   assert (int(meta["train_images"]), int(meta["validation_images"])) == (1437, 360)
   for split in ("train", "validation"):
@@ -109,7 +110,7 @@ def test_shipped_weights_record_their_recipe_and_classify_the_digits():
     # otherwise on another processor (measured: none; the smallest margins, 0.04 of the training
     # digits and 0.15 of the validation ones, are 1.4x and 4.8x their bounds): so exact here.
     uncertain = int(np.sum(~_argmax_is_processor_independent(shipped, images)))
-    correct = digits_metric.accuracy(shipped, images, labels) * len(labels)
+    correct = digits_features.accuracy(shipped, images, labels) * len(labels)
     assert abs(correct - float(meta[f"{split}_accuracy"]) * len(labels)) <= uncertain + 1e-6, split
   assert float(meta["validation_accuracy"]) >= 0.95 and float(meta["train_accuracy"]) >= 0.98
 
@@ -127,8 +128,8 @@ def test_training_script_is_deterministic_and_reaches_the_shipped_quality(tmp_pa
   1,411..1,437 of the 1,437 training digits, and always the calibration order asserted below. The
   accuracy bounds are ~4 standard deviations of that spread below its mean.
   """
-  params, record = digits_metric.train_feature_params()
-  again, _ = digits_metric.train_feature_params()
+  params, record = digits_features.train_feature_params()
+  again, _ = digits_features.train_feature_params()
   assert set(again) == set(params)
   for name in params:
     np.testing.assert_array_equal(again[name], params[name], err_msg=name)
@@ -137,7 +138,7 @@ def test_training_script_is_deterministic_and_reaches_the_shipped_quality(tmp_pa
   # A metric ranking consistent with the shipped network's (test_calibration_order): on the same
   # calibration images, real < noisy < both the mean digit and uniform noise, with the same margin.
   path = str(tmp_path / "retrained.safetensors")
-  digits_metric.save_feature_params(path, params, record)
+  digits_features.save_feature_params(path, params, record)
   retrained = digits_metric.DigitsMetric.for_data(configs.load_config("demo").data, 16, weights=path)
   scores = retrained.calibration(N)
   fd = {name: score.frechet_distance for name, score in scores.items()}
@@ -149,7 +150,7 @@ def test_training_script_is_deterministic_and_reaches_the_shipped_quality(tmp_pa
 def test_training_data_is_the_demo_pipelines_split():
   """The feature network's training split is the demo's training images (the pipeline's, not a copy)."""
   config = configs.load_config("demo").data
-  splits = digits_metric.training_data(config)
+  splits = digits_features.training_data(config)
   indices = data.digits_split_indices(data.data_options(config))
   labels = data.load_digits_labels()
   np.testing.assert_array_equal(splits["train"][1], labels[indices["train"]])

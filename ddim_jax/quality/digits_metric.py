@@ -3,8 +3,9 @@
 A small CNN classifier of 16x16 gray digits (``apply``: two 3x3 convolutions with 2x2 average
 pooling, a 32-unit hidden layer, 10 logits; 21,546 float32 parameters) is trained once on the
 digits' TRAINING split (the demo preset's split: ``random_split(1797, 0.8, split_seed=1)``, 1,437
-images) with scikit-learn's labels (``train_feature_params``; ``scripts/train_digits_features.py``
-reproduces the shipped ``ddim_jax/assets/digits_features.safetensors``). Its hidden layer (the
+images) with scikit-learn's labels (the recipe: ``digits_features.train_feature_params``;
+``scripts/train_digits_features.py`` reproduces the shipped
+``ddim_jax/assets/digits_features.safetensors``). Its hidden layer (the
 penultimate one, after the ReLU) gives the features of:
 
 - the Frechet distance between the Gaussian fits of the features of generated images and of the
@@ -42,11 +43,6 @@ NUM_CLASSES = 10
 HIDDEN = 32  # feature dimension (the hidden layer)
 CHANNELS = (16, 32)  # of the two convolutions
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits_features.safetensors")
-# The training recipe of the shipped weights (``train_feature_params``' defaults).
-TRAIN_SEED = 0
-TRAIN_EPOCHS = 30
-TRAIN_BATCH_SIZE = 32
-TRAIN_LEARNING_RATE = 2e-3
 FEATURE_BATCH = 256  # images per jitted feature call (the last batch is padded: one compilation)
 NOISE_SD = 0.25  # the calibration's Gaussian pixel noise, in [0, 1] units
 
@@ -129,83 +125,7 @@ def features_and_logits(params: Mapping[str, Any], images) -> tuple[np.ndarray, 
 
 
 # ------------------------------------------------------------------------------------------------
-# Training (``scripts/train_digits_features.py``).
-
-
-def training_data(data_config: Any = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{"train", "validation"}: (gray 16x16 images (N, 16, 16, 1) in [0, 1], labels (N,)).
-
-  The split of ``data_config`` (default: the demo preset's ``config.data``), the input
-  pipeline's, without its cache.
-  """
-  if data_config is None:
-    from ddim_jax import configs  # pylint: disable=import-outside-toplevel
-    data_config = configs.load_config("demo").data
-  indices = data.digits_split_indices(data.data_options(data_config))
-  images = network_input(data.load_digits_images(FEATURE_SIZE))
-  labels = data.load_digits_labels()
-  return {split: (images[idx], labels[idx]) for split, idx in indices.items()}
-
-
-def accuracy(params: Mapping[str, Any], images, labels) -> float:
-  """Share of ``images`` (NHWC, any size) classified as ``labels``."""
-  _, logits = features_and_logits(params, images)
-  return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
-
-
-def train_feature_params(seed: int = TRAIN_SEED, epochs: int = TRAIN_EPOCHS, batch_size: int = TRAIN_BATCH_SIZE,
-                         learning_rate: float = TRAIN_LEARNING_RATE,
-                         data_config: Any = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Trains the feature network on the digits' training split: deterministic, seconds on a CPU.
-
-  Adam on the softmax cross-entropy, float32, initial weights from ``jax.random.key(seed)``, the
-  batches of each epoch in the order of ``np.random.default_rng(seed).permutation`` (a partial
-  last batch is kept), no augmentation.
-
-  Returns:
-    (params as float32 NumPy, a record with the recipe and the train/validation accuracies).
-  """
-  import optax  # pylint: disable=import-outside-toplevel
-  splits = training_data(data_config)
-  x, y = splits["train"]
-  params = jax.tree.map(jnp.asarray, init_params(jax.random.key(seed)))
-  optimizer = optax.adam(learning_rate)
-  opt_state = optimizer.init(params)
-
-  def loss_fn(p, xb, yb):
-    _, logits = apply(p, xb)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, yb))
-
-  @jax.jit
-  def step(p, state, xb, yb):
-    grads = jax.grad(loss_fn)(p, xb, yb)
-    updates, state = optimizer.update(grads, state, p)
-    return optax.apply_updates(p, updates), state
-
-  order_rng = np.random.default_rng(seed)
-  for _ in range(epochs):
-    order = order_rng.permutation(len(x))
-    for start in range(0, len(x), batch_size):
-      idx = order[start:start + batch_size]
-      params, opt_state = step(params, opt_state, x[idx], y[idx].astype(np.int32))
-  params = {k: np.asarray(v, np.float32) for k, v in params.items()}
-  record = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-            "train_images": len(x), "validation_images": len(splits["validation"][0]),
-            "train_accuracy": accuracy(params, *splits["train"]),
-            "validation_accuracy": accuracy(params, *splits["validation"])}
-  return params, record
-
-
-def save_feature_params(path: str, params: Mapping[str, np.ndarray], record: Mapping[str, Any]) -> None:
-  """Writes the weights as safetensors, with how they were made (``record``) as string metadata."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  metadata = {"format": "ddim_jax.quality.digits_metric feature network",
-              "produced_by": "python scripts/train_digits_features.py (ddim_jax.quality.digits_metric.train_feature_params)",
-              "data": "sklearn.datasets.load_digits, 16x16 bilinear, training split of the demo preset "
-                      "(random_split(1797, 0.8, split_seed=1)), sklearn labels"}
-  metadata.update({k: str(v) for k, v in record.items()})
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}, path, metadata=metadata)
+# The shipped weights (trained by ``digits_features.train_feature_params``).
 
 
 def load_feature_params(path: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
