@@ -14,7 +14,7 @@
   ddim-jax prepare-data --dataset NAME ...             prepare a TFDS dataset offline
 
 Every command reading a workdir takes ``--step latest|best|N``; every command takes ``--debug``.
-This module parses and prints; the work is done by the library modules (``trainer``,
+This module parses and prints; the work is done by the library modules (``trainer``, ``demo``,
 ``inference``, ``figures``, ``evaluation``, ``digits_metric``, ``convert``, ``data``).
 """
 
@@ -32,14 +32,13 @@ from ddim_jax.core import models, schedules
 from ddim_jax.inference import evaluation, figures, grids, pipeline, sharded
 from ddim_jax.interop import weight_files
 from ddim_jax.quality import digits_metric
-from ddim_jax.training import trainer
+from ddim_jax.training import demo, trainer
 from ddim_jax.arguments import (positive_int, nonnegative_int, seed_int, step_count, upscale_int, frame_count,
                                 cache_image_size, eta_float, step_counts, cpu_devices_arg, check_output, writing,
                                 prepare_output, check_environment, one_line)
 
 # The DDIM paper's Table 2 (CIFAR10, per-dimension MSE of pixels in [0, 1]).
 DDIM_PAPER_RECONSTRUCTION = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
-DIGITS_METRIC_IMAGES = 500  # samples of `evaluate`'s digits metric by default
 
 STEP_HELP = ("with --workdir: which checkpoint: latest (default), best (the lowest KID logged in training) or a "
              "step number")
@@ -76,28 +75,14 @@ def cmd_export(args) -> int:
 def cmd_demo(args, overrides) -> int:
   """ddim-jax demo: trains the demo preset on the bundled digits, then writes a sample grid and weights."""
   config = configs.load_config("demo", overrides)
-  start = time.time()
-  trainer.train_and_evaluate(config, args.workdir, config_source=shlex.join(["demo", *overrides]))
-  model, variables, normalizer, config, step = pipeline.restore_checkpoint(args.workdir)
-  weights = os.path.join(args.workdir, "demo.safetensors")
-  spec = schedules.DiffusionSpec.from_config(config)
-  weight_files.save_weights(weights, model, variables, normalizer, int(config.model.image_size), spec, weights="ema",
-                       step=step)
-  images = pipeline.sample_images(model, variables, normalizer, int(config.sample.num_images),
-                                   int(config.model.image_size), int(config.sample.steps), 0.0, config.seed, 64, spec)
-  out = grids.save_grid(images, os.path.join(args.workdir, "samples.png"),
-                            upscale=grids.default_upscale(int(config.model.image_size)))
-  if digits_metric.is_digits(config.data):
-    num, steps = int(config.eval.num_quality_images), int(config.sample.steps)
-    metric = digits_metric.DigitsMetric.for_data(config.data, int(config.model.image_size))
-    scores = {f"model ({steps} steps)": metric.score(pipeline.sample_images(
-        model, variables, normalizer, num, int(config.model.image_size), steps, 0.0, config.seed, 64, spec))}
-    scores.update(metric.calibration(num))
-    print(f"digits metric of {num} EMA samples against the {metric.num_reference} validation digits (as `ddim-jax "
-          f"evaluate --workdir {args.workdir} --steps {steps} --seed {config.seed}`), then the calibration points:")
-    print("\n".join(digits_metric.table_lines(scores)))
-  print(f"demo done in {time.time() - start:.0f}s: {out} (EMA samples, step {step}); weights {weights}; "
-        f"metrics {os.path.join(args.workdir, 'metrics.jsonl')}")
+  result = demo.run_demo(config, args.workdir, config_source=shlex.join(["demo", *overrides]))
+  if result.scores is not None:
+    print(f"digits metric of {result.num_images} EMA samples against the {result.num_reference} validation digits "
+          f"(as `ddim-jax evaluate --workdir {args.workdir} --steps {result.steps} --seed {result.seed}`), then the "
+          f"calibration points:")
+    print("\n".join(digits_metric.table_lines(result.scores)))
+  print(f"demo done in {result.seconds:.0f}s: {result.grid} (EMA samples, step {result.step}); weights "
+        f"{result.weights}; metrics {result.metrics}")
   return 0
 
 
@@ -166,32 +151,24 @@ def cmd_invert(args) -> int:
   """ddim-jax invert: DDIM inversion image -> noise -> image, reconstruction error per step count."""
   check_output("--json", args.json)
   check_output("--out", args.out)
-  source = pipeline.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
-  steps_list = args.steps
-  images = source.real_images(args.split, args.num_images)
-  start = time.time()
-  errors = evaluation.reconstruction_errors(source.model, source.variables, source.normalizer, images, steps_list,
-                                            batch_size=args.batch_size, spec=source.spec)
-  devices = sharded.devices_for(min(args.batch_size, len(images)))
-  print(f"DDIM inversion reconstruction error of {len(images)} {args.split} images ({source.description}; "
-        f"{devices} device{'s' * (devices > 1)}), MSE of pixels in [0, 1]:")
+  result = evaluation.invert_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step,
+                                   steps_list=args.steps, num_images=args.num_images, split=args.split,
+                                   batch_size=args.batch_size, figure_images=args.show if args.out else 0)
+  print(f"DDIM inversion reconstruction error of {result.num_images} {args.split} images ({result.description}; "
+        f"{result.devices} device{'s' * (result.devices > 1)}), MSE of pixels in [0, 1]:")
   print(f"{'steps':>6} {'MSE':>10} {'DDIM paper (CIFAR10)':>22}")
-  for steps, value in errors.items():
+  for steps, value in result.mse.items():
     paper = DDIM_PAPER_RECONSTRUCTION.get(steps)
     print(f"{steps:>6} {value:>10.6f} {'' if paper is None else paper:>22}")
   if args.json:
     with writing("--json", args.json):
-      text = evaluation.write_json(prepare_output(args.json), {
-          "reconstruction_mse": {str(k): v for k, v in errors.items()}, "steps": steps_list,
-          "num_images": int(len(images)), "split": args.split, "seconds": time.time() - start})
+      text = evaluation.write_json(prepare_output(args.json), result.record())
     print(text if args.json == "-" else f"wrote {args.json}")
   if args.out:
-    rows = figures.inversion_rows(source.model, source.variables, source.normalizer,
-                                  evaluation.as_float_images(images[:args.show]), steps_list, source.spec)
     with writing("--out", args.out):
-      grids.save_rows(rows, args.out, upscale=grids.default_upscale(source.image_size, args.upscale))
-    print(f"wrote {args.out} (rows: originals, reconstructions at {steps_list[:-1]} steps, the noise at "
-          f"{steps_list[-1]} steps and its reconstruction)")
+      grids.save_rows(result.rows, args.out, upscale=grids.default_upscale(result.image_size, args.upscale))
+    print(f"wrote {args.out} (rows: originals, reconstructions at {args.steps[:-1]} steps, the noise at "
+          f"{args.steps[-1]} steps and its reconstruction)")
   return 0
 
 
@@ -211,61 +188,35 @@ def cmd_interpolate(args) -> int:
 def cmd_evaluate(args) -> int:
   """ddim-jax evaluate: KID (the digits metric for the bundled digits) of EMA samples, per step count."""
   check_output("--json", args.json)
-  if args.num_images is not None and args.num_images < 2:
-    raise errors.ConfigError(f"--num-images {args.num_images}: the metrics compare sets of at least 2 images")
-  source = pipeline.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
-  steps_list = args.steps
-  if args.metric == "digits" or (args.metric == "auto" and digits_metric.is_digits(source.data_config)):
-    return cmd_evaluate_digits(args, source, steps_list)
-  if args.batch_size < 2:
-    raise errors.ConfigError(f"--batch-size {args.batch_size}: KID needs batches of at least 2 images")
-  weights = evaluation.resolve_inception_weights(args.inception_weights)
-  reals = source.real_images("validation", args.num_images)
-  batch = evaluation.kid_batch_size(len(reals), args.batch_size)
-  used = len(reals) // batch * batch
-  feature_fn = evaluation.kid_feature_fn(weights, args.image_size)
-  start = time.time()
-  results = evaluation.kid_for_steps(source.model, source.variables, source.normalizer, reals, feature_fn, steps_list,
-                                     batch_size=batch, seed=args.seed, progress=True, spec=source.spec)
-  devices = sharded.devices_for(batch)
-  print(f"KID of {source.description} against {used} validation images (batches of {batch} split over {devices} "
-        f"device{'s' * (devices > 1)}, Inception at {args.image_size} px, {os.path.basename(weights)}):")
+  result = evaluation.evaluate_model(
+      args.workdir, args.weights, args.config, args.cpu_devices, args.step, steps_list=args.steps, metric=args.metric,
+      num_images=args.num_images, batch_size=args.batch_size, inception_weights=args.inception_weights,
+      image_size=args.image_size, seed=args.seed)
+  if isinstance(result, evaluation.DigitsEvaluation):
+    return cmd_evaluate_digits(args, result)
+  print(f"KID of {result.description} against {result.num_images} validation images (batches of "
+        f"{result.batch_size} split over {result.devices} device{'s' * (result.devices > 1)}, Inception at "
+        f"{result.image_size} px, {os.path.basename(result.inception_weights)}):")
   print(f"{'steps':>6} {'KID':>10}")
-  for steps, value in results.items():
+  for steps, value in result.kid.items():
     print(f"{steps:>6} {value:>10.5f}")
   if args.json:
     with writing("--json", args.json):
-      text = evaluation.write_json(prepare_output(args.json), {
-          "kid": {str(k): v for k, v in results.items()}, "steps": steps_list, "num_images": used,
-          "batch_size": batch, "image_size": args.image_size, "inception_weights": weights,
-          "checkpoint_step": source.step, "seed": args.seed, "seconds": time.time() - start})
+      text = evaluation.write_json(prepare_output(args.json), result.record())
     print(text if args.json == "-" else f"wrote {args.json}")
   return 0
 
 
-def cmd_evaluate_digits(args, source, steps_list) -> int:
-  """ddim-jax evaluate on the bundled digits: the digits metric per step count, then its calibration points."""
-  if not digits_metric.is_digits(source.data_config):
-    raise errors.ConfigError("--metric digits needs a model of the bundled digits (config.data.dataset='digits')")
-  num = args.num_images or DIGITS_METRIC_IMAGES
-  start = time.time()
-  metric = digits_metric.DigitsMetric.for_data(source.data_config, source.image_size)
-  results = {steps: metric.score(source.sample(num, steps, 0.0, args.seed, args.batch_size)) for steps in steps_list}
-  calibration = metric.calibration(num)
-  print(f"digits metric of {source.description}: {num} samples (seed {args.seed}) against the {metric.num_reference} "
-        f"validation digits, features of {os.path.basename(metric.weights)}:")
-  print("\n".join(digits_metric.table_lines(results, "steps")))
-  print(f"calibration ({num} images each; real digits from the training split):")
-  print("\n".join(digits_metric.table_lines(calibration)))
+def cmd_evaluate_digits(args, result) -> int:
+  """ddim-jax evaluate on the bundled digits: prints the digits metric per step count, then its calibration points."""
+  print(f"digits metric of {result.description}: {result.num_images} samples (seed {result.seed}) against the "
+        f"{result.num_reference} validation digits, features of {os.path.basename(result.feature_weights)}:")
+  print("\n".join(digits_metric.table_lines(result.scores, "steps")))
+  print(f"calibration ({result.num_images} images each; real digits from the training split):")
+  print("\n".join(digits_metric.table_lines(result.calibration)))
   if args.json:
     with writing("--json", args.json):
-      text = evaluation.write_json(prepare_output(args.json), {
-          "metric": "digits", "steps": steps_list, "num_images": num, "reference_images": metric.num_reference,
-          **{key: {str(k): getattr(v, key) for k, v in results.items()} for key in ("frechet_distance", "coverage")},
-          "histogram": {str(k): list(v.histogram) for k, v in results.items()},
-          "calibration": [{"name": k, **v.to_json()} for k, v in calibration.items()],
-          "feature_weights": metric.weights,
-          "checkpoint_step": source.step, "seed": args.seed, "seconds": time.time() - start})
+      text = evaluation.write_json(prepare_output(args.json), result.record())
     print(text if args.json == "-" else f"wrote {args.json}")
   return 0
 
@@ -424,7 +375,8 @@ def add_evaluate_parser(sub) -> None:
   p.add_argument("--metric", default="auto", choices=("auto", "kid", "digits"),
                  help="auto: the digits metric (no Inception weights) for the bundled digits, else KID")
   p.add_argument("--num-images", type=positive_int, default=None,
-                 help=f"KID: validation images (default: all); digits: samples (default {DIGITS_METRIC_IMAGES})")
+                 help=f"KID: validation images (default: all); digits: samples (default "
+                      f"{evaluation.DIGITS_METRIC_IMAGES})")
   p.add_argument("--batch-size", type=positive_int, default=64, help="images per KID batch (Keras 64, R 128)")
   p.add_argument("--inception-weights", default=None,
                  help="torchvision's inception_v3_google-0cc3c7bd.pth or pytorch-fid's pt_inception-2015-12-05-"

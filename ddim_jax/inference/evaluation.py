@@ -11,10 +11,16 @@ are not sampling noise.
 Reconstruction error (DDIM paper section 5.4, Table 2): images -> ``sampling.invert`` -> noise ->
 ``sampling.generate`` with the same step count -> images; the per-dimension mean squared error
 of pixels in [0, 1].
+
+The commands ``evaluate`` and ``invert`` call one function each (``evaluate_model``,
+``invert_model``): the model is loaded, measured, and the results come back as a record that the
+command prints (and writes as JSON).
 """
 
+import dataclasses
 import functools
 import json
+import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,10 +30,11 @@ from tqdm import tqdm
 
 from ddim_jax import errors
 from ddim_jax.core import rng, sampling, schedules
-from ddim_jax.inference import sharded
-from ddim_jax.quality import inception, metrics
+from ddim_jax.inference import figures, pipeline, sharded
+from ddim_jax.quality import digits_metric, inception, metrics
 
 FeatureFn = Callable[[Any], Any]
+DIGITS_METRIC_IMAGES = 500  # samples of `evaluate`'s digits metric by default
 
 
 def parse_step_counts(text: str) -> list[int]:
@@ -192,3 +199,206 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
 
   return evaluate
 
+
+
+# ------------------------------------------------------------------------------------------------
+# ``ddim-jax evaluate``: a model's KID, or its digits metric, per step count.
+
+
+@dataclasses.dataclass
+class KidEvaluation:
+  """KID of a model's EMA samples per step count (``evaluate_model`` with KID).
+
+  Attributes:
+    description: the model, for messages.
+    kid: {steps: KID}.
+    steps: the step counts, as asked.
+    num_images: the validation images used (whole batches).
+    batch_size: images per KID batch.
+    devices: the devices each batch is split over.
+    image_size: the Inception input side (75 Keras, 299 R).
+    inception_weights: the Inception weights file.
+    checkpoint_step: the training step of the weights, when known.
+    seed: the seed of the generated batches' noises.
+    seconds: of the measurement (after loading the model).
+  """
+  description: str
+  kid: dict[int, float]
+  steps: list[int]
+  num_images: int
+  batch_size: int
+  devices: int
+  image_size: int
+  inception_weights: str
+  checkpoint_step: int | None
+  seed: int
+  seconds: float
+
+  def record(self) -> dict:
+    """The JSON record of ``evaluate --json``."""
+    return {"kid": {str(k): v for k, v in self.kid.items()}, "steps": self.steps, "num_images": self.num_images,
+            "batch_size": self.batch_size, "image_size": self.image_size, "inception_weights": self.inception_weights,
+            "checkpoint_step": self.checkpoint_step, "seed": self.seed, "seconds": self.seconds}
+
+
+@dataclasses.dataclass
+class DigitsEvaluation:
+  """The digits metric of a model's EMA samples per step count, and its calibration points.
+
+  Attributes:
+    description: the model, for messages.
+    scores: {steps: ``DigitsScore``}.
+    calibration: the metric's calibration points (name -> ``DigitsScore``, best first).
+    steps: the step counts, as asked.
+    num_images: samples per step count (and images per calibration point).
+    num_reference: the reference (validation) digits.
+    feature_weights: the feature network's weights file.
+    checkpoint_step: the training step of the weights, when known.
+    seed: the seed of the samples.
+    seconds: of the measurement (after loading the model).
+  """
+  description: str
+  scores: dict[int, Any]
+  calibration: Mapping[str, Any]
+  steps: list[int]
+  num_images: int
+  num_reference: int
+  feature_weights: str
+  checkpoint_step: int | None
+  seed: int
+  seconds: float
+
+  def record(self) -> dict:
+    """The JSON record of ``evaluate --json``."""
+    return {"metric": "digits", "steps": self.steps, "num_images": self.num_images,
+            "reference_images": self.num_reference,
+            **{key: {str(k): getattr(v, key) for k, v in self.scores.items()}
+               for key in ("frechet_distance", "coverage")},
+            "histogram": {str(k): list(v.histogram) for k, v in self.scores.items()},
+            "calibration": [{"name": k, **v.to_json()} for k, v in self.calibration.items()],
+            "feature_weights": self.feature_weights,
+            "checkpoint_step": self.checkpoint_step, "seed": self.seed, "seconds": self.seconds}
+
+
+def evaluate_model(workdir: str | None = None, weights: str | None = None, config: str | None = None,
+                   cpu_devices: str | int | None = None, step: str | int | None = None, *,
+                   steps_list: Sequence[int], metric: str = "auto", num_images: int | None = None,
+                   batch_size: int = 64, inception_weights: str | None = None, image_size: int = 75,
+                   seed: int = 0) -> "KidEvaluation | DigitsEvaluation":
+  """``ddim-jax evaluate``: the model of a workdir or weight file (``pipeline.load_model``), measured.
+
+  Args:
+    workdir, weights, config, cpu_devices, step: the model (see ``pipeline.load_model``).
+    steps_list: sampler step counts.
+    metric: "kid", "digits", or "auto": the digits metric for a model of the bundled digits, else KID.
+    num_images: KID: validation images (None: all); digits: samples (None: ``DIGITS_METRIC_IMAGES``).
+    batch_size: KID: images per batch (Keras 64, R 128); digits: images per sampling call.
+    inception_weights: KID: the Inception weights file (None: the torch hub cache).
+    image_size: KID: the Inception input side (75 Keras, 299 R).
+    seed: the seed of the samples' noises.
+
+  Returns:
+    A ``KidEvaluation`` or a ``DigitsEvaluation``.
+  """
+  if num_images is not None and num_images < 2:
+    raise errors.ConfigError(f"--num-images {num_images}: the metrics compare sets of at least 2 images")
+  source = pipeline.load_model(workdir, weights, config, cpu_devices, step)
+  if metric == "digits" or (metric == "auto" and digits_metric.is_digits(source.data_config)):
+    return evaluate_digits(source, steps_list, num_images=num_images, batch_size=batch_size, seed=seed)
+  return evaluate_kid(source, steps_list, num_images=num_images, batch_size=batch_size,
+                      inception_weights=inception_weights, image_size=image_size, seed=seed)
+
+
+def evaluate_kid(source: "pipeline.InferenceModel", steps_list: Sequence[int], *, num_images: int | None = None,
+                 batch_size: int = 64, inception_weights: str | None = None, image_size: int = 75,
+                 seed: int = 0) -> KidEvaluation:
+  """KID of ``source``'s EMA samples against its validation images, per step count (``kid_for_steps``)."""
+  if batch_size < 2:
+    raise errors.ConfigError(f"--batch-size {batch_size}: KID needs batches of at least 2 images")
+  weights = resolve_inception_weights(inception_weights)
+  reals = source.real_images("validation", num_images)
+  batch = kid_batch_size(len(reals), batch_size)
+  used = len(reals) // batch * batch
+  feature_fn = kid_feature_fn(weights, image_size)
+  start = time.time()
+  results = kid_for_steps(source.model, source.variables, source.normalizer, reals, feature_fn, steps_list,
+                          batch_size=batch, seed=seed, progress=True, spec=source.spec)
+  return KidEvaluation(source.description, results, list(steps_list), used, batch, sharded.devices_for(batch),
+                       image_size, weights, source.step, seed, time.time() - start)
+
+
+def evaluate_digits(source: "pipeline.InferenceModel", steps_list: Sequence[int], *, num_images: int | None = None,
+                    batch_size: int = 64, seed: int = 0) -> DigitsEvaluation:
+  """The digits metric of ``source``'s EMA samples per step count, then its calibration points."""
+  if not digits_metric.is_digits(source.data_config):
+    raise errors.ConfigError("--metric digits needs a model of the bundled digits (config.data.dataset='digits')")
+  num = num_images or DIGITS_METRIC_IMAGES
+  start = time.time()
+  metric = digits_metric.DigitsMetric.for_data(source.data_config, source.image_size)
+  results = {steps: metric.score(source.sample(num, steps, 0.0, seed, batch_size)) for steps in steps_list}
+  calibration = metric.calibration(num)
+  return DigitsEvaluation(source.description, results, calibration, list(steps_list), num, metric.num_reference,
+                          metric.weights, source.step, seed, time.time() - start)
+
+
+# ------------------------------------------------------------------------------------------------
+# ``ddim-jax invert``: reconstruction errors per step count, and the figure of a few images.
+
+
+@dataclasses.dataclass
+class InversionEvaluation:
+  """DDIM inversion reconstruction errors of a model (``invert_model``).
+
+  Attributes:
+    description: the model, for messages.
+    mse: {steps: mean squared error of pixels in [0, 1]} (``reconstruction_errors``).
+    steps: the step counts, as asked.
+    num_images: the real images inverted.
+    split: their split.
+    devices: the devices each batch is split over.
+    image_size: the model's image side.
+    seconds: of the measurement (after loading the model and the images; without the figure).
+    rows: the rows of ``figures.inversion_rows`` for the first images (None when not asked for).
+  """
+  description: str
+  mse: dict[int, float]
+  steps: list[int]
+  num_images: int
+  split: str
+  devices: int
+  image_size: int
+  seconds: float
+  rows: list | None = None
+
+  def record(self) -> dict:
+    """The JSON record of ``invert --json``."""
+    return {"reconstruction_mse": {str(k): v for k, v in self.mse.items()}, "steps": self.steps,
+            "num_images": self.num_images, "split": self.split, "seconds": self.seconds}
+
+
+def invert_model(workdir: str | None = None, weights: str | None = None, config: str | None = None,
+                 cpu_devices: str | int | None = None, step: str | int | None = None, *, steps_list: Sequence[int],
+                 num_images: int = 64, split: str = "validation", batch_size: int = 64,
+                 figure_images: int = 0) -> InversionEvaluation:
+  """``ddim-jax invert``: the model of a workdir or weight file (``pipeline.load_model``), inverted.
+
+  Args:
+    workdir, weights, config, cpu_devices, step: the model (see ``pipeline.load_model``).
+    steps_list: step counts (inversion and sampling both use S network evaluations).
+    num_images: the first real images of ``split`` to invert.
+    split: "train" or "validation".
+    batch_size: images per call.
+    figure_images: the first images shown by the figure's rows (0: no figure).
+  """
+  source = pipeline.load_model(workdir, weights, config, cpu_devices, step)
+  images = source.real_images(split, num_images)
+  start = time.time()
+  mse = reconstruction_errors(source.model, source.variables, source.normalizer, images, steps_list,
+                              batch_size=batch_size, spec=source.spec)
+  result = InversionEvaluation(source.description, mse, list(steps_list), int(len(images)), split,
+                               sharded.devices_for(min(batch_size, len(images))), source.image_size,
+                               time.time() - start)
+  if figure_images:
+    result.rows = figures.inversion_rows(source.model, source.variables, source.normalizer,
+                                         as_float_images(images[:figure_images]), steps_list, source.spec)
+  return result
