@@ -15,6 +15,9 @@
   ``cmd_*``, ``add_*_parser`` and ``add_*_arguments``, imports, UPPER_CASE constants, the module docstring and
   ``if __name__ == "__main__":``; the library code lives in the other modules. It imports neither
   ``parallel`` nor ``sampling``: devices and the sampler are the library's (``inference.sharded``).
+* No module of ``ddim_jax`` uses an underscore name of another (``from ddim_jax.x import _y``,
+  ``from .x import _y``, ``x._y`` of an imported module): a shared name is public. A planted
+  private import fails.
 """
 
 import ast
@@ -449,3 +452,99 @@ def test_parallel_checkpointing_and_data_are_leaves():
     outside = sorted(m for m in imports if m.startswith("ddim_jax") and m not in allowed
                      and not (m == leaf or m.startswith(leaf + ".")))
     assert not outside, f"{name} should be a leaf but imports {outside}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Private names stay in their module: no module of ddim_jax imports an underscore name of another
+# (``from ddim_jax.x import _y``, ``from .x import _y``, ``import ddim_jax.x as m`` then ``m._y``). A name
+# two modules share is public (no underscore) in the module that defines it.
+
+
+def _is_private(name: str) -> bool:
+  return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_imports_in(source: str, module: str, is_package: bool, modules) -> list[str]:
+  """The uses in ``source`` (the text of ``module``) of underscore names of other modules of ``modules``."""
+  tree = ast.parse(source)
+  found, aliases = [], {}  # aliases: local name -> the module of ``modules`` it is bound to
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        target = _known(alias.name, modules)
+        if alias.asname and target == alias.name:
+          aliases[alias.asname] = target
+        parts = alias.name.split(".")
+        if target is not None and any(_is_private(p) for p in parts[1:]):
+          found.append(f"{module} (line {node.lineno}) imports {alias.name}")
+    elif isinstance(node, ast.ImportFrom):
+      source_module = _absolute(module, is_package, node.level, node.module)
+      if _known(source_module, modules) is None:
+        continue
+      for alias in node.names:
+        submodule = f"{source_module}.{alias.name}"
+        if submodule in modules:
+          aliases[alias.asname or alias.name] = submodule
+        if _is_private(alias.name) and (submodule in modules or source_module != module):
+          found.append(f"{module} (line {node.lineno}) imports {alias.name} from {source_module}")
+  for node in ast.walk(tree):
+    if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+        and _is_private(node.attr) and aliases[node.value.id] != module):
+      found.append(f"{module} (line {node.lineno}) uses {aliases[node.value.id]}.{node.attr}")
+  return sorted(set(found), key=lambda s: (s.split(" (line")[0], int(s.split("line ")[1].split(")")[0]), s))
+
+
+def private_imports(root: str, packages=("ddim_jax",)) -> list[str]:
+  """``private_imports_in`` over every module of ``packages``."""
+  modules = package_modules(root, packages)
+  found = []
+  for name, (path, is_package) in modules.items():
+    with open(path, encoding="utf-8") as f:
+      found += private_imports_in(f.read(), name, is_package, modules)
+  return found
+
+
+def test_private_imports_on_a_synthetic_package(tmp_path):
+  _write(tmp_path, {
+      "pkg/__init__.py": '"""The package."""\n__version__ = "1"\n',
+      "pkg/a.py": "_HIDDEN = 1\nSHOWN = 2\ndef _helper(): pass\n",
+      "pkg/_impl.py": "X = 1\n",
+      "pkg/b.py": ("from pkg.a import SHOWN, _HIDDEN\n"  # line 1: _HIDDEN
+                   "from .a import _helper as helper\n"  # line 2
+                   "from pkg import __version__, a\n"  # dunder names are not private
+                   "import pkg.a as mod\n"
+                   "def f():\n"
+                   "  return a._helper(), mod._HIDDEN, a.SHOWN\n"  # line 6: two uses
+                   "from pkg import _impl\n"  # line 7: a private submodule
+                   "import pkg._impl\n"  # line 8
+                   "from os import _exit\n"  # not the package's
+                   "def g(self):\n  return self._cache\n"),
+      "pkg/c.py": "from pkg.c import _own\n_own = 1\nimport pkg.c as me\nme._own\n",  # its own names
+  })
+  assert private_imports(str(tmp_path), ("pkg",)) == [
+      "pkg.b (line 1) imports _HIDDEN from pkg.a",
+      "pkg.b (line 2) imports _helper from pkg.a",
+      "pkg.b (line 6) uses pkg.a._HIDDEN",
+      "pkg.b (line 6) uses pkg.a._helper",
+      "pkg.b (line 7) imports _impl from pkg",
+      "pkg.b (line 8) imports pkg._impl",
+  ]
+
+
+def test_no_module_imports_a_private_name_of_another():
+  bad = private_imports(REPO)
+  assert not bad, ("a module of ddim_jax uses an underscore name of another; make the name public (no underscore, "
+                   "a docstring line) or keep the code in its module:\n" + "\n".join(bad))
+
+
+def test_a_planted_private_import_is_caught():
+  modules = package_modules(REPO, ("ddim_jax",))
+  path, is_package = modules["ddim_jax.data.cache"]
+  with open(path, encoding="utf-8") as f:
+    source = f.read()
+  public = "from ddim_jax.data.tfds_source import build_tfds\n"
+  assert public in source
+  line = source[:source.index(public)].count("\n") + 1
+  planted = source.replace(public, "from ddim_jax.data.tfds_source import _build_tfds\n")
+  assert private_imports_in(planted, "ddim_jax.data.cache", is_package, modules) == [
+      f"ddim_jax.data.cache (line {line}) imports _build_tfds from ddim_jax.data.tfds_source"]
