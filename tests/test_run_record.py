@@ -230,7 +230,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path, cache_dir, monkeypatch):
       return new_state.replace(params=jax.tree.map(lambda p: p + poison, new_state.params)), metrics
     return step
 
-  monkeypatch.setattr(train, "per_device_step", poisoned)
+  monkeypatch.setattr(step_lib, "per_device_step", poisoned)
   config = tiny_config(cache_dir)
   with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite training state after step 4 .*\(step 2\)"):
     trainer.train_and_evaluate(config, str(tmp_path), progress=False)

@@ -503,11 +503,11 @@ def test_demo_writes_its_weight_file_sample_grids_and_final_samples(tmp_path, ca
   assert _png(workdir / "samples.png").shape[:2] == grids.make_grid(
       np.zeros((int(config.sample.num_images), 16, 16, 3)), upscale=4).shape[:2]
 
-  grids = {}
+  step_grids = {}
   for step in (4, 8):
-    grids[step] = _png(workdir / "samples" / f"step_{step:07d}.png")
+    step_grids[step] = _png(workdir / "samples" / f"step_{step:07d}.png")
   noise = jax.random.normal(jax.random.key(int(config.seed) + 1), (int(config.sample.num_images), 16, 16, 3))
   images = sampling.generate(model, variables, noise, normalizer, steps=int(config.sample.steps))["images"]
   want = grids.make_grid(np.asarray(images), upscale=4)
-  assert np.abs(grids[8].astype(int) - want).max() <= 1
-  assert np.abs(grids[4].astype(int) - grids[8]).mean() > 0.5  # the model of step 4 draws other images
+  assert np.abs(step_grids[8].astype(int) - want).max() <= 1
+  assert np.abs(step_grids[4].astype(int) - step_grids[8]).mean() > 0.5  # the model of step 4 draws other images

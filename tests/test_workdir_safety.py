@@ -249,7 +249,7 @@ def test_a_locked_workdir_refuses_both_processes_of_a_two_process_run(tmp_path, 
   workdir = tmp_path / "run"
   workdir.mkdir()
   holder = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time; from ddim_jax import workdir as w; w.WorkdirLock(sys.argv[1]).acquire(); "
+      "import sys, time; from ddim_jax.infra import workdir as w; w.WorkdirLock(sys.argv[1]).acquire(); "
       "print('held', flush=True); time.sleep(600)"), str(workdir)], env=subprocess_env(1), stdout=subprocess.PIPE,
       text=True)
   try:

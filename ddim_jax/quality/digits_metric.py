@@ -41,7 +41,9 @@ FEATURE_SIZE = 16  # the network's input side
 NUM_CLASSES = 10
 HIDDEN = 32  # feature dimension (the hidden layer)
 CHANNELS = (16, 32)  # of the two convolutions
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits_features.safetensors")
+# The package data folder ddim_jax/assets, one level above this module.
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                               "digits_features.safetensors")
 # The training recipe of the shipped weights (``train_feature_params``' defaults).
 TRAIN_SEED = 0
 TRAIN_EPOCHS = 30
