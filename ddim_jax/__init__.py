@@ -9,7 +9,8 @@ The folders are the layers, bottom up (``tests/test_layout.py`` holds the import
   quality/         metrics (KID, Frechet), inception, digits_metric
   interop/         weight_files (the format shared with the PyTorch twin), parity
   inference/       pipeline (restore, sharded sampling), evaluation, figures, grids (PNG files)
-  training/        trainer (the loop), feed (its input on the devices)
+  training/        trainer (the loop), feed (its input on the devices), validation (config checks),
+                   reporting (metrics files, progress, profiler, banner)
   arguments, cli   the ``ddim-jax`` command
 
 The PyTorch twin lives in ``ddim_torch_ref`` with the same module names.

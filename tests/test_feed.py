@@ -193,6 +193,25 @@ def test_the_call_plan_lands_on_every_event():
   assert _calls(feed.CallPlan(4, 8, (4, 8)), 0) == [4, 4]  # multiples: no single steps at all
 
 
+def test_the_events_at_a_step(cache_dir):
+  """trainer.events_at: each interval at its own step; a KID step also saves (the best-KID checkpoint
+  exists to be kept); the last step and a preemption log and save; KID off (kid_every 0) never KID."""
+  config = tiny_config(cache_dir, **{"train.num_steps": 60, "train.log_every": 4, "train.checkpoint_every": 10,
+                                     "train.sample_every": 6})
+
+  def at(step, preempted=False, kid_every=15):
+    return trainer.events_at(step, config, preempted, kid_every)
+
+  assert at(4) == trainer.Events(log=True, save=False, kid=False, sample=False)
+  assert at(10) == trainer.Events(log=False, save=True, kid=False, sample=False)
+  assert at(6) == trainer.Events(log=False, save=False, kid=False, sample=True)
+  assert at(15) == trainer.Events(log=False, save=True, kid=True, sample=False)
+  assert at(15, kid_every=0) == trainer.Events(log=False, save=False, kid=False, sample=False)
+  assert at(7, preempted=True) == trainer.Events(log=True, save=True, kid=False, sample=False)
+  assert at(60) == trainer.Events(log=True, save=True, kid=True, sample=True)
+  assert at(1) == trainer.Events(log=False, save=False, kid=False, sample=False)
+
+
 def test_k_steps_per_call_with_events_between_is_bit_identical_in_both_placements(cache_dir):
   """A plan of 4 steps per call with single-step calls between: the device gather and the host
   thread give the same losses and weights as the host path making the same calls."""

@@ -18,7 +18,7 @@ from ddim_jax import cli, errors
 from ddim_jax.core import step as step_lib
 from ddim_jax.inference import pipeline
 from ddim_jax.infra import run_record
-from ddim_jax.training import trainer
+from ddim_jax.training import reporting, trainer, validation
 from train_helpers import final_weights, run, subprocess_env, tiny_config, tiny_overrides
 
 
@@ -145,7 +145,7 @@ def test_a_resumed_run_leaves_each_step_once_in_metrics_and_tensorboard(tmp_path
 
 
 def test_kid_is_logged_as_val_kid(tmp_path):
-  writer = trainer.MetricWriter(str(tmp_path))
+  writer = reporting.MetricWriter(str(tmp_path))
   writer.write(3, {"loss": 0.5, "val_kid": 0.25})
   writer.close()
   view = tensorboard_view(tmp_path / "tensorboard")
@@ -176,7 +176,7 @@ def test_a_redirected_run_prints_the_banner_and_plain_log_lines(tmp_path, cache_
 
 
 def test_progress_counts_finished_steps():
-  report = trainer.ProgressReport(num_steps=10, start_step=2, interactive=True)
+  report = reporting.ProgressReport(num_steps=10, start_step=2, interactive=True)
   report.finished(4)
   report.finished(3)  # never backwards
   assert (report.done, report._bar.n) == (4, 4)
@@ -198,14 +198,14 @@ def test_the_loop_reports_steps_only_after_they_finished(tmp_path, cache_dir, mo
       return new_state, metrics
     return wrapped
 
-  class Recording(trainer.ProgressReport):
+  class Recording(reporting.ProgressReport):
     def finished(self, step):
       seen.append(step)
       ready.append(all(outputs[s].is_ready() for s in range(1, step + 1)))
       super().finished(step)
 
   monkeypatch.setattr(trainer.parallel, "make_train_fn", recording_make_train_fn)
-  monkeypatch.setattr(trainer, "ProgressReport", Recording)
+  monkeypatch.setattr(reporting, "ProgressReport", Recording)
   config = tiny_config(cache_dir, **{"train.num_steps": 12, "train.log_every": 6, "train.checkpoint_every": 12})
   trainer.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
   assert all(ready) and seen[-1] == 12, (seen, ready)
@@ -249,7 +249,7 @@ def test_profile_steps_write_a_trace(tmp_path, cache_dir):
   assert sum(e.get("ph") == "X" for e in events) > 10  # timed events of the traced steps
   for bad in ("4,2", "x"):
     with pytest.raises(errors.ConfigError, match="profile_steps"):
-      trainer.validate_config(tiny_config(cache_dir, **{"train.profile_steps": bad, "train.steps_per_call": 2}), 1)
+      validation.validate_config(tiny_config(cache_dir, **{"train.profile_steps": bad, "train.steps_per_call": 2}), 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The workdir as the record of a run: its config, its starts, and the resume guard.
 
-Besides ``checkpoints/`` (``checkpointing.py``) and the metrics (``trainer.MetricWriter``), every
+Besides ``checkpoints/`` (``checkpointing.py``) and the metrics (``reporting.MetricWriter``), every
 start of ``train_and_evaluate`` leaves (process 0, through ``etils.epath``, so a bucket works too):
 
   config.json   the resolved config of the newest start (every key, after overrides)

@@ -42,7 +42,9 @@ FEATURE_SIZE = 16  # the network's input side
 NUM_CLASSES = 10
 HIDDEN = 32  # feature dimension (the hidden layer)
 CHANNELS = (16, 32)  # of the two convolutions
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits_features.safetensors")
+# The package data folder ddim_jax/assets, one level above this module.
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                               "digits_features.safetensors")
 FEATURE_BATCH = 256  # images per jitted feature call (the last batch is padded: one compilation)
 NOISE_SD = 0.25  # the calibration's Gaussian pixel noise, in [0, 1] units
 
