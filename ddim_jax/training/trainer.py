@@ -30,7 +30,7 @@ from tensorboardX.summary import hparams as tensorboard_hparams
 from ddim_jax import data, errors
 from ddim_jax.core import models, rng, sampling, schedules, step as step_lib
 from ddim_jax.inference import evaluation, grids, sharded
-from ddim_jax.infra import checkpointing, parallel, run_record
+from ddim_jax.infra import checkpointing, object_store, parallel, preemption, run_record
 from ddim_jax.training import feed as feed_lib
 from ddim_jax.infra import workdir as workdir_lib
 
@@ -135,7 +135,7 @@ class MetricWriter:
     self.enabled = enabled
     if enabled:
       self._workdir = epath.Path(workdir)
-      self._staging = tempfile.mkdtemp(prefix="ddim_jax_metrics_") if checkpointing.is_remote(workdir) else None
+      self._staging = tempfile.mkdtemp(prefix="ddim_jax_metrics_") if object_store.is_remote(workdir) else None
       self._synced = {}  # staged file -> size last copied up
       self.local_dir = self._staging or os.fspath(workdir)
       local_jsonl = pathlib.Path(self.local_dir, "metrics.jsonl")
@@ -495,7 +495,7 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
                                     max_to_keep=int(config.train.get("keep_checkpoints", 3)),
                                     best_metric="val_kid" if kid_fn is not None else None, best_mode="min")
   if jax.process_count() == 1:  # several processes: JAX's preemption service owns SIGTERM
-    checkpointing.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
+    preemption.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
   restored = ckpt.restore_latest(step_lib.abstract_train_state(model, step_config, image_size, init_key,
                                                        parallel.replicated(mesh)))
   if restored is not None:
