@@ -140,12 +140,12 @@ def _s3_env(url: str, tmp_path) -> dict:
   """The variables of an S3-compatible endpoint (and none of the developer's own AWS set-up)."""
   return {
       "EPATH_USE_TF": "false",  # without this epath uses gfile, which has no s3
-      # botocore (so s3fs, epath's fsspec backend) and ddim_jax.infra.checkpointing, which passes it to
+      # botocore (so s3fs, epath's fsspec backend) and ddim_jax.infra.object_store, which passes it to
       # tensorstore's s3 spec as "endpoint" (tensorstore itself ignores this variable).
       "AWS_ENDPOINT_URL": url,
       "AWS_ACCESS_KEY_ID": S3_KEY,  # botocore and tensorstore
       "AWS_SECRET_ACCESS_KEY": S3_SECRET,  # botocore and tensorstore
-      "AWS_DEFAULT_REGION": S3_REGION,  # botocore, and ddim_jax.infra.checkpointing -> tensorstore's "aws_region"
+      "AWS_DEFAULT_REGION": S3_REGION,  # botocore, and ddim_jax.infra.object_store -> tensorstore's "aws_region"
       # No ~/.aws/config or credentials file: a real profile must not redirect anything.
       "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
       "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),

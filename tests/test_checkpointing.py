@@ -1,4 +1,5 @@
-"""Tests of ddim_jax.infra.checkpointing: round trip, retention, fallback, crash and preemption safety.
+"""Tests of ddim_jax.infra.checkpointing (with digests and preemption): round trip, retention, fallback,
+crash and preemption safety.
 
 Tiny pytrees stand in for the U-Net; crash and SIGTERM behaviour is tested in subprocesses that
 run the script below.
@@ -24,9 +25,9 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from ddim_jax.infra import checkpointing
-from ddim_jax.infra.checkpointing import (Checkpointer, CheckpointRestoreError, CheckpointRestoreWarning,
-                                    PreemptionFlag)
+from ddim_jax.infra import checkpointing, digests, preemption
+from ddim_jax.infra.checkpointing import Checkpointer, CheckpointRestoreError, CheckpointRestoreWarning
+from ddim_jax.infra.preemption import PreemptionFlag
 from train_helpers import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def test_keep_last_n_without_metric(tmp_path):
     for step in range(1, 6):
       assert ckpt.save(step, make_state(step), make_meta(step), {"loss": float(step)})
     assert ckpt.all_steps() == [4, 5]
-    assert ckpt.best_step() == 5  # without best_metric "best" is the latest, as in orbax
+    assert ckpt.best_step() is None  # without best_metric no step has a value to rank
     assert not ckpt.save(5, make_state(5), make_meta(5))  # existing step: skipped, not clobbered
 
 
@@ -237,18 +238,18 @@ def test_wrong_abstract_state_raises_and_moves_nothing(tmp_path):
 def test_tree_digest_catches_single_bit_flips_and_ignores_layout(mesh):
   tree = {"f": jnp.linspace(-1, 1, 16), "h": jnp.ones(8, jnp.bfloat16),
           "i": jnp.arange(8, dtype=jnp.int32), "b": jnp.array([True, False, True, True])}
-  base = checkpointing.tree_digest(tree)
+  base = digests.tree_digest(tree)
   sharded = jax.device_put(tree, NamedSharding(mesh, P("data")))
-  assert checkpointing.tree_digest(sharded) == base
+  assert digests.tree_digest(sharded) == base
   for key, leaf in tree.items():
     raw = np.asarray(leaf).copy()
     flat = raw.view(np.uint8).reshape(-1)
     flat[0] ^= 0x01  # the lowest bit of the first element (little-endian)
     flipped = dict(tree, **{key: jnp.asarray(raw)})
-    changed = checkpointing.tree_digest(flipped)
+    changed = digests.tree_digest(flipped)
     assert changed[f"['{key}']"] != base[f"['{key}']"], key
   swapped = dict(tree, i=tree["i"][::-1])
-  assert checkpointing.tree_digest(swapped)["['i']"] != base["['i']"]
+  assert digests.tree_digest(swapped)["['i']"] != base["['i']"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def test_reached_preemption_follows_flag_and_sigterm_handler(tmp_path):
   other = PreemptionFlag()
   previous = signal.getsignal(signal.SIGTERM)
   try:
-    assert checkpointing.install_sigterm_handler(other) is other
+    assert preemption.install_sigterm_handler(other) is other
     os.kill(os.getpid(), signal.SIGTERM)  # handled by setting the flag, not by dying
     deadline = time.monotonic() + 5
     while not other.is_set() and time.monotonic() < deadline:
@@ -334,7 +335,7 @@ def test_reached_preemption_follows_flag_and_sigterm_handler(tmp_path):
 _SCRIPT = r'''
 import asyncio, os, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from ddim_jax.infra import checkpointing
+from ddim_jax.infra import checkpointing, preemption
 
 mode, directory = sys.argv[1], sys.argv[2]
 
@@ -366,7 +367,7 @@ elif mode == "save_forever":
 elif mode == "loop":
   # The training-loop pattern: regular saves, and on preemption save the current step and exit 0.
   max_steps = int(sys.argv[3])
-  checkpointing.install_sigterm_handler()
+  preemption.install_sigterm_handler()
   ckpt = checkpointing.Checkpointer(directory, max_to_keep=2)
   abstract = jax.eval_shape(lambda: state_at(0))
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,

@@ -17,7 +17,7 @@ import pytest
 from ddim_jax import cli, errors
 from ddim_jax.core import step as step_lib
 from ddim_jax.inference import pipeline
-from ddim_jax.infra import run_record
+from ddim_jax.infra import checkpointing, run_record
 from ddim_jax.training import reporting, trainer, validation
 from train_helpers import final_weights, run, subprocess_env, tiny_config, tiny_overrides
 
@@ -256,32 +256,35 @@ def test_profile_steps_write_a_trace(tmp_path, cache_dir):
 # Choosing a checkpoint.
 
 
-class _Checkpoints:
-  """What ``pipeline.select_step`` reads of a Checkpointer: steps, their metrics, the directory."""
-
-  def __init__(self, kids):
-    self.kids, self.directory = kids, "/run/checkpoints"
-
-  def all_steps(self):
-    return sorted(self.kids)
-
-  def metrics(self, step):
-    return None if self.kids[step] is None else {"loss": 0.1, "val_kid": self.kids[step]}
+def _checkpoints(directory, kids) -> checkpointing.Checkpointer:
+  """A checkpoint directory whose step s was saved with val_kid ``kids[s]`` (None: no metrics), opened
+  as ``restore_checkpoint`` opens it: a reader ranking by val_kid."""
+  with checkpointing.Checkpointer(directory, max_to_keep=None, best_metric="val_kid", async_save=False) as ckpt:
+    for step, kid in kids.items():
+      ckpt.save(step, {"w": jnp.full((2,), float(step))}, {"step": step},
+                None if kid is None else {"loss": 0.1, "val_kid": kid})
+  return checkpointing.Checkpointer(directory, best_metric="val_kid", async_save=False, read_only=True)
 
 
-def test_select_step_best_is_the_lowest_kid_not_the_newest():
-  ckpt = _Checkpoints({2: 0.5, 4: 0.1, 6: 0.3, 8: None, 10: float("nan")})
-  assert pipeline.select_step(ckpt, "best") == (4, "best: val_kid 0.10000")
-  assert pipeline.select_step(ckpt, "latest") == (10, "latest")
-  assert pipeline.select_step(ckpt, None) == (10, "latest")
-  assert pipeline.select_step(ckpt, "6") == (6, "step 6")
-  assert pipeline.select_step(_Checkpoints({2: 0.2, 4: 0.2}), "best")[0] == 2  # a tie: the earlier step
-  with pytest.raises(errors.MissingInputError, match=r"no checkpoint of step 7 .* steps \[2, 4, 6, 8, 10\]"):
-    pipeline.select_step(ckpt, "7")
-  with pytest.raises(errors.ConfigError, match="none of the checkpoints .* has a KID"):
-    pipeline.select_step(_Checkpoints({2: None, 4: None}), "best")
-  with pytest.raises(errors.MissingInputError, match="no complete checkpoint"):
-    pipeline.select_step(_Checkpoints({}), "latest")
+def test_select_step_best_is_the_lowest_kid_not_the_newest(tmp_path):
+  with _checkpoints(tmp_path / "a", {2: 0.5, 4: 0.1, 6: 0.3, 8: None, 10: float("nan")}) as ckpt:
+    assert ckpt.best_step() == 4
+    assert pipeline.select_step(ckpt, "best") == (4, "best: val_kid 0.10000")
+    assert pipeline.select_step(ckpt, "latest") == (10, "latest")
+    assert pipeline.select_step(ckpt, None) == (10, "latest")
+    assert pipeline.select_step(ckpt, "6") == (6, "step 6")
+    with pytest.raises(errors.MissingInputError, match=r"no checkpoint of step 7 .* steps \[2, 4, 6, 8, 10\]"):
+      pipeline.select_step(ckpt, "7")
+  with _checkpoints(tmp_path / "b", {2: 0.2, 4: 0.2, 6: float("inf")}) as ckpt:
+    assert pipeline.select_step(ckpt, "best")[0] == 2  # a tie: the earlier step; inf is no KID
+  with _checkpoints(tmp_path / "c", {2: None, 4: float("nan")}) as ckpt:
+    assert ckpt.best_step() is None
+    with pytest.raises(errors.ConfigError, match="none of the checkpoints .* has a KID"):
+      pipeline.select_step(ckpt, "best")
+  (tmp_path / "d").mkdir()
+  with checkpointing.Checkpointer(tmp_path / "d", best_metric="val_kid", read_only=True) as ckpt:
+    with pytest.raises(errors.MissingInputError, match="no complete checkpoint"):
+      pipeline.select_step(ckpt, "latest")
 
 
 # ------------------------------------------------------------------------------------------------

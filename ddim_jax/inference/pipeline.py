@@ -145,8 +145,9 @@ def select_step(ckpt: checkpointing.Checkpointer, which: str | int | None = "lat
   """The checkpoint step that ``which`` names, and how it was chosen (for messages).
 
   Args:
-    ckpt: the workdir's checkpoints.
-    which: "latest" (or None), "best" (the lowest ``val_kid`` that training logged) or a step number.
+    ckpt: the workdir's checkpoints, opened with ``best_metric="val_kid"``.
+    which: "latest" (or None), "best" (``ckpt.best_step()``: the lowest ``val_kid`` that training logged,
+      ties to the earlier step) or a step number.
 
   Raises:
     errors.MissingInputError: no checkpoint, or none of that step.
@@ -159,15 +160,13 @@ def select_step(ckpt: checkpointing.Checkpointer, which: str | int | None = "lat
   if which == "latest":
     return steps[-1], "latest"
   if which == "best":
-    kids = {s: (ckpt.metrics(s) or {}).get("val_kid") for s in steps}
-    kids = {s: float(v) for s, v in kids.items() if v is not None and np.isfinite(v)}
-    if not kids:
+    best = ckpt.best_step()
+    if best is None:
       raise errors.ConfigError(
           f"--step best: none of the checkpoints in {ckpt.directory} (steps {steps}) has a KID; training "
           "computes one every train.kid_every steps when Inception weights are available (eval.inception_weights). "
           "Use --step latest or a step number")
-    best = min(kids, key=lambda s: (kids[s], s))
-    return best, f"best: val_kid {kids[best]:.5f}"
+    return best, f"best: {ckpt.best_metric} {float(ckpt.metrics(best)[ckpt.best_metric]):.5f}"
   try:
     step = int(which)
   except ValueError:
@@ -195,7 +194,7 @@ def restore_checkpoint_described(workdir: str, ema: bool = True, step: str | int
     raise errors.MissingInputError(f"no checkpoints in {workdir!r} (expected {directory}); train first with "
                                    f"`ddim-jax train --workdir {workdir}`")
   # A reader: opens the checkpoints read-only (a live trainer may be writing the next step).
-  with checkpointing.Checkpointer(directory, async_save=False, read_only=True) as ckpt:
+  with checkpointing.Checkpointer(directory, best_metric="val_kid", async_save=False, read_only=True) as ckpt:
     chosen, how = select_step(ckpt, step)
     if how == "latest":  # the config of the newest step whose metadata reads (restore_latest falls back too)
       newest = ckpt.newest_readable_meta()

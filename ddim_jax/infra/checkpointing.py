@@ -1,143 +1,33 @@
-"""Training checkpoints: orbax `CheckpointManager` with fallback, integrity digests, preemption.
+"""Training checkpoints: an orbax `CheckpointManager` of three items per step (state, meta, info) that
+keeps the newest N steps plus the best one and falls back from a step that does not restore.
 
-One checkpoint is one step directory holding three orbax items:
-
-  state    the TrainState pytree (`StandardSave`/`StandardRestore`), restored into the
-           structure and shardings of an abstract state (`jax.ShapeDtypeStruct`s with `.sharding`).
-  meta     a JSON dict (`JsonSave`/`JsonRestore`): normaliser statistics, config, data-iterator
-           position, ... whatever the trainer passes; returned unchanged by `restore_latest`.
-  info     a JSON dict written by this module: {"metrics": the step's metrics, "digest": {leaf
-           key path: uint32 digest of the state}, "meta_sha256": the SHA-256 of the canonical JSON of
-           `meta` (normaliser, config, data position: what the weights mean)}. The digest exists because a flipped bit inside a
-           compressed tensorstore chunk restores *silently* to wrong values (verified with orbax
-           0.12.8); truncated or missing files do raise. The metrics live here because orbax
-           writes its own `metrics` item only when `best_fn` is set (it is, with `best_metric`).
-
-API:
-  `Checkpointer(directory, max_to_keep=3, best_metric=None, best_mode="min", async_save=True,
-                verify=True, preemption_flag=None, read_only=False)`
-  `.save(step, state, meta, metrics=None, force=False) -> bool`
-  `.restore_latest(abstract_state) -> (step, state, meta) | None`, `.restore(step, abstract_state) -> (state, meta)`
-  `.newest_readable_meta() -> (step, meta) | None`,
-  `.latest_step()`, `.all_steps()`, `.best_step()`, `.metrics(step)`, `.reached_preemption(step)`,
-  `.wait_until_finished()`, `.close()`, and use as a context manager.
-  `install_sigterm_handler(flag=None, signums=(SIGTERM,)) -> PreemptionFlag`, `PREEMPTION_FLAG`.
-
-Retention. orbax 0.12.8's legacy options rank by `best_fn` *instead of* recency: with
-`max_to_keep=N, best_fn=f` it keeps the best N and may delete the newest checkpoint (verified:
-losses 5,1,4,3,6 at steps 1..5 with N=2 keep steps [2, 4]). We want "the last N plus the best one",
-so we pass `preservation_policy=AnyPreservationPolicy([LatestN(N), BestN(n=1)])`, which is
-mutually exclusive with `max_to_keep`. `best_fn`/`best_mode` are still set, but only so that
-`CheckpointManager.best_step()` ranks by the metric (it reads them; the policy overrides deletion).
-
-Atomicity. orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>`
-after all items are written (`AtomicRenameTemporaryPath`); steps are found only by their integer
-names, so a save killed mid-way leaves a tmp directory that is never restored, and
-`cleanup_tmp_directories=True` deletes it when the next `Checkpointer` starts.
-
-Readers and writers. Only a trainer opens a directory for writing. Every other command (export,
-sample, evaluate, a second trainer's resume check, ...) opens it with `read_only=True`: orbax's
-read-only mode, no tmp-directory clean-up, nothing created, moved or quarantined, no write check.
-A reader's clean-up of `<step>.orbax-checkpoint-tmp` once deleted a live trainer's save in progress.
-
-Failed restores. `restore_latest` walks back from the newest step; a step that fails to restore
-(missing or truncated file, digest mismatch) is reported with a `CheckpointRestoreWarning` and
-moved to `<directory>/quarantined/` once an older step restored (writers only), so that the resumed run can save
-that step number again (orbax skips saving a step <= the latest existing one). If *no* step
-restores, nothing is moved and `CheckpointRestoreError` is raised: that pattern means a wrong
-abstract state far more often than every checkpoint being corrupt.
-
-Multi-host. Every process must call `save`, `restore_latest` and `reached_preemption` at the same
-steps (orbax saves collectively; never guard with `jax.process_index() == 0`). Preemption with
-several processes is JAX's preemption sync manager (what orbax's `reached_preemption` and MaxText
-use), not the SIGTERM flag: `jax.distributed.initialize` installs JAX's own SIGTERM notifier; a
-notice on ANY process starts a background protocol over the coordination service that agrees on
-the sync id max(every process's current id) + 1, and `reached_preemption(sync_id)` returns True on
-every process at that id. An ordinary call is a local, mutex-guarded compare: no host sync per
-step. (The flag all-gathered at every call, as before, cost one blocking collective per step.)
+Only the trainer writes; every other command opens a directory with `read_only=True`. The format,
+retention, atomicity, fallback and multi-host rules: docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import math
 import os
 import pathlib
 import shutil
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from ddim_jax import errors
+from ddim_jax.infra import digests, object_store, preemption
 
 _STATE, _META, _INFO = "state", "meta", "info"
 QUARANTINE_DIRNAME = "quarantined"
 _log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------
-# s3:// workdirs. orbax (0.12.8, and its main branch in 2026-08) gives tensorstore a native kvstore
-# only for gs:// paths; any other path becomes a local `file` kvstore, and an s3:// one fails with
-# "Checkpoint path should be absolute. Got s3:/bucket/..." (os.path.normpath ate a slash). Its
-# non-array files (metadata, JSON items, renames) go through etils.epath, which handles s3:// via
-# s3fs. So only the path -> tensorstore kvstore step is routed here: s3://bucket/key becomes
-# tensorstore's `s3` driver. tensorstore reads credentials (AWS_ACCESS_KEY_ID, ...) from the
-# environment itself but not an endpoint: a custom one (MinIO, moto, ...) is taken from
-# AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, the variables botocore (so s3fs) honours too.
-
-
-def _s3_kvstore_spec(path: str) -> dict[str, Any]:
-  """tensorstore's kvstore spec of ``s3://bucket/key`` (endpoint and region from the AWS env vars)."""
-  bucket, _, key = path[len("s3://"):].partition("/")
-  spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": key}
-  endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-  if endpoint:
-    spec["endpoint"] = endpoint
-  region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-  if region:
-    spec["aws_region"] = region
-  return spec
-
-
-def _route_s3_paths_to_tensorstore() -> None:
-  """Makes orbax's array I/O use tensorstore's s3 driver for s3:// paths (idempotent).
-
-  Patches three private names of orbax 0.12.8 (called for s3:// directories only, so that local and
-  gs:// runs never depend on them); if a later orbax renamed them, says so instead of failing obscurely.
-  """
-  from orbax.checkpoint._src.path import gcs_utils
-  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-  if getattr(ts_utils, "_ddim_jax_s3", False):
-    return
-  try:
-    normalize, use_native, native_spec = ts_utils._normalize_path, ts_utils._use_gcs_driver, gcs_utils.get_kvstore_for_gcs
-  except AttributeError as e:
-    raise NotImplementedError(f"s3:// checkpoints need orbax-checkpoint 0.12.x internals ({e}); "
-                              f"this is {ocp.__version__}") from e
-
-  def normalize_path(path: str) -> str:
-    out = normalize(path)  # os.path.normpath: "s3://b/k" -> "s3:/b/k"
-    return "s3://" + out[len("s3:/"):] if out.startswith("s3:/") and not out.startswith("s3://") else out
-
-  def get_kvstore(path: str) -> dict[str, Any]:
-    return _s3_kvstore_spec(path) if str(path).startswith("s3://") else native_spec(path)
-
-  ts_utils._normalize_path = normalize_path
-  ts_utils._use_gcs_driver = lambda directory: use_native(directory) or directory.startswith("s3://")
-  gcs_utils.get_kvstore_for_gcs = get_kvstore
-  ts_utils._ddim_jax_s3 = True
 
 
 class CheckpointError(errors.Error):
@@ -154,124 +44,6 @@ class CheckpointRestoreError(CheckpointError):
 
 class CheckpointRestoreWarning(UserWarning):
   """A checkpoint failed to restore and an older one is tried instead."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Preemption: a SIGTERM handler that only sets a flag.
-
-
-class PreemptionFlag:
-  """A thread- and signal-safe boolean set when this process is asked to stop.
-
-  The signal handler only sets it; the training loop polls it (via
-  `Checkpointer.reached_preemption`), finishes the step, saves and exits cleanly.
-  """
-
-  def __init__(self):
-    self._event = threading.Event()
-    self.signum: int | None = None
-
-  def set(self, signum: int | None = None) -> None:
-    """Marks the process as preempted (what the signal handler calls)."""
-    self.signum = signum
-    self._event.set()
-
-  def clear(self) -> None:
-    """Resets the flag (tests; or after a handled preemption that does not exit)."""
-    self.signum = None
-    self._event.clear()
-
-  def is_set(self) -> bool:
-    """True once `set` was called."""
-    return self._event.is_set()
-
-
-# Process-wide default: signals are process-wide, so one flag is the natural default.
-PREEMPTION_FLAG = PreemptionFlag()
-
-
-def install_sigterm_handler(flag: PreemptionFlag | None = None,
-                            signums: Sequence[int] = (signal.SIGTERM,)) -> PreemptionFlag:
-  """Installs a handler that sets `flag` on SIGTERM (or `signums`) instead of dying.
-
-  Must be called from the main thread (a Python `signal` rule). Single-process runs only: with
-  several processes JAX's preemption service owns SIGTERM (see the module docstring), and a Python
-  handler installed after `jax.distributed.initialize` would replace JAX's notifier.
-
-  Args:
-    flag: the flag to set; defaults to the module's `PREEMPTION_FLAG`.
-    signums: the signals to catch.
-
-  Returns:
-    The flag, to pass to `Checkpointer(preemption_flag=...)` or to poll directly.
-  """
-  flag = PREEMPTION_FLAG if flag is None else flag
-
-  def handler(signum, frame):  # noqa: ARG001  (the signal API's signature)
-    # Only set the flag: anything heavier (saving, logging with locks) is unsafe in a handler.
-    flag.set(signum)
-
-  for signum in signums:
-    signal.signal(signum, handler)
-  return flag
-
-
-# ----------------------------------------------------------------------------------------------
-# Integrity digests, computed on device so that a save does not copy the state to host twice.
-
-
-def _leaf_digest(x: jax.Array) -> jax.Array:
-  """A uint32 position-weighted sum of the bits of `x`.
-
-  Every weight is odd, so any single flipped bit changes the sum (odd * 2^k != 0 mod 2^32), and
-  distinct weights catch swapped elements. Integer arithmetic makes it exact and independent of
-  the reduction order, hence of the device layout.
-  """
-  x = jnp.asarray(x)
-  if x.dtype == jnp.bool_:
-    bits = x.astype(jnp.uint32)
-  else:
-    width = x.dtype.itemsize * 8
-    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{width}"))
-    # 64-bit words split into two uint32 (an extra trailing axis); narrower ones widen.
-    bits = (jax.lax.bitcast_convert_type(bits, jnp.uint32) if width == 64
-            else bits.astype(jnp.uint32))
-  bits = bits.ravel()
-  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
-  return jnp.sum(bits * weights, dtype=jnp.uint32)
-
-
-@jax.jit
-def _tree_digest_device(tree: Any) -> Any:
-  return jax.tree.map(_leaf_digest, tree)
-
-
-def _digestible(x: Any) -> bool:
-  """Numeric or boolean array leaves; Python scalars and other objects are not digested."""
-  dtype = getattr(x, "dtype", None)
-  if dtype is None:
-    return False
-  return bool(dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer)
-              or jnp.issubdtype(dtype, jnp.floating))
-
-
-def tree_digest(tree: Any) -> dict[str, int]:
-  """{key path: uint32 digest} of every numeric array leaf of `tree` (see `_leaf_digest`)."""
-  leaves = [(jax.tree_util.keystr(path), leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if _digestible(leaf)]
-  digests = jax.device_get(_tree_digest_device([leaf for _, leaf in leaves]))
-  return {key: int(d) for (key, _), d in zip(leaves, digests)}
-
-
-def meta_digest(meta: Mapping[str, Any]) -> str:
-  """SHA-256 (hex) of the canonical JSON of a checkpoint's ``meta`` (sorted keys)."""
-  text = json.dumps(meta, sort_keys=True, allow_nan=True, separators=(",", ":"))
-  return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _digest_mismatches(expected: Mapping[str, int], actual: Mapping[str, int]) -> list[str]:
-  keys = sorted(set(expected) | set(actual))
-  return [k for k in keys if expected.get(k) != actual.get(k)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,20 +77,15 @@ def _metric_score(metrics: Any, name: str, mode: str) -> float:
   return value
 
 
-def is_remote(path: str | os.PathLike) -> bool:
-  """True for a bucket path (``gs://...``, ``s3://...``, any ``scheme://``), False for a local one."""
-  return "://" in os.fspath(path)
-
-
 def _prepare_directory(directory: str | os.PathLike, read_only: bool = False) -> str:
   """Absolute checkpoint directory; a writer's is created if needed and checked for writing.
 
   Clear errors for files, permissions and (read-only) a missing directory.
   """
   directory = os.fspath(directory)
-  if is_remote(directory):  # gs:// and friends: let orbax/epath deal with remote storage.
+  if object_store.is_remote(directory):  # gs:// and friends: let orbax/epath deal with remote storage.
     if directory.startswith("s3://"):
-      _route_s3_paths_to_tensorstore()
+      object_store.route_s3_paths_to_tensorstore()
     return directory
   path = pathlib.Path(directory).expanduser().absolute()
   if path.exists() and not path.is_dir():
@@ -343,12 +110,12 @@ class Checkpointer:
   """Async orbax checkpoints of one training-state pytree plus JSON metadata.
 
   Keeps the newest `max_to_keep` steps and, when `best_metric` is given, also the best step by
-  that metric. See the module docstring for atomicity, fallback and multi-host rules.
+  that metric. See docs/checkpoints.md for atomicity, fallback and multi-host rules.
   """
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3,
                best_metric: str | None = None, best_mode: str = "min", async_save: bool = True,
-               verify: bool = True, preemption_flag: PreemptionFlag | None = None, read_only: bool = False):
+               verify: bool = True, preemption_flag: preemption.PreemptionFlag | None = None, read_only: bool = False):
     """Opens (a writer: creating if needed) a checkpoint directory.
 
     Args:
@@ -358,7 +125,7 @@ class Checkpointer:
       best_mode: "min" or "max": which values of `best_metric` are better.
       async_save: write in a background thread (`save` returns after the device-to-host copy).
       verify: write a digest of the state with each save and check it on restore.
-      preemption_flag: flag polled by `reached_preemption`; defaults to `PREEMPTION_FLAG`.
+      preemption_flag: flag polled by `reached_preemption`; defaults to `preemption.PREEMPTION_FLAG`.
       read_only: a reader: restores only; writes, creates, cleans up and quarantines nothing
         (`save` raises). Every command but the trainer opens checkpoints this way.
 
@@ -377,7 +144,7 @@ class Checkpointer:
     self.best_metric = best_metric
     self.best_mode = best_mode
     self.verify = verify
-    self._flag = PREEMPTION_FLAG if preemption_flag is None else preemption_flag
+    self._flag = preemption.PREEMPTION_FLAG if preemption_flag is None else preemption_flag
     self._closed = False
     self._mngr = self._make_manager(async_save)
 
@@ -398,7 +165,8 @@ class Checkpointer:
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=cm.AnyPreservationPolicy(policies),
-        # Only read by best_step(); deletion follows the policy above.
+        # With best_fn set orbax writes the metrics (and reads them back on restart) that BestN ranks;
+        # deletion follows the policy above, and best_step() below is ours, not orbax's.
         best_fn=best_fn, best_mode=self.best_mode,
         enable_async_checkpointing=async_save,
         # Leftover `*.orbax-checkpoint-tmp-*` directories of a killed save.
@@ -442,12 +210,12 @@ class Checkpointer:
       raise RuntimeError(f"Checkpointer.save on a read-only Checkpointer of {self.directory}")
     meta = _checked_json(dict(meta), "meta")
     metrics = _checked_json(_metrics_to_json(metrics), "metrics")
-    digest = tree_digest(state) if self.verify else {}
+    digest = digests.tree_digest(state) if self.verify else {}
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state),
         _META: ocp.args.JsonSave(meta),
         _INFO: ocp.args.JsonSave({"metrics": metrics, "digest": digest,
-                                   **({"meta_sha256": meta_digest(meta)} if self.verify else {})}),
+                                   **({"meta_sha256": digests.meta_digest(meta)} if self.verify else {})}),
     })
     return bool(self._mngr.save(int(step), args=args, metrics=metrics, force=force))
 
@@ -486,13 +254,13 @@ class Checkpointer:
     state, meta, info = restored[_STATE], restored[_META], restored[_INFO]
     expected = info["digest"]
     if self.verify and expected:
-      bad = _digest_mismatches(expected, tree_digest(state))
+      bad = digests.digest_mismatches(expected, digests.tree_digest(state))
       if bad:
         raise CheckpointCorruptError(
             f"restored content differs from the digest saved with it at {len(bad)} leaves: "
             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     # Checkpoints written before the metadata digest existed have none: nothing to check then.
-    if self.verify and info.get("meta_sha256") and info["meta_sha256"] != meta_digest(meta):
+    if self.verify and info.get("meta_sha256") and info["meta_sha256"] != digests.meta_digest(meta):
       raise CheckpointCorruptError("restored metadata (normaliser, config, data position) differs from the "
                                    "digest saved with it")
     return state, meta
@@ -546,7 +314,7 @@ class Checkpointer:
 
   def _quarantine(self, steps: Sequence[int]) -> None:
     """Moves broken step directories aside so that the resumed run can save those steps again."""
-    if not is_remote(self.directory) and jax.process_index() == 0:
+    if not object_store.is_remote(self.directory) and jax.process_index() == 0:
       target = pathlib.Path(self.directory) / QUARANTINE_DIRNAME
       target.mkdir(exist_ok=True)
       for step in steps:
@@ -570,8 +338,22 @@ class Checkpointer:
     return sorted(self._mngr.all_steps())
 
   def best_step(self) -> int | None:
-    """The best step by `best_metric` (the latest step if no metric is configured), or None."""
-    return self._mngr.best_step()
+    """The best step by `best_metric`, or None when no step has a finite value of it (or no `best_metric`).
+
+    Best: the lowest finite value ("max" mode: the highest), ties to the lowest step, over the metrics
+    saved with the steps that exist. The one definition of "best" (`--step best` uses it). A writer's
+    retention keeps a step of the best value (orbax's BestN, ranking by the same `_metric_score`).
+    """
+    if self.best_metric is None:
+      return None
+    self.wait_until_finished()  # the metrics are read from the committed steps
+    sign = 1.0 if self.best_mode == "min" else -1.0
+    scores = {}
+    for step in self.all_steps():
+      score = _metric_score(self.metrics(step), self.best_metric, self.best_mode)
+      if math.isfinite(score):
+        scores[step] = sign * score
+    return min(scores, key=lambda s: (scores[s], s)) if scores else None
 
   def metrics(self, step: int) -> dict[str, float] | None:
     """The metrics saved with `step` (None if saved without), read from the `info` item."""
@@ -579,21 +361,13 @@ class Checkpointer:
         _INFO]["metrics"]
 
   def reached_preemption(self, sync_id: int) -> bool:
-    """True when the loop should save now and exit.
+    """True when the loop should save now and exit: `preemption.reached(sync_id, flag)`.
 
-    One process: the SIGTERM flag (`install_sigterm_handler`). Several processes: JAX's preemption
-    sync point, True on every process at the same `sync_id` after a SIGTERM to any of them (see the
-    module docstring); `jax.distributed.initialize` must have started the preemption service (the
-    default, `jax_enable_preemption_service=True`).
-
-    Args:
-      sync_id: the loop's call counter: consecutive integers from 1, the same sequence on every
-        process and called at every one of them (JAX matches ids exactly, so a training step that
-        advances by `steps_per_call` must not be passed).
+    One process: the SIGTERM flag (`preemption.install_sigterm_handler`). Several processes: JAX's
+    preemption sync point, True on every process at the same `sync_id` (the loop's call counter:
+    consecutive integers from 1 on every process, not the training step).
     """
-    if jax.process_count() == 1:
-      return self._flag.is_set()
-    return bool(multihost_utils.reached_preemption_sync_point(sync_id))
+    return preemption.reached(sync_id, self._flag)
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending async save is committed (and re-raises its error, if any)."""

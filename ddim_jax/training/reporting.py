@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams as tensorboard_hparams
 
-from ddim_jax.infra import checkpointing, run_record
+from ddim_jax.infra import object_store, run_record
 from ddim_jax.training import feed as feed_lib
 
 
@@ -77,7 +77,7 @@ class MetricWriter:
     self.enabled = enabled
     if enabled:
       self._workdir = epath.Path(workdir)
-      self._staging = tempfile.mkdtemp(prefix="ddim_jax_metrics_") if checkpointing.is_remote(workdir) else None
+      self._staging = tempfile.mkdtemp(prefix="ddim_jax_metrics_") if object_store.is_remote(workdir) else None
       self._synced = {}  # staged file -> size last copied up
       self.local_dir = self._staging or os.fspath(workdir)
       local_jsonl = pathlib.Path(self.local_dir, "metrics.jsonl")

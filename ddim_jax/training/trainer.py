@@ -25,7 +25,7 @@ from etils import epath
 from ddim_jax import data, errors
 from ddim_jax.core import models, rng, sampling, schedules, step as step_lib
 from ddim_jax.inference import evaluation, grids, sharded
-from ddim_jax.infra import checkpointing, parallel, run_record
+from ddim_jax.infra import checkpointing, parallel, preemption, run_record
 from ddim_jax.infra import workdir as workdir_lib
 from ddim_jax.training import feed as feed_lib, reporting, validation
 
@@ -203,7 +203,7 @@ def _start_run(config, workdir: str, progress: bool, config_source: str | None) 
                                     max_to_keep=int(config.train.get("keep_checkpoints", 3)),
                                     best_metric="val_kid" if kid_fn is not None else None, best_mode="min")
   if jax.process_count() == 1:  # several processes: JAX's preemption service owns SIGTERM
-    checkpointing.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
+    preemption.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
   restored = ckpt.restore_latest(step_lib.abstract_train_state(model, step_config, image_size, init_key,
                                                                parallel.replicated(mesh)))
   if restored is not None:
