@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_REQUIREMENT := $(firstword $(TORCH_SPEC))
 TORCH_PIP_OPTIONS := $(wordlist 2,$(words $(TORCH_SPEC)),$(TORCH_SPEC))
 
-.PHONY: setup setup-demo setup-tfds demo test parity bench clean
+.PHONY: setup setup-demo setup-tfds demo test test-fast parity bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ demo: setup-demo
 
 test: setup-tfds
 	$(PY) -m pytest -q -n 2 tests
+
+# The fast tier (tests not marked slow): about a minute once installed.
+test-fast: setup-tfds
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 parity: setup
 	$(PY) scripts/parity_report.py

@@ -405,6 +405,7 @@ def workdir_inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_status_2(case, inputs, workdir_inputs, capsys, monkeypatch):
   _, argv, needles, *env = case
   paths = {**vars(inputs), **workdir_inputs}

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from train_helpers import xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +21,7 @@ REQUIRED_KEYS = ("jax_train_img_s", "torch_eager_train_img_s", "torch_compile_tr
                  "jax_sample_mfu", "torch_eager_train_mfu")
 
 
+@pytest.mark.slow
 def test_benchmark_runs_tiny_and_writes_the_json_keys(tmp_path):
   out = tmp_path / "bench.json"
   env = dict(os.environ)
@@ -107,6 +110,7 @@ def test_mfu_on_a_known_device_uses_the_jaxpr_flops_and_every_jax_device():
   assert "5.9%" in table
 
 
+@pytest.mark.slow
 def test_host_time_per_step_measures_every_input_path():
   """``--host-time``'s measurement (not a timing assertion): the three paths run and report positive times."""
   sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))

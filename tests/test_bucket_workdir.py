@@ -206,6 +206,7 @@ def _tensors(path) -> dict:
   return load_file(str(path))
 
 
+@pytest.mark.slow
 def test_train_resume_export_and_sample_with_a_bucket_workdir(tmp_path, cache_dir, bucket):
   env, run_path = bucket.env, bucket.path("run")
   cwd = tmp_path / "cwd"
@@ -297,6 +298,7 @@ def _dumped_state(workdir: str, out, env) -> tuple[dict, list[np.ndarray]]:
     return json.load(f), [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
 
+@pytest.mark.slow
 def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_dir, gcs_server):
   """2 processes x 2 CPU devices train into gs://, are SIGKILLed mid-run, and the resumed run equals
   an uninterrupted local 2-process run in every state leaf."""
@@ -380,6 +382,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_one_trainer_per_bucket_workdir(bucket, tmp_path):
   """The bucket lock: created if absent, refreshed, refused to a second trainer (naming the holder),
   taken over from a holder whose heartbeat stopped, removed at the end."""

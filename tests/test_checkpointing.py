@@ -96,6 +96,7 @@ def no_restore_warnings(record):
 
 
 @pytest.mark.parametrize("target", ["replicated", "single_device"])
+@pytest.mark.slow
 def test_round_trip_is_bit_exact_and_uses_requested_shardings(tmp_path, mesh, target):
   saved = make_state(1, NamedSharding(mesh, P()))
   # Restoring onto a different placement than the saved one proves the sharding comes from
@@ -192,6 +193,7 @@ def _damage(step_dir: pathlib.Path, how: str) -> None:
 # orbax leaves the other reads of a failed restore to the garbage collector, which reports them.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("how", ["delete", "truncate", "bitflip", "truncate_meta"])
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, how):
   sharding = SingleDeviceSharding(jax.devices()[0])
   abstract = abstract_of(make_state(0), sharding)
@@ -487,6 +489,7 @@ def test_sigkill_at_an_arbitrary_moment_of_async_saving(tmp_path, spawn):
     assert int(state["step"]) == step and float(state["x"].min()) == float(state["x"].max()) == step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_exits_cleanly_and_restart_resumes(tmp_path, spawn):
   directory = tmp_path / "ckpt"
   proc = spawn("loop", directory, 100000)

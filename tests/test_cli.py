@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ddim_jax import cli
@@ -12,6 +13,7 @@ from ddim_jax.interop import weight_files
 from train_helpers import run, subprocess_env, tiny_overrides
 
 
+@pytest.mark.slow
 def test_sample_and_info_from_a_weight_file(tmp_path, capsys, trained_weights):
   weights = trained_weights("keras")
   out = str(tmp_path / "grid.png")
@@ -31,6 +33,7 @@ def test_bad_weight_file_is_a_clear_error(tmp_path, capsys):
   assert "truncated or not a safetensors" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_train_export_sample_end_to_end(tmp_path):
   """`ddim-jax demo` (shortened), then `export` (EMA and raw) and `sample` from the exported file."""
   workdir = tmp_path / "demo"

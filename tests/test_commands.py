@@ -69,6 +69,7 @@ def _run_model(workdir):
   return model, variables, normalizer, config
 
 
+@pytest.mark.slow
 def test_kid_during_training_logs_val_kid_and_keeps_the_best_checkpoint(kid_run):
   records = [json.loads(line) for line in open(os.path.join(kid_run, "metrics.jsonl"), encoding="utf-8")]
   kids = {r["step"]: r["val_kid"] for r in records if "val_kid" in r}
@@ -82,6 +83,7 @@ def test_kid_during_training_logs_val_kid_and_keeps_the_best_checkpoint(kid_run)
     assert ckpt.metrics(best)["val_kid"] == pytest.approx(kids[best])
 
 
+@pytest.mark.slow
 def test_step_chooses_the_best_latest_or_a_numbered_checkpoint(kid_run, tmp_path, capsys):
   """--step best loads the lowest-KID checkpoint that training kept, and says which step it used."""
   with checkpointing.Checkpointer(os.path.join(kid_run, "checkpoints"), async_save=False) as ckpt:
@@ -111,6 +113,7 @@ def test_step_chooses_the_best_latest_or_a_numbered_checkpoint(kid_run, tmp_path
   assert "use latest, best or a step number" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_step_best_without_kid_is_a_clear_error(tmp_path, trained_weights, capsys):
   config = tiny_config(tmp_path / "cache", **{"train.num_steps": 2})
   trainer.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
@@ -138,6 +141,7 @@ def test_training_kid_without_inception_weights_warns_once_and_is_off(tmp_path):
   assert not caught
 
 
+@pytest.mark.slow
 def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path, capsys):
   out = tmp_path / "kid.json"
   assert cli.main(["evaluate", "--workdir", kid_run, "--metric", "kid", "--steps", "2,3", "--num-images", "8",
@@ -174,6 +178,7 @@ def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path,
   assert "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sample_from_a_workdir_writes_grid_images_and_trajectory(kid_run, tmp_path):
   grid, traj, arrays = tmp_path / "grid.png", tmp_path / "traj.png", tmp_path / "images.npy"
   assert cli.main(["sample", "--workdir", kid_run, "--num-images", "5", "--steps", "3", "--rows", "1",
@@ -192,6 +197,7 @@ def test_sample_from_a_workdir_writes_grid_images_and_trajectory(kid_run, tmp_pa
   assert np.abs(_tile(strip, 0, 0, 64).astype(int) - want).mean() > 10  # the first column is noise
 
 
+@pytest.mark.slow
 def test_figures_forward_reverse_and_samples(kid_run, tmp_path):
   assert cli.main(["figures", "--workdir", kid_run, "--out-dir", str(tmp_path), "--steps", "3"]) == 0
   forward, reverse, samples = (_png(tmp_path / f) for f in ("forward.png", "reverse.png", "samples.png"))
@@ -222,6 +228,7 @@ def test_figures_forward_reverse_and_samples(kid_run, tmp_path):
       assert np.abs(_tile(reverse, row, col, 64).astype(int) - want).max() <= 1, (row, col)
 
 
+@pytest.mark.slow
 def test_invert_reports_errors_and_writes_a_figure(kid_run, tmp_path, capsys):
   out, record = tmp_path / "inv.png", tmp_path / "inv.json"
   assert cli.main(["invert", "--workdir", kid_run, "--steps", "2,10", "--num-images", "4", "--json", str(record),
@@ -265,6 +272,7 @@ def test_interpolate_endpoints_are_the_samples_of_the_same_noise(kid_run, tmp_pa
     assert np.abs(_tile(image, row, 4, 64).astype(int) - direct[last]).max() <= 1
 
 
+@pytest.mark.slow
 def test_torch_twin_sample_command_matches_ddim_jax(trained_weights, tmp_path):
   weights = trained_weights("keras")
   jax_arr, torch_arr = tmp_path / "jax.npy", tmp_path / "torch.npy"

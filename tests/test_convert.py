@@ -21,6 +21,7 @@ def small(request):
   return model, parity.perturbed_variables(model, 16, seed=3)
 
 
+@pytest.mark.slow
 def test_flax_file_flax_is_bit_exact(small, tmp_path):
   model, variables = small
   path = str(tmp_path / "w.safetensors")
@@ -52,6 +53,7 @@ def test_file_is_the_torch_state_dict_both_ways(small, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_kernel_layout_is_oihw():
   model = models.create_model("keras", **SMALL)
   variables = models.init_variables(model, jax.random.key(0), 16)

@@ -93,6 +93,7 @@ def _argmax_is_processor_independent(params, images) -> np.ndarray:
   return top2[:, 1] - top2[:, 0] > bound
 
 
+@pytest.mark.slow
 def test_shipped_weights_record_their_recipe_and_classify_the_digits():
   """The shipped network: made by the training script's recipe, and as accurate as its metadata
   says on the digits, on any processor."""
@@ -115,6 +116,7 @@ def test_shipped_weights_record_their_recipe_and_classify_the_digits():
   assert float(meta["validation_accuracy"]) >= 0.95 and float(meta["train_accuracy"]) >= 0.98
 
 
+@pytest.mark.slow
 def test_training_script_is_deterministic_and_reaches_the_shipped_quality(tmp_path):
   """Retraining with the recipe's defaults: bit-identical twice on this machine (the recipe is
   deterministic), and a network that the metric can use in place of the shipped one.
@@ -232,6 +234,7 @@ def test_is_digits():
 # ddim-jax evaluate
 
 
+@pytest.mark.slow
 def test_evaluate_on_digits_prints_the_metric_and_its_calibration(trained_weights, tmp_path, capsys):
   weights = trained_weights("keras")
   out = tmp_path / "digits.json"

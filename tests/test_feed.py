@@ -66,6 +66,7 @@ def _run(mesh, step_config, model, normalizer, batches_or_feed, calls, steps_per
 
 
 @pytest.mark.parametrize("devices,steps_per_call", [(1, 1), (4, 1), (4, 2)])
+@pytest.mark.slow
 def test_both_placements_train_bit_identically_to_the_host_path(cache_dir, devices, steps_per_call):
   calls = 3
   config, reference_iter, normalizer = _iterator(cache_dir)
@@ -134,6 +135,7 @@ def test_placement_rule(monkeypatch):
     feed.choose_placement("gpu", 1, devices=gpus)
 
 
+@pytest.mark.slow
 def test_a_host_placement_run_resumes_exactly(tmp_path, cache_dir):
   """Stopped at step 4 and resumed (host placement, prefetching ahead) == 8 steps in one go (device)."""
   whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -149,6 +151,7 @@ def test_a_host_placement_run_resumes_exactly(tmp_path, cache_dir):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_in_both_placements(tmp_path, cache_dir):
   """2 processes x 2 devices: the uint8 batches each process uploads == the indices into the set on
   the devices, bit for bit."""
@@ -212,6 +215,7 @@ def test_the_events_at_a_step(cache_dir):
   assert at(1) == trainer.Events(log=False, save=False, kid=False, sample=False)
 
 
+@pytest.mark.slow
 def test_k_steps_per_call_with_events_between_is_bit_identical_in_both_placements(cache_dir):
   """A plan of 4 steps per call with single-step calls between: the device gather and the host
   thread give the same losses and weights as the host path making the same calls."""
@@ -242,6 +246,7 @@ def test_k_steps_per_call_with_events_between_is_bit_identical_in_both_placement
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{placement} {jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.slow
 def test_a_run_of_k_steps_per_call_logs_and_saves_at_its_steps_and_resumes_exactly(tmp_path, cache_dir):
   """steps_per_call=4 with intervals it does not divide (log 3, checkpoint 6, 14 steps): metrics and
   checkpoints at exactly their steps, and a run stopped at step 6 and resumed == the run in one go."""

@@ -119,6 +119,7 @@ def test_train_step_matches_the_closed_form(variant, widths, size, depth, emb):
   assert counted == closed_form_train(variant, widths, size, depth, emb)
 
 
+@pytest.mark.slow
 def test_the_real_keras_config_at_64():
   """The default model (keras, widths 32/64/96/128, depth 2) at 64x64: ~2.28 GFLOP per forward.
 

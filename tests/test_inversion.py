@@ -52,6 +52,7 @@ def test_inversion_rates_mirror_the_sampler():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_inversion_of_a_single_image_model_is_exact():
   x0 = jnp.asarray(np.random.default_rng(0).normal(size=SHAPE), jnp.float32)
   for steps in (1, 5, 20):
@@ -78,6 +79,7 @@ def _time_only_network(seed, channels_last=True):
 
 
 @pytest.mark.parametrize("steps,schedule", [(4, "cosine"), (10, "cosine"), (6, "linear")])
+@pytest.mark.slow
 def test_inversion_visits_the_sampler_states_in_reverse(steps, schedule):
   images = np.random.default_rng(4).normal(size=SHAPE).astype(np.float32)
   network_fn = _time_only_network(5)
@@ -104,6 +106,7 @@ def test_inversion_visits_the_sampler_states_in_reverse(steps, schedule):
   np.testing.assert_allclose(twin, inv, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_inversion_error_of_gaussian_data_falls_with_steps():
   rng = np.random.default_rng(1)
   mean, std = 0.3, 0.5
@@ -117,6 +120,7 @@ def test_inversion_error_of_gaussian_data_falls_with_steps():
   assert errors[-1] < 0.1 * errors[0], errors
 
 
+@pytest.mark.slow
 def test_inversion_of_the_trained_model_improves_with_steps_and_matches_torch(trained_model, trained_weights):
   model, variables, normalizer = trained_model("keras")
   images = data.load_digits_images(16)[:8].astype(np.float32) / 255.0
@@ -163,6 +167,7 @@ def test_slerp_endpoints_are_exact_and_norm_is_kept():
   np.testing.assert_allclose(parallel[0], 1.5 * a, rtol=1e-5)  # the straight-line fallback, no NaN
 
 
+@pytest.mark.slow
 def test_interpolation_endpoints_are_the_direct_samples(trained_model):
   model, variables, normalizer = trained_model("keras")
   noise = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))

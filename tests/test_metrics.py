@@ -171,6 +171,7 @@ def _report(name: str, got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("flavour", ["torchvision", "fid"])
+@pytest.mark.slow
 def test_flax_features_match_torch_at_75(flavour, random_weights):
   torch_model, path = random_weights(flavour)
   state_dict = torch.load(path, weights_only=True)
@@ -202,6 +203,7 @@ def test_flax_features_match_torch_at_75(flavour, random_weights):
   np.testing.assert_array_equal(_torch_features(reloaded, images, 75), want)
 
 
+@pytest.mark.slow
 def test_fid_flavour_matches_torch_at_299(random_weights):
   # 299 px: 8x8 maps in Mixed_7b/7c, so fid's Mixed_7c max pool differs from an average pool there
   # (at 75 px those maps are 1x1, where max and padding-excluded average coincide).

@@ -69,6 +69,7 @@ def test_keras_variant_structure():
 
 
 @pytest.mark.parametrize("variant", ["keras", "r"])
+@pytest.mark.slow
 def test_fresh_model_predicts_zero_and_glorot_init(variant):
   model = models.create_model(variant, widths=(8, 16), block_depth=1)
   variables = models.init_variables(model, jax.random.key(0), 16)
@@ -162,6 +163,7 @@ def _with_stats(batch_stats, mean, var):
 
 
 @pytest.mark.parametrize("variant", ["keras", "r"])
+@pytest.mark.slow
 def test_batchnorm_momentum_is_the_originals(variant):
   """One train-mode pass from known running stats: new = keep * old + (1 - keep) * batch statistic.
 
@@ -249,6 +251,7 @@ def test_bad_model_config_errors():
     torch_models.create_model("unet3d")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_state_and_tracks_float32():
   """Mixed precision (the benchmark's --precision bf16): bf16 activations, float32 params and optimiser."""
   from ddim_jax.core import step as step_lib

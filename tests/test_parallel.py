@@ -23,6 +23,7 @@ def test_cpu_device_count_auto_divides_the_batch(monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["auto", "3"])
+@pytest.mark.slow
 def test_configure_cpu_devices_sets_the_backend_device_count(spec):
   """Without XLA_FLAGS forcing a count, the CPU backend starts with the configured devices."""
   env = subprocess_env(None)
@@ -67,6 +68,7 @@ def _one_device(monkeypatch):
   monkeypatch.setattr(parallel, "rows_mesh", lambda num_rows, devices=None: parallel.create_mesh(jax.local_devices()[:1]))
 
 
+@pytest.mark.slow
 def test_sampling_kid_and_inversion_on_4_devices_equal_one_device(small_model, monkeypatch):
   """sample (JAX keys, eta 0 and 0.5; NumPy noise with eta 0.5), KID, reconstruction errors and
   inversion rows, batch-split over 4 (and 3) devices, equal the one-device numbers up to float32

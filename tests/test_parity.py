@@ -24,6 +24,7 @@ from ddim_jax.interop import parity, weight_files
     ("r", 32, (32, 64, 96, 128)),
     ("keras", 16, (8, 16)),
 ])
+@pytest.mark.slow
 def test_forward_parity(variant, image_size, widths):
   model = models.create_model(variant, widths=widths)
   with parity.precision("highest"):
@@ -41,6 +42,7 @@ def trained(request, trained_model):
 
 
 @pytest.mark.parametrize("steps,eta", [(20, 0.0), (50, 0.0), (20, 1.0), (50, 1.0)])
+@pytest.mark.slow
 def test_trajectory_parity(trained, steps, eta):
   model, variables, _ = trained
   with parity.precision("highest"):
@@ -50,6 +52,7 @@ def test_trajectory_parity(trained, steps, eta):
   assert result["max_abs"] <= 1e-4, result
 
 
+@pytest.mark.slow
 def test_trained_reference_is_a_denoiser(trained):
   """The fixture is meaningful: its noise predictions beat predicting zero by a wide margin."""
   import jax.numpy as jnp
@@ -64,6 +67,7 @@ def test_trained_reference_is_a_denoiser(trained):
   assert float(np.mean(np.abs(np.asarray(pred) - noises))) < 0.6 * float(np.mean(np.abs(noises)))
 
 
+@pytest.mark.slow
 def test_precision_default_and_highest_compute_the_same_numbers_on_cpu():
   """On CPU XLA computes float32 convolutions and matmuls in float32 either way: the report's two
   --precision settings give the same numbers, bit for bit (forward in both BN modes, a trajectory)."""
@@ -100,6 +104,7 @@ def test_precision_restores_jax_and_torch_settings():
       pass
 
 
+@pytest.mark.slow
 def test_trained_reference_cache_is_bit_exact_and_keyed(tmp_path):
   """The cached fixture reads back the trained weights bit for bit; another key trains again."""
   first = parity.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=2, widths=(8, 16))
@@ -120,6 +125,7 @@ def test_trained_reference_cache_is_bit_exact_and_keyed(tmp_path):
   assert parity.cached_trained_reference("keras", cache_dir="", num_steps=2, widths=(8, 16))[3]["path"] is None
 
 
+@pytest.mark.slow
 def test_parity_report_says_what_it_compared_and_times_its_phases(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(parity, "_EXECUTABLES", {})  # compiled by the tests above in this process
   spec = importlib.util.spec_from_file_location(

@@ -117,6 +117,7 @@ def python_api_code() -> str:
   return "\n".join(line for body in blocks for _, line in body)
 
 
+@pytest.mark.slow
 def test_python_api_example_runs(trained_weights, tmp_path, monkeypatch):
   """The section's code, with the demo weight file replaced by the small trained 16x16 model."""
   code = python_api_code()

@@ -65,6 +65,7 @@ def tensorboard_view(logdir) -> dict[str, dict[int, object]]:
 # config.json, runs.jsonl and the resume guard.
 
 
+@pytest.mark.slow
 def test_run_record_and_the_resume_guard(tmp_path, cache_dir, capsys):
   workdir = str(tmp_path / "run")
   assert cli.main(["train", "--config", "demo", "--workdir", workdir, *tiny_overrides(cache_dir, **{
@@ -117,6 +118,7 @@ def test_config_changes_and_what_is_incompatible():
 # Metrics after a resume, TensorBoard, banner and log lines.
 
 
+@pytest.mark.slow
 def test_a_resumed_run_leaves_each_step_once_in_metrics_and_tensorboard(tmp_path, cache_dir):
   """A crash after the step-8 log but before its checkpoint (simulated by removing checkpoint 8),
   then a resume to step 6: the steps after the restored step 4 that the first run logged are gone
@@ -153,6 +155,7 @@ def test_kid_is_logged_as_val_kid(tmp_path):
   assert _records(tmp_path) == [{"step": 3, "loss": 0.5, "val_kid": 0.25}]
 
 
+@pytest.mark.slow
 def test_a_redirected_run_prints_the_banner_and_plain_log_lines(tmp_path, cache_dir):
   """stdout and stderr are pipes here, as in a batch job: no carriage returns, one line per log step."""
   workdir = tmp_path / "run"
@@ -183,6 +186,7 @@ def test_progress_counts_finished_steps():
   report.close()
 
 
+@pytest.mark.slow
 def test_the_loop_reports_steps_only_after_they_finished(tmp_path, cache_dir, monkeypatch):
   """Each step the progress report is told about has finished: its metrics are ready on the device."""
   seen, ready = [], []
@@ -216,6 +220,7 @@ def test_the_loop_reports_steps_only_after_they_finished(tmp_path, cache_dir, mo
 # The NaN guard and the profiler.
 
 
+@pytest.mark.slow
 def test_a_non_finite_state_is_never_saved(tmp_path, cache_dir, monkeypatch):
   """The update of step 4 makes the weights NaN while the loss (computed before it) is finite:
   the run stops with the step named, and the newest checkpoint is step 2's finite state."""
@@ -238,6 +243,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path, cache_dir, monkeypatch):
   assert int(weights["__step__"]) == 2 and all(np.all(np.isfinite(v)) for v in weights.values())
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace(tmp_path, cache_dir):
   config = tiny_config(cache_dir, **{"train.profile_steps": "2,4", "train.num_steps": 6})
   trainer.train_and_evaluate(config, str(tmp_path), progress=False)

@@ -29,6 +29,7 @@ def _denormalize(x, normalizer):
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.slow
 def test_sample_without_numpy_noise_uses_the_documented_jax_keys(trained_weights, trained_model, tmp_path, eta):
   """Batch noise from split(fold_in(key(seed), first index of the batch))[0], eta > 0 draws from [1]."""
   model, variables, normalizer = trained_model("keras")
@@ -48,6 +49,7 @@ def test_sample_without_numpy_noise_uses_the_documented_jax_keys(trained_weights
   assert np.abs(got[0] - got[2]).mean() > 1e-2 and np.abs(got[0] - got[4]).mean() > 1e-2  # batches differ
 
 
+@pytest.mark.slow
 def test_weight_file_metadata_drives_the_sampler(trained_model, tmp_path):
   """An r-variant file with linear schedule, image target and its own signal rates samples with them."""
   model, variables, normalizer = trained_model("r")
@@ -83,6 +85,7 @@ def test_pick_columns_is_evenly_spaced_with_first_and_last():
   np.testing.assert_array_equal(grids.pick_columns(6, 20), np.arange(6))  # few steps: all of them
 
 
+@pytest.mark.slow
 def test_trajectory_rows_show_the_chosen_steps(trained_model):
   model, variables, normalizer = trained_model("keras")
   noise = np.random.default_rng(6).standard_normal((2, 16, 16, 3), dtype=np.float32)
@@ -97,6 +100,7 @@ def test_trajectory_rows_show_the_chosen_steps(trained_model):
     np.testing.assert_allclose(rows[2 * b + 1], _denormalize(preds[columns, b], normalizer), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sample_trajectory_strip_of_many_steps(trained_weights, trained_model, tmp_path):
   """23 steps, 20 columns at most: the strip's panels are the trajectory at the chosen steps."""
   model, variables, normalizer = trained_model("keras")
@@ -126,6 +130,7 @@ def test_noise_conventions_agree_between_the_twins():
   assert np.abs(pipeline.numpy_noise(5, shape) - pipeline.numpy_noise(6, shape)).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_sample_cpu_devices_splits_the_batches_and_keeps_the_images(trained_weights, tmp_path):
   """`sample --cpu-devices 2` (no XLA_FLAGS) runs on 2 JAX CPU devices, says so, and writes the images
   of `--cpu-devices 1`."""

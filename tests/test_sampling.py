@@ -60,6 +60,7 @@ def exact_denoiser(x0, channels_last=True):
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.slow
 def test_exact_denoiser_recovers_the_image_in_both_twins(eta):
   x0 = RNG.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
   noise = RNG.standard_normal(x0.shape).astype(np.float32)

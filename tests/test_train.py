@@ -33,6 +33,7 @@ def cache_dir(tmp_path_factory):
 # Parity with the torch training step.
 
 
+@pytest.mark.slow
 def test_train_step_parity_keras():
   """Same converted weights, batch, noise and times: 1 step <= 1e-5, 10 steps <= 1e-4.
 
@@ -50,6 +51,7 @@ def test_train_step_parity_keras():
   assert result["ema_rel_10"] <= 1e-4, result
 
 
+@pytest.mark.slow
 def test_train_step_parity_r_variant_outside_adam_ill_conditioning():
   """The r variant: the same bounds on every parameter whose first gradient is >= 1e-7.
 
@@ -86,6 +88,7 @@ def _tree_rel(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_production_train_step_equals_the_closed_form_step():
   """``train_step(key)`` = ``train_step_from_draws`` fed independently formed draws, rates and inputs.
 
@@ -135,6 +138,7 @@ def test_production_train_step_equals_the_closed_form_step():
   assert int(got.step) == 4
 
 
+@pytest.mark.slow
 def test_learning_rate_schedules_closed_forms_and_the_first_warmup_step_moves_nothing():
   lr = 2e-3
   assert step_lib.learning_rate_schedule(step_lib.StepConfig(learning_rate=lr)) == lr  # the originals: a constant
@@ -164,6 +168,7 @@ def test_learning_rate_schedules_closed_forms_and_the_first_warmup_step_moves_no
   assert _tree_rel(second.params, first.params) > 1e-4
 
 
+@pytest.mark.slow
 def test_a_short_jax_training_run_on_the_digits_gives_a_denoiser():
   """The production step trains: 100 steps on the bundled digits beat predicting zero noise widely.
 
@@ -214,6 +219,7 @@ def _max_diff(a, b):
                                                                                    jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_device_count_invariance():
   """The same 5 steps on 1, 2 and 4 devices, shard_map and pmap: the same state (<= 1e-5; moments 1e-4 rel)."""
   reference, ref_loss = _run_steps("shard_map", 1)
@@ -233,6 +239,7 @@ def test_device_count_invariance():
   assert _max_diff(reference.params, initial.params) > 1e-3
 
 
+@pytest.mark.slow
 def test_bf16_training_from_the_config_keeps_float32_state_and_tracks_float32():
   """config.model.dtype="bfloat16": bf16 activations, every state leaf (params, BatchNorm statistics,
   AdamW moments, EMA) float32, finite, and 5 steps close to the float32 run."""
@@ -260,6 +267,7 @@ def test_bf16_training_from_the_config_keeps_float32_state_and_tracks_float32():
     models.create_model(**configs.load_config("demo", ["--config.model.dtype=float16"]).model)
 
 
+@pytest.mark.slow
 def test_steps_per_call_scan_equals_single_steps():
   single, _ = _run_steps("shard_map", 2, num_steps=4, steps_per_call=1)
   fused, _ = _run_steps("shard_map", 2, num_steps=4, steps_per_call=2)  # the same 4 batches, 2 per call
@@ -267,6 +275,7 @@ def test_steps_per_call_scan_equals_single_steps():
   assert _max_diff(fused.params, single.params) <= 1e-5
 
 
+@pytest.mark.slow
 def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
   """2 processes x 2 CPU devices (jax.distributed, gloo, 127.0.0.1) == 1 process x 4 devices.
 
@@ -308,6 +317,7 @@ def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
     assert kids[1][step] == pytest.approx(value, rel=1e-3, abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_the_data_once(tmp_path):
   """Process 0 builds the data cache while process 1 waits, then process 1 reads it; when process 0
   fails to prepare the data, process 1 stops with one line pointing at it (exit 2, no traceback)."""
@@ -357,6 +367,7 @@ def _training_under_way(workdir) -> bool:
   return os.path.exists(path) and os.path.getsize(path) > 0
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_resume_is_exact(tmp_path, cache_dir, uninterrupted):
   workdir = tmp_path / "run"
   cmd = train_command(workdir, cache_dir, **LONG)
@@ -375,6 +386,7 @@ def test_sigterm_saves_current_step_and_resume_is_exact(tmp_path, cache_dir, uni
   assert_same_state(final_state(workdir), uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
   """A SIGTERM to ONE process makes both save the same step and exit 0; the resumed run equals an
   uninterrupted one bit for bit.
@@ -405,6 +417,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   assert_same_state(final_state(workdir), final_state(reference_dir))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path, cache_dir, uninterrupted):
   workdir = tmp_path / "run"
   cmd = train_command(workdir, cache_dir, **LONG)
@@ -433,6 +446,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path, cache_dir, 
 # Guards.
 
 
+@pytest.mark.slow
 def test_non_finite_loss_exits_3_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, cache_dir, capsys):
   """Through the CLI, as the README promises: exit status 3, one line naming the step; checkpoints finite."""
   overrides = tiny_overrides(cache_dir, **{"train.learning_rate": "1e30", "train.num_steps": "20",
@@ -484,6 +498,7 @@ def _png(path) -> np.ndarray:
   return np.asarray(Image.open(path).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_demo_writes_its_weight_file_sample_grids_and_final_samples(tmp_path, cache_dir):
   """`ddim-jax demo`: demo.safetensors holds the final EMA weights; every samples/step_N.png is the
   EMA model of step N sampled from the same fixed noise (key seed + 1); samples.png exists."""

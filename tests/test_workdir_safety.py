@@ -101,6 +101,7 @@ def read_only_copy(src, tmp_path):
 # 1. Readers never write.
 
 
+@pytest.mark.slow
 def test_readers_work_on_a_read_only_workdir_and_change_nothing(trained, tmp_path, capsys):
   """export/sample/evaluate from a workdir this process cannot write, with a killed save's tmp folder
   and a damaged newest step in it: they read the older step and leave every file as it was."""
@@ -153,6 +154,7 @@ def test_the_checkpoint_digest_covers_the_normaliser(trained, tmp_path, capsys):
     cli.main(cli_step + ["--debug"])
 
 
+@pytest.mark.slow
 def test_readers_in_a_loop_against_a_live_run_leave_it_whole(tmp_path, cache_dir, capsys):
   """export and sample, again and again, while a trainer saves every 2 steps: the run finishes with
   every checkpoint and each logged step once (a reader once deleted the save in progress)."""
@@ -181,6 +183,7 @@ def test_readers_in_a_loop_against_a_live_run_leave_it_whole(tmp_path, cache_dir
 # 2. One trainer per workdir.
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_naming_the_first(tmp_path, cache_dir, capsys):
   workdir = tmp_path / "run"
   extra = {"train.num_steps": 2000, "train.checkpoint_every": 100, "train.log_every": 10}
@@ -213,6 +216,7 @@ def _record(pid: int, host: str | None = None, heartbeat: float = 0.0) -> bytes:
   return workdir_lib.Holder(host or os.uname().nodename, pid, "2026-01-01T00:00:00+00:00", heartbeat).to_bytes()
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, cache_dir, capsys):
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -244,6 +248,7 @@ def test_without_posix_locks_the_record_decides(tmp_path, monkeypatch):
   assert not path.exists()
 
 
+@pytest.mark.slow
 def test_a_locked_workdir_refuses_both_processes_of_a_two_process_run(tmp_path, cache_dir):
   """One lock per run: process 0 tries it, and both processes stop with the same line (no hang)."""
   workdir = tmp_path / "run"
@@ -270,6 +275,7 @@ def test_a_locked_workdir_refuses_both_processes_of_a_two_process_run(tmp_path, 
 # 3. Records that survive a crash mid-write, and a full disk.
 
 
+@pytest.mark.slow
 def test_a_partial_last_metrics_line_is_dropped_on_resume(trained, tmp_path, cache_dir, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
@@ -314,6 +320,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_loses_nothing(small_disk, cache_dir):
   workdir = small_disk / "run"
   cmd = train_command(workdir, cache_dir, **{"train.num_steps": 12})
@@ -341,6 +348,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(small_disk, cache_dir):
     ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x/_sharding\": Failed to write 26981 bytes to file "
                "18: No space left on device [os_error_code='28']"),
 ], ids=["oserror", "tensorstore"])
+@pytest.mark.slow
 def test_enospc_inside_a_save_is_one_line_naming_the_last_checkpoint(trained, tmp_path, cache_dir, capsys,
                                                                       monkeypatch, error):
   """A disk that fills during a save (past the check before it) is reported the same way."""
