@@ -14,8 +14,9 @@
   ddim-jax prepare-data --dataset NAME ...             prepare a TFDS dataset offline
 
 Every command reading a workdir takes ``--step latest|best|N``; every command takes ``--debug``.
-This module parses and prints; the work is done by the library modules (``trainer``, ``demo``,
-``inference``, ``figures``, ``evaluation``, ``digits_metric``, ``convert``, ``data``).
+This module parses and prints; each command calls the library (``training``, ``inference``,
+``interop``, ``data``). It is over 400 lines because it holds every command with its parser, so
+that a command's options and what it prints read together; nothing else lives here.
 """
 
 import argparse
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 
 from ddim_jax import configs, data, errors
-from ddim_jax.core import models, schedules
+from ddim_jax.core import models
 from ddim_jax.inference import evaluation, figures, grids, pipeline, sharded
 from ddim_jax.interop import weight_files
 from ddim_jax.quality import digits_metric
@@ -63,11 +64,7 @@ def cmd_train(args, overrides) -> int:
 def cmd_export(args) -> int:
   """ddim-jax export: the newest checkpoint's EMA (or raw) weights as a safetensors weight file."""
   check_output("--out", args.out)
-  model, variables, normalizer, config, step, how = pipeline.restore_checkpoint_described(
-      args.workdir, ema=not args.raw, step=args.step)
-  with writing("--out", args.out):
-    weight_files.save_weights(args.out, model, variables, normalizer, int(config.model.image_size),
-                         schedules.DiffusionSpec.from_config(config), weights="raw" if args.raw else "ema", step=step)
+  step, how = pipeline.export_weights(args.workdir, args.out, raw=args.raw, step=args.step)
   print(f"wrote {args.out} ({'raw' if args.raw else 'EMA'} weights of step {step}, {how})")
   return 0
 

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
 from ddim_jax.core import models
-from ddim_jax.interop import parity  # noqa: E402  pylint: disable=wrong-import-position
+from ddim_jax.interop import parity, parity_fixtures  # noqa: E402  pylint: disable=wrong-import-position
 
 _T = _mark("import jax + ddim_jax", _START)
 import torch  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
   parser.add_argument("--fixture-cache", default=None, metavar="DIR",
                       help=f"folder of the cached fixtures: the trained trajectory model and the forward model's "
                            f"initial values, safetensors files keyed by what they depend on (default "
-                           f"${parity.FIXTURE_CACHE_ENV} or ~/.cache/ddim_jax/parity; '' computes both every time)")
+                           f"${parity_fixtures.FIXTURE_CACHE_ENV} or ~/.cache/ddim_jax/parity; '' computes both every time)")
   parser.add_argument("--torch-threads", type=int, default=None,
                       help="torch's CPU threads (default: half the CPUs available, 1 to 4)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -81,12 +81,12 @@ def main(argv=None) -> int:
     print(f"parity report: variant={args.variant}; JAX on {device['backend']} ({device['device_kind']}, "
           f"jax {device['jax']}), precision={args.precision}; torch {device['torch']} on the CPU, float32, "
           f"{threads} threads", flush=True)
-  cache = parity.default_fixture_cache() if args.fixture_cache is None else args.fixture_cache
+  cache = parity_fixtures.default_fixture_cache() if args.fixture_cache is None else args.fixture_cache
   with parity.precision(args.precision):
     model = models.create_model(args.variant, **({"widths": args.widths} if args.widths else {}))
-    variables = parity.perturbed_variables(model, args.image_size, timer=phases, cache_dir=cache)
+    variables = parity_fixtures.perturbed_variables(model, args.image_size, timer=phases, cache_dir=cache)
     forward = parity.forward_parity(model, variables, args.image_size, timer=phases)
-    trained_model, trained_variables, _, fixture = parity.cached_trained_reference(
+    trained_model, trained_variables, _, fixture = parity_fixtures.cached_trained_reference(
         args.variant, cache_dir=cache, timer=phases, num_steps=args.fixture_steps)
     trajectories = parity.trajectory_parities(trained_model, trained_variables, 16, args.trajectory_steps,
                                               etas=(0.0, 1.0), timer=phases)

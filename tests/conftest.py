@@ -25,6 +25,16 @@ os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 import pytest  # noqa: E402  (after the environment set-up above)
 
 
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Runs the slow tests first (otherwise in collection order).
+
+  pytest-xdist hands out tests in order: a minute-long test near the end keeps one worker busy
+  while the other has finished. With the slow ones first, the last tests are the short ones and
+  both workers end within seconds of each other.
+  """
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def trained_weights(tmp_path_factory):
   """Path-returning factory of the briefly trained parity models, built once per test session.
@@ -33,14 +43,14 @@ def trained_weights(tmp_path_factory):
   the first worker writes a weight file under a lock, the others read it.
   """
   from filelock import FileLock
-  from ddim_jax.interop import parity, weight_files
+  from ddim_jax.interop import parity_fixtures, weight_files
   root = tmp_path_factory.getbasetemp().parent
 
   def get(variant: str):
     path = root / f"trained_{variant}.safetensors"
     with FileLock(str(path) + ".lock"):
       if not path.exists():
-        model, variables, normalizer = parity.trained_reference(variant)
+        model, variables, normalizer = parity_fixtures.trained_reference(variant)
         weight_files.save_weights(str(path), model, variables, normalizer, 16, weights="raw")
     return str(path)
 
@@ -60,3 +70,35 @@ def trained_model(trained_weights):
     return cache[variant]
 
   return get
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory):
+  """Random InceptionV3 weights as a .pth file (cli_helpers.write_random_inception), once per session."""
+  from filelock import FileLock
+  from cli_helpers import write_random_inception
+  path = tmp_path_factory.getbasetemp().parent / "random_inception.pth"
+  with FileLock(str(path) + ".lock"):
+    if not path.exists():
+      tmp = path.with_suffix(".tmp")
+      write_random_inception(tmp)
+      tmp.rename(path)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def kid_run(tmp_path_factory, inception_file):
+  """The workdir of the tiny KID run the command tests share (cli_helpers.train_kid_run), trained once
+  per session even under pytest-xdist (a file lock; a finished run leaves a marker). Tests only read it."""
+  from filelock import FileLock
+  from cli_helpers import train_kid_run
+  root = tmp_path_factory.getbasetemp().parent / "kid_run"
+  done = root / "trained"
+  with FileLock(str(root) + ".lock"):
+    if not done.exists():
+      import shutil
+      shutil.rmtree(root, ignore_errors=True)  # a run that failed half-way in another worker
+      root.mkdir()
+      train_kid_run(root, inception_file)
+      done.write_text("ok")
+  return str(root / "run")

@@ -34,7 +34,7 @@ from safetensors.numpy import load_file, save_file
 from ddim_jax import cli, configs, data, errors
 from ddim_jax.core import models
 from ddim_jax.interop import weight_files
-from ddim_jax.quality import inception
+from ddim_jax.quality import inception, inception_weights
 from ddim_jax.data import images as image_io
 
 
@@ -389,7 +389,7 @@ def workdir_inputs(tmp_path_factory):
   locked = root / "locked"
   locked.mkdir()
   holder = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time; from ddim_jax.infra import workdir as w; w.WorkdirLock(sys.argv[1]).acquire(); "
+      "import sys, time; from ddim_jax.infra import workdir_lock as w; w.WorkdirLock(sys.argv[1]).acquire(); "
       "print('held', flush=True); time.sleep(3600)"), str(locked)], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
@@ -544,18 +544,18 @@ def test_output_check_refuses_an_unwritable_folder(tmp_path, monkeypatch):
 
 def test_inception_state_dict_values_are_checked():
   model = inception.InceptionV3(flavour="torchvision")
-  shapes = inception._variable_shapes(model)  # pylint: disable=protected-access
+  shapes = inception_weights._variable_shapes(model)  # pylint: disable=protected-access
   kernel = np.full(tuple(shapes["params"]["Conv2d_1a_3x3"]["conv"]["kernel"]), np.nan, np.float32)
   fc = np.zeros((1000, 2048), np.float32)
   with pytest.raises(errors.InputError, match="Conv2d_1a_3x3.conv.weight holds NaN"):
-    inception.variables_from_state_dict({"fc.weight": fc, "Conv2d_1a_3x3.conv.weight": kernel.transpose(3, 2, 0, 1)})
+    inception_weights.variables_from_state_dict({"fc.weight": fc, "Conv2d_1a_3x3.conv.weight": kernel.transpose(3, 2, 0, 1)})
   var = -np.ones(tuple(shapes["batch_stats"]["Conv2d_1a_3x3"]["bn"]["var"]), np.float32)
   with pytest.raises(errors.InputError, match="negative BatchNorm variances"):
-    inception.variables_from_state_dict({"fc.weight": fc, "Conv2d_1a_3x3.bn.running_var": var})
+    inception_weights.variables_from_state_dict({"fc.weight": fc, "Conv2d_1a_3x3.bn.running_var": var})
   with pytest.raises(errors.InputError, match="fc.weight has shape"):
-    inception.variables_from_state_dict({"fc.weight": "not a tensor"})
+    inception_weights.variables_from_state_dict({"fc.weight": "not a tensor"})
   with pytest.raises(errors.InputError, match="unexpected key 'nodots'"):
-    inception.variables_from_state_dict({"fc.weight": fc, "nodots": fc})
+    inception_weights.variables_from_state_dict({"fc.weight": fc, "nodots": fc})
 
 
 def test_bad_overrides_keep_the_config_and_good_ones_still_parse():

@@ -304,7 +304,7 @@ def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_
   an uninterrupted local 2-process run in every state leaf."""
   env = _gcs_env(gcs_server)
   fs = _gcs_fs(gcs_server)
-  extra = {"train.num_steps": 200, "train.checkpoint_every": 20, "train.log_every": 10}
+  extra = {"train.num_steps": 100, "train.checkpoint_every": 20, "train.log_every": 10}
   reference = tmp_path / "reference"
   procs = two_processes(train_command(reference, cache_dir, **extra), free_port())
   for p in procs:
@@ -329,7 +329,7 @@ def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_
     p.communicate(timeout=60)
   steps = committed()
   assert [p.returncode for p in procs] == [-9, -9], "a process had stopped before the SIGKILL"
-  assert steps and steps[-1] < 200, steps  # killed mid-run, after at least one committed checkpoint
+  assert steps and steps[-1] < 100, steps  # killed mid-run, after at least one committed checkpoint
 
   procs = two_processes(cmd, free_port(), env)
   outputs = [p.communicate(timeout=600) for p in procs]
@@ -339,7 +339,7 @@ def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_
   assert resumed >= steps[-1], (resumed, steps)
   (got_meta, got), (want_meta, want) = (_dumped_state(workdir, tmp_path / "bucket", {**subprocess_env(1), **env}),
                                         _dumped_state(str(reference), tmp_path / "local", subprocess_env(1)))
-  assert got_meta == want_meta and want_meta["step"] == 200  # the step and the data-iterator position
+  assert got_meta == want_meta and want_meta["step"] == 100  # the step and the data-iterator position
   assert len(got) == len(want)
   for i, (a, b) in enumerate(zip(got, want)):  # raw and EMA weights, BatchNorm statistics, AdamW state, step
     np.testing.assert_array_equal(a, b, err_msg=f"leaf {i}")
@@ -347,7 +347,7 @@ def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_
 
 LOCK_SCRIPT = """
 import json, os, sys, time, warnings
-from ddim_jax.infra import workdir as w
+from ddim_jax.infra import workdir_lock as w
 path, out = sys.argv[1], {}
 w.HEARTBEAT_SECONDS = 0.2
 lock = w.WorkdirLock(path).acquire()

@@ -7,7 +7,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from ddim_jax.core import models
-from ddim_jax.interop import parity, weight_files
+from ddim_jax.interop import parity, parity_fixtures, weight_files
 from ddim_torch_ref import weight_files as torch_weight_files
 from ddim_torch_ref import models as torch_models
 
@@ -18,7 +18,7 @@ NORMALIZER = {"mean": np.array([0.1, 0.2, 0.3], np.float32), "variance": np.arra
 @pytest.fixture(params=["keras", "r"])
 def small(request):
   model = models.create_model(request.param, **SMALL)
-  return model, parity.perturbed_variables(model, 16, seed=3)
+  return model, parity_fixtures.perturbed_variables(model, 16, seed=3)
 
 
 @pytest.mark.slow
@@ -146,14 +146,14 @@ def test_inception_pth_loaders_refuse_pickled_code(loader, tmp_path, monkeypatch
   """
   import pickle
 
-  from ddim_jax.quality import inception
+  from ddim_jax.quality import inception_weights
   from ddim_torch_ref import inception as torch_inception
   monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
   monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
   marker = tmp_path / "payload_ran"
   path = tmp_path / "inception_v3_google-0cc3c7bd.pth"
   torch.save({"fc.weight": torch.zeros(2, 2), "payload": _CodeOnUnpickle(marker)}, path)
-  load = inception.load_inception_weights if loader == "ddim_jax" else torch_inception.load
+  load = inception_weights.load_inception_weights if loader == "ddim_jax" else torch_inception.load
   try:
     with pytest.raises(pickle.UnpicklingError, match="[Ww]eights.only"):
       load(str(path))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddim_jax.quality import inception, metrics
+from ddim_jax.quality import inception, inception_weights, metrics
 from ddim_torch_ref import inception as ref_inception
 from inception_helpers import random_torch_inception
 
@@ -175,10 +175,10 @@ def _report(name: str, got: np.ndarray, want: np.ndarray) -> float:
 def test_flax_features_match_torch_at_75(flavour, random_weights):
   torch_model, path = random_weights(flavour)
   state_dict = torch.load(path, weights_only=True)
-  assert state_dict["fc.weight"].shape[0] == inception.NUM_CLASSES[flavour]
+  assert state_dict["fc.weight"].shape[0] == inception_weights.NUM_CLASSES[flavour]
   assert any(k.startswith("AuxLogits.") for k in state_dict) == (flavour == "torchvision")
 
-  model, variables = inception.load_inception_weights(path)  # flavour detected from fc
+  model, variables = inception_weights.load_inception_weights(path)  # flavour detected from fc
   assert model.flavour == flavour
   images = np.random.default_rng(6).random((2, 64, 64, 3), dtype=np.float32)  # 64 px, as trained
   got = np.asarray(inception.feature_extractor(model, variables, 75)(images))
@@ -208,7 +208,7 @@ def test_fid_flavour_matches_torch_at_299(random_weights):
   # 299 px: 8x8 maps in Mixed_7b/7c, so fid's Mixed_7c max pool differs from an average pool there
   # (at 75 px those maps are 1x1, where max and padding-excluded average coincide).
   torch_model, path = random_weights("fid")
-  model, variables = inception.load_inception_weights(path, flavour="fid")
+  model, variables = inception_weights.load_inception_weights(path, flavour="fid")
   images = np.random.default_rng(7).random((1, 64, 64, 3), dtype=np.float32)
   got = np.asarray(inception.feature_extractor(model, variables, inception.R_IMAGE_SIZE)(images))
   want = _torch_features(torch_model, images, inception.R_IMAGE_SIZE)
@@ -229,7 +229,7 @@ def test_flavours_are_different_networks(random_weights):
 def test_loader_is_strict(random_weights):
   _, path = random_weights("torchvision")
   state_dict = {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
-  _, variables = inception.variables_from_state_dict(state_dict)
+  _, variables = inception_weights.variables_from_state_dict(state_dict)
   kernel = variables["params"]["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"]
   assert kernel.shape == (1, 7, 128, 128)  # OIHW (128, 128, 1, 7) -> HWIO
   oihw = state_dict["Mixed_6b.branch7x7_2.conv.weight"]
@@ -239,19 +239,19 @@ def test_loader_is_strict(random_weights):
 
   missing = {k: v for k, v in state_dict.items() if k != "Mixed_5b.branch1x1.bn.running_mean"}
   with pytest.raises(ValueError, match="missing"):
-    inception.variables_from_state_dict(missing)
+    inception_weights.variables_from_state_dict(missing)
   with pytest.raises(ValueError, match="unexpected"):
-    inception.variables_from_state_dict({**state_dict, "Mixed_8a.conv.weight": np.zeros(1)})
+    inception_weights.variables_from_state_dict({**state_dict, "Mixed_8a.conv.weight": np.zeros(1)})
   with pytest.raises(ValueError, match="1000 .* 1008"):
-    inception.variables_from_state_dict({**state_dict, "fc.weight": np.zeros((10, 2048))})
+    inception_weights.variables_from_state_dict({**state_dict, "fc.weight": np.zeros((10, 2048))})
 
 
 def test_missing_weights_error_names_both_files(tmp_path, monkeypatch):
   monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
   for path in (str(tmp_path / "nowhere.pth"), None):
     with pytest.raises(FileNotFoundError) as error:
-      inception.load_inception_weights(path)
+      inception_weights.load_inception_weights(path)
     message = str(error.value)
     for needle in ("inception_v3_google-0cc3c7bd.pth", "pt_inception-2015-12-05-6726825d.pth",
-                   inception.TORCHVISION_WEIGHTS_URL, inception.FID_WEIGHTS_URL, "--inception-weights"):
+                   inception_weights.TORCHVISION_WEIGHTS_URL, inception_weights.FID_WEIGHTS_URL, "--inception-weights"):
       assert needle in message, (needle, message)

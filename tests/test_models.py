@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from flax import linen as nn
 
 from ddim_jax.core import models
-from ddim_jax.interop import parity
+from ddim_jax.interop import parity, parity_fixtures
 from ddim_torch_ref import models as torch_models
 
 
@@ -257,7 +257,7 @@ def test_bfloat16_compute_keeps_float32_state_and_tracks_float32():
   from ddim_jax.core import step as step_lib
   kw = dict(widths=(8, 16), block_depth=1)
   model32, model16 = models.create_model(**kw), models.create_model(**kw, dtype=jnp.bfloat16)
-  variables = parity.perturbed_variables(model32, 16)
+  variables = parity_fixtures.perturbed_variables(model32, 16)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((4, 16, 16, 3), dtype=np.float32))
   v = jnp.asarray(rng.uniform(0.1, 0.9, (4, 1, 1, 1)).astype(np.float32))

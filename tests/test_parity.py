@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ddim_jax.core import models
-from ddim_jax.interop import parity, weight_files
+from ddim_jax.interop import parity, parity_fixtures, weight_files
 
 
 @pytest.mark.parametrize("variant,image_size,widths", [
@@ -28,7 +28,7 @@ from ddim_jax.interop import parity, weight_files
 def test_forward_parity(variant, image_size, widths):
   model = models.create_model(variant, widths=widths)
   with parity.precision("highest"):
-    variables = parity.perturbed_variables(model, image_size, seed=0)
+    variables = parity_fixtures.perturbed_variables(model, image_size, seed=0)
     result = parity.forward_parity(model, variables, image_size, batch=8)
   assert result["output_max_abs"] > 0.5  # the comparison is not vacuous
   assert result["forward_max_abs"] <= 1e-5, result
@@ -58,7 +58,7 @@ def test_trained_reference_is_a_denoiser(trained):
   import jax.numpy as jnp
   from ddim_jax.core import schedules
   model, variables, normalizer = trained
-  images = (parity.load_digits_images(16)[:64].astype(np.float32) / 255 - normalizer["mean"]) / np.sqrt(
+  images = (parity_fixtures.load_digits_images(16)[:64].astype(np.float32) / 255 - normalizer["mean"]) / np.sqrt(
       normalizer["variance"])
   rng = np.random.default_rng(0)
   noises = rng.standard_normal(images.shape).astype(np.float32)
@@ -75,7 +75,7 @@ def test_precision_default_and_highest_compute_the_same_numbers_on_cpu():
     pytest.skip(f"meaningless on {jax.default_backend()}: XLA's default precision there is TF32 / bf16 passes "
                 f"by design, and differs from 'highest'")
   model = models.create_model("keras", widths=(8, 16))
-  variables = parity.perturbed_variables(model, 16, seed=0)
+  variables = parity_fixtures.perturbed_variables(model, 16, seed=0)
   images, noise_variances = parity.mixed_noise_inputs(4, 16, 3)
   noise = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
   outs = {}
@@ -107,9 +107,9 @@ def test_precision_restores_jax_and_torch_settings():
 @pytest.mark.slow
 def test_trained_reference_cache_is_bit_exact_and_keyed(tmp_path):
   """The cached fixture reads back the trained weights bit for bit; another key trains again."""
-  first = parity.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=2, widths=(8, 16))
+  first = parity_fixtures.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=2, widths=(8, 16))
   assert first[3]["source"] == "trained" and os.path.exists(first[3]["path"])
-  second = parity.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=2, widths=(8, 16))
+  second = parity_fixtures.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=2, widths=(8, 16))
   assert second[3] == {**first[3], "source": "cache"}
   assert second[0] == first[0]
   jax.tree.map(np.testing.assert_array_equal, (second[1], second[2]), (first[1], first[2]))
@@ -118,11 +118,11 @@ def test_trained_reference_cache_is_bit_exact_and_keyed(tmp_path):
   key = dict(first[3]["key"], code="something else")
   weight_files.save_weights(first[3]["path"], model, variables, normalizer, 16, weights="raw",
                        parity_fixture=json.dumps(key))
-  third = parity.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=2, widths=(8, 16))
+  third = parity_fixtures.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=2, widths=(8, 16))
   assert third[3]["source"] == "trained"
-  other = parity.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=3, widths=(8, 16))
+  other = parity_fixtures.cached_trained_reference("keras", cache_dir=str(tmp_path), num_steps=3, widths=(8, 16))
   assert other[3]["source"] == "trained" and other[3]["path"] != first[3]["path"]
-  assert parity.cached_trained_reference("keras", cache_dir="", num_steps=2, widths=(8, 16))[3]["path"] is None
+  assert parity_fixtures.cached_trained_reference("keras", cache_dir="", num_steps=2, widths=(8, 16))[3]["path"] is None
 
 
 @pytest.mark.slow

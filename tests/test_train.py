@@ -17,7 +17,7 @@ from ddim_jax import cli, configs
 from ddim_jax.core import models, sampling, step as step_lib
 from ddim_jax.inference import grids
 from ddim_jax.infra import parallel
-from ddim_jax.interop import parity, weight_files
+from ddim_jax.interop import parity, parity_fixtures, weight_files
 from ddim_jax.training import trainer
 from train_helpers import (assert_same_state, final_state, final_weights, free_port, run, subprocess_env,
                            tiny_config, tiny_overrides, train_command, two_processes, wait_until)
@@ -42,7 +42,7 @@ def test_train_step_parity_keras():
   """
   model = models.create_model("keras", widths=(8, 16))
   with parity.precision("highest"):  # float32 bounds: full float32 on GPUs/TPUs too
-    variables = parity.perturbed_variables(model, 16, seed=5)
+    variables = parity_fixtures.perturbed_variables(model, 16, seed=5)
     result = parity.train_step_parity(model, variables, 16, num_steps=10, batch=8)
   assert result["loss_abs_1"] <= 1e-6, result
   assert result["loss_max_abs"] <= 1e-5, result
@@ -61,7 +61,7 @@ def test_train_step_parity_r_variant_outside_adam_ill_conditioning():
   """
   model = models.create_model("r", widths=(8, 16))
   with parity.precision("highest"):  # float32 bounds: full float32 on GPUs/TPUs too
-    variables = parity.perturbed_variables(model, 16, seed=5)
+    variables = parity_fixtures.perturbed_variables(model, 16, seed=5)
     result = parity.train_step_parity(model, variables, 16, num_steps=10, batch=8, min_first_grad=1e-7)
   assert result["loss_abs_1"] <= 1e-6, result
   assert result["loss_max_abs"] <= 1e-5, result
@@ -97,7 +97,7 @@ def test_production_train_step_equals_the_closed_form_step():
   Swapped rates, a missing normalisation, another key convention or time range all fail here.
   """
   model = models.create_model("keras", widths=(8, 16))
-  variables = parity.perturbed_variables(model, 16, seed=3)
+  variables = parity_fixtures.perturbed_variables(model, 16, seed=3)
   step_config = step_lib.StepConfig()
   start = step_lib.TrainState(step=jnp.asarray(3, jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"],
@@ -179,7 +179,7 @@ def test_a_short_jax_training_run_on_the_digits_gives_a_denoiser():
   model = models.create_model("keras", widths=(8, 16), block_depth=1)
   step_config = step_lib.StepConfig(learning_rate=3e-3)
   state = step_lib.create_train_state(model, step_config, jax.random.key(0), 16)
-  data = parity.load_digits_images(16).astype(np.float32) / 255.0
+  data = parity_fixtures.load_digits_images(16).astype(np.float32) / 255.0
   normalizer = {"mean": data.mean(axis=(0, 1, 2)), "variance": data.var(axis=(0, 1, 2))}
   step = jax.jit(functools.partial(step_lib.train_step, model=model, step_config=step_config, axis_name=None))
   rng, key = np.random.default_rng(0), jax.random.key(1)
@@ -394,7 +394,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   Two steps per call: JAX's preemption sync point is matched by the loop's call counter, which a
   step number (advancing by 2) would never equal, so the run would not stop mid-way.
   """
-  extra = {"train.num_steps": 600, "train.checkpoint_every": 300, "train.log_every": 10, "train.steps_per_call": 2}
+  extra = {"train.num_steps": 200, "train.checkpoint_every": 100, "train.log_every": 10, "train.steps_per_call": 2}
   reference_dir, workdir = tmp_path / "reference", tmp_path / "run"
   procs = two_processes(train_command(reference_dir, cache_dir, **extra), free_port())
   for p in procs:
@@ -408,7 +408,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   steps = _checkpoint_steps(workdir)
-  assert steps and 0 < steps[-1] < 600, steps  # mid-run
+  assert steps and 0 < steps[-1] < 200, steps  # mid-run
   assert f"preemption notice: saved step {steps[-1]}, exiting cleanly" in outputs[0][0], outputs[0][0][-2000:]
   procs = two_processes(cmd, free_port())
   for p in procs:

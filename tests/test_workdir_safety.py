@@ -19,7 +19,7 @@ import warnings
 import pytest
 
 from ddim_jax import cli
-from ddim_jax.infra import checkpointing, workdir as workdir_lib
+from ddim_jax.infra import checkpointing, workdir as workdir_lib, workdir_lock
 from train_helpers import free_port, run, subprocess_env, tiny_overrides, train_command, two_processes, wait_until
 
 
@@ -203,7 +203,7 @@ def test_a_second_trainer_is_refused_naming_the_first(tmp_path, cache_dir, capsy
   steps = metric_steps(workdir)
   assert steps == sorted(set(steps))
   assert len([line for line in (workdir / "runs.jsonl").read_text().splitlines() if line.strip()]) == 1
-  assert not (workdir / workdir_lib.LOCK_FILE).exists()  # released at the end
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()  # released at the end
 
 
 def _dead_pid() -> int:
@@ -213,7 +213,7 @@ def _dead_pid() -> int:
 
 
 def _record(pid: int, host: str | None = None, heartbeat: float = 0.0) -> bytes:
-  return workdir_lib.Holder(host or os.uname().nodename, pid, "2026-01-01T00:00:00+00:00", heartbeat).to_bytes()
+  return workdir_lock.Holder(host or os.uname().nodename, pid, "2026-01-01T00:00:00+00:00", heartbeat).to_bytes()
 
 
 @pytest.mark.slow
@@ -221,12 +221,12 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, cache_dir, capsys):
   workdir = tmp_path / "run"
   workdir.mkdir()
   dead = _dead_pid()
-  (workdir / workdir_lib.LOCK_FILE).write_bytes(_record(dead))  # a trainer killed with SIGKILL
-  with pytest.warns(workdir_lib.WorkdirLockWarning, match=f"pid {dead} on host"):
+  (workdir / workdir_lock.LOCK_FILE).write_bytes(_record(dead))  # a trainer killed with SIGKILL
+  with pytest.warns(workdir_lock.WorkdirLockWarning, match=f"pid {dead} on host"):
     assert cli.main(["train", "--config", "demo", "--workdir", str(workdir),
                      *tiny_overrides(cache_dir, **{"train.num_steps": 2})]) == 0
   assert checkpoint_steps(workdir) == [2]
-  assert not (workdir / workdir_lib.LOCK_FILE).exists()
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
 def test_without_posix_locks_the_record_decides(tmp_path, monkeypatch):
@@ -235,15 +235,15 @@ def test_without_posix_locks_the_record_decides(tmp_path, monkeypatch):
     raise OSError(errno.ENOLCK, "No locks available")
 
   monkeypatch.setattr(fcntl, "lockf", no_locks)
-  path = tmp_path / workdir_lib.LOCK_FILE
+  path = tmp_path / workdir_lock.LOCK_FILE
   path.write_bytes(_record(os.getppid()))  # alive: the process that runs pytest
-  with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {os.getppid()} on host"):
-    workdir_lib.WorkdirLock(str(tmp_path)).acquire()
-  assert workdir_lib.Holder.parse(path.read_bytes()).pid == os.getppid()  # untouched
+  with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getppid()} on host"):
+    workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  assert workdir_lock.Holder.parse(path.read_bytes()).pid == os.getppid()  # untouched
   path.write_bytes(_record(_dead_pid()))
-  with pytest.warns(workdir_lib.WorkdirLockWarning):
-    lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
-  assert workdir_lib.Holder.parse(path.read_bytes()).pid == os.getpid()
+  with pytest.warns(workdir_lock.WorkdirLockWarning):
+    lock = workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  assert workdir_lock.Holder.parse(path.read_bytes()).pid == os.getpid()
   lock.release()
   assert not path.exists()
 
@@ -254,7 +254,7 @@ def test_a_locked_workdir_refuses_both_processes_of_a_two_process_run(tmp_path, 
   workdir = tmp_path / "run"
   workdir.mkdir()
   holder = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time; from ddim_jax.infra import workdir as w; w.WorkdirLock(sys.argv[1]).acquire(); "
+      "import sys, time; from ddim_jax.infra import workdir_lock as w; w.WorkdirLock(sys.argv[1]).acquire(); "
       "print('held', flush=True); time.sleep(600)"), str(workdir)], env=subprocess_env(1), stdout=subprocess.PIPE,
       text=True)
   try:
@@ -303,7 +303,7 @@ def test_a_start_that_fails_before_training_leaves_no_run_record(trained, tmp_pa
               *tiny_overrides(cache_dir, **{"train.num_steps": 10})])
   assert (workdir / "runs.jsonl").read_text() == runs_before
   assert (workdir / "config.json").read_text() == config_before
-  assert not (workdir / workdir_lib.LOCK_FILE).exists()
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
 @pytest.fixture
@@ -331,7 +331,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(small_disk, cache_dir):
   assert kept, "the first checkpoint should fit"
   assert f"no space left on {small_disk}, the device of {workdir}" in line, line
   assert f"the last good checkpoint is step {kept[-1]} in {workdir}/checkpoints" in line, line
-  assert not (workdir / workdir_lib.LOCK_FILE).exists()
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
   # More room, the same command: it resumes from that checkpoint and finishes.
   assert _mount("-o", "remount,size=64m", str(small_disk))
   result = run(cmd, subprocess_env(1))
@@ -365,7 +365,7 @@ def test_enospc_inside_a_save_is_one_line_naming_the_last_checkpoint(trained, tm
   assert code == 2
   assert "no space left on" in line and f"training stopped at step 10" in line, line
   assert f"the last good checkpoint is step 8 in {workdir}/checkpoints" in line, line
-  assert not (workdir / workdir_lib.LOCK_FILE).exists()
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
 def test_a_read_only_workdir_is_refused_for_training_in_one_line(trained, tmp_path, cache_dir, capsys):

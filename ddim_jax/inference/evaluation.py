@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ddim_jax import errors
 from ddim_jax.core import rng, sampling, schedules
 from ddim_jax.inference import figures, pipeline, sharded
-from ddim_jax.quality import digits_metric, inception, metrics
+from ddim_jax.quality import digits_metric, inception, inception_weights, metrics
 
 FeatureFn = Callable[[Any], Any]
 DIGITS_METRIC_IMAGES = 500  # samples of `evaluate`'s digits metric by default
@@ -72,13 +72,13 @@ def kid_feature_fn(weights_path: str, image_size: int) -> FeatureFn:
   Cached so that KID every epoch, or over several step counts, compiles InceptionV3 once (about
   as long as a few hundred training steps on a CPU).
   """
-  model, variables = inception.load_inception_weights(weights_path)
+  model, variables = inception_weights.load_inception_weights(weights_path)
   return inception.feature_extractor(model, variables, image_size)
 
 
 def resolve_inception_weights(path: str | None) -> str:
   """The Inception weights file to use (``path`` or the torch hub cache); FileNotFoundError if none."""
-  return inception.find_inception_weights(path)
+  return inception_weights.find_inception_weights(path)
 
 
 def kid_batch_size(num_images: int, batch_size: int) -> int:

@@ -145,7 +145,7 @@ def select_step(ckpt: checkpointing.Checkpointer, which: str | int | None = "lat
   """The checkpoint step that ``which`` names, and how it was chosen (for messages).
 
   Args:
-    ckpt: the workdir's checkpoints, opened with ``best_metric="val_kid"``.
+    ckpt: the workdir's checkpoints, opened with ``best_metric=checkpointing.BEST_METRIC``.
     which: "latest" (or None), "best" (``ckpt.best_step()``: the lowest ``val_kid`` that training logged,
       ties to the earlier step) or a step number.
 
@@ -194,7 +194,7 @@ def restore_checkpoint_described(workdir: str, ema: bool = True, step: str | int
     raise errors.MissingInputError(f"no checkpoints in {workdir!r} (expected {directory}); train first with "
                                    f"`ddim-jax train --workdir {workdir}`")
   # A reader: opens the checkpoints read-only (a live trainer may be writing the next step).
-  with checkpointing.Checkpointer(directory, best_metric="val_kid", async_save=False, read_only=True) as ckpt:
+  with checkpointing.Checkpointer(directory, best_metric=checkpointing.BEST_METRIC, async_save=False, read_only=True) as ckpt:
     chosen, how = select_step(ckpt, step)
     if how == "latest":  # the config of the newest step whose metadata reads (restore_latest falls back too)
       newest = ckpt.newest_readable_meta()
@@ -216,6 +216,17 @@ def restore_checkpoint_described(workdir: str, ema: bool = True, step: str | int
       state, meta = ckpt.restore(chosen, abstract)
   normalizer = {k: np.asarray(v, np.float32) for k, v in meta["normalizer"].items()}
   return model, jax.device_get(state.variables(ema=ema)), normalizer, config, chosen, how
+
+
+def export_weights(workdir: str, out: str, raw: bool = False, step: str | int | None = "latest") -> tuple[int, str]:
+  """Writes a checkpoint's EMA (or, ``raw``, its raw) weights to the safetensors weight file ``out``.
+
+  Returns ``(step, how)``: the step written and how it was chosen (``restore_checkpoint_described``).
+  """
+  model, variables, normalizer, config, chosen, how = restore_checkpoint_described(workdir, ema=not raw, step=step)
+  weight_files.save_weights(out, model, variables, normalizer, int(config.model.image_size),
+                            schedules.DiffusionSpec.from_config(config), weights="raw" if raw else "ema", step=chosen)
+  return chosen, how
 
 
 def load_model(workdir: str | None = None, weights: str | None = None, config: str | None = None,

@@ -27,6 +27,8 @@ from ddim_jax.infra import digests, object_store, preemption
 
 _STATE, _META, _INFO = "state", "meta", "info"
 QUARANTINE_DIRNAME = "quarantined"
+# The metric that ranks checkpoints ("best"): the validation KID that training logs (lower is better).
+BEST_METRIC = "val_kid"
 _log = logging.getLogger(__name__)
 
 

@@ -1,48 +1,9 @@
 """Model FLOPs counted from the jaxpr, the same on every backend, and the peaks that MFU divides by.
 
-Why not XLA's cost analysis: on GPU the convolutions become cuDNN custom calls, which the compiled
-module's cost analysis counts as 0 FLOPs (the first H200 run printed 0.077 GFLOP per training image
-against a true ~6.85, and an MFU of 0.1%), and ``lower().cost_analysis()`` is not available through
-the CUDA plugin. This module never compiles: ``jax.make_jaxpr`` traces the function (arguments may be
-``jax.ShapeDtypeStruct``s) and the equations are walked recursively.
-
-What counts (the usual model-FLOPs convention of MFU): 2 FLOPs per multiply-add of every
-``conv_general_dilated`` and ``dot_general``. Elementwise ops, reductions, BatchNorm, pooling,
-the optimiser and random draws count 0 (on this U-Net they are well under 1% of the arithmetic).
-
-* ``dot_general``: 2 x (batch dims) x (contracting dims) x (lhs free dims) x (rhs free dims)
-  = 2 x output elements x contracting size.
-* ``conv_general_dilated``: 2 x output elements x (rhs input features) x (kernel taps), read through
-  the dimension numbers. The rhs input-feature dimension is already ``in_features /
-  feature_group_count``; with ``batch_group_count`` the output features hold the groups and each
-  output element still sums over rhs input features x kernel taps. Window strides and rhs dilation
-  enter through the output shape. Zero padding counts (the dense convention: a 3x3 'SAME' conv is
-  9 taps at every pixel, and both its gradients count what it counts). An lhs-dilated conv (a
-  transposed conv: the input gradient of a strided conv) counts only the taps on real input
-  elements, neither holes nor padding, i.e. the multiply-adds of the conv it transposes. (Caveat:
-  the input gradient of a stride-1 'VALID' conv is a 'FULL' conv whose padding counts, above the
-  forward's count; this project's convs are all 'SAME'.)
-
-How control flow counts:
-
-* ``jit``/``pjit``, ``closed_call``/``core_call``, ``custom_jvp_call``/``custom_vjp_call``
-  (the primal function; the rules are functions, not jaxprs, and a differentiated jaxpr already
-  holds what they produced), ``remat``/``checkpoint`` (under ``grad`` the recomputed forward is in
-  the jaxpr and counts: executed FLOPs, which exceed model FLOPs with rematerialisation), and any
-  other primitive with sub-jaxprs: each sub-jaxpr once.
-* ``cond``/``switch``: the MAXIMUM over the branches (an upper bound; noted in ``notes``).
-* ``scan``: the body times ``length``.
-* ``while``: the body times the trip count when it is static (a counter that starts at a literal,
-  steps by a literal and is compared with ``lt``/``le``/``gt``/``ge``/``ne`` against a literal or a
-  loop-invariant literal-initialised carry), else the body ONCE with an "unknown trip count" note.
-  (``fori_loop`` with static bounds is already a ``scan``.)
-* ``shard_map``: the body (per-shard shapes) times the number of devices of its manual mesh axes;
-  ``xla_pmap``/old ``pmap``: the body times ``axis_size``. (``jax.pmap`` is ``shard_map`` in newer
-  JAX.) Replicated work counts once per device: these are the FLOPs all devices execute together.
-
-The functions for this project's U-Net (``forward_flops``, ``train_step_flops``, ``sample_flops``)
-take the model, and ``train.train_step`` / ``sampling.generate`` as arguments: this module is a leaf
-(jax and numpy only) so that anything, the benchmark included, can import it.
+Not XLA's cost analysis: on GPU it counts cuDNN convolutions as 0 FLOPs. ``jax.make_jaxpr`` traces
+(nothing compiles) and the equations are walked: 2 FLOPs per multiply-add of every convolution and
+``dot_general``, nothing else; control flow by its trip count. The rules, case by case:
+docs/flops.md. A leaf (jax and NumPy only), so that anything, the benchmark included, can import it.
 """
 
 import dataclasses

@@ -1,50 +1,19 @@
-"""InceptionV3 feature extractor for KID (Flax linen, NHWC).
+"""InceptionV3 feature extractor for KID and FID (Flax linen, NHWC): images -> 2048-d pool features.
 
-The network is torchvision's ``inception_v3`` without its classifier: it maps images to the
-2048-d global-average-pooled activations of ``Mixed_7c``. Submodule names equal torchvision's
-attribute names (``Mixed_5b/branch1x1/conv/kernel`` <-> ``Mixed_5b.branch1x1.conv.weight``), so a
-torch state dict converts mechanically; ``ddim_torch_ref/inception.py`` is the NCHW twin.
-
-Two weight flavours, told apart by the classifier size of the state dict:
-
-* ``"torchvision"``: ``inception_v3_google-0cc3c7bd.pth`` (ImageNet, 1000 classes). Every pool
-  branch is a 3x3/1 average pool whose zero padding counts in the mean (torch's
-  ``count_include_pad=True``).
-* ``"fid"``: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (the TF 2015 graph used by
-  FID, 1008 classes). It patches the pool branches as that graph computes them: average pools of
-  Mixed_5b..5d, Mixed_6b..6e and Mixed_7b exclude the padding (TF "SAME" pooling), and Mixed_7c's
-  pool branch is a 3x3/1 *max* pool.
-
-Input preprocessing (``preprocess``), the same for both flavours: bilinear resize with half-pixel
-centres to ``image_size`` (75 = the Keras example, 299 = the R port), then ``2x - 1``.
-
-* torchvision weights: ``inception_v3(weights=...)`` sets ``transform_input=True``, whose
-  ``_transform_input`` maps ImageNet-normalised input ``(x - m_c)/s_c`` to
-  ``(x - m_c)/0.5 + (m_c - 0.5)/0.5 = 2x - 1`` per channel c. The R port feeds it exactly that
-  (mean/std normalise, then transform_input), so ``2x - 1`` equals it up to float rounding.
-* fid weights: pytorch-fid's ``InceptionV3(normalize_input=True)`` computes ``2x - 1``. (The
-  original TF graph subtracts 128 and divides by 128 on 0..255 pixels, i.e. ``1.992x - 1``;
-  pytorch-fid, and this module, use ``2x - 1``.)
-* Keras (the example's own encoder): ``preprocess_input`` is ``x/127.5 - 1`` on 0..255, i.e.
-  ``2x - 1``. Keras' ImageNet weights themselves cannot be loaded here (no ``.h5`` reader); note
-  that its architecture matches neither flavour exactly (BN without scale, and TF "SAME" average
-  pools everywhere, including Mixed_7c), so KID values are comparable in trend, not digit for digit.
-
-Resizing uses no antialiasing by default, as Keras' ``Resizing`` layer, torch's ``F.interpolate``
-(pytorch-fid) and the R port do; for upscaling (64 -> 75 or 299) antialiasing has no effect anyway.
+torchvision's ``inception_v3`` without its classifier, with torchvision's submodule names (so a torch
+state dict converts mechanically: ``inception_weights``); ``ddim_torch_ref/inception.py`` is the NCHW
+twin. Two weight flavours differ in their pool branches (``POOL_SPECS``): torchvision's ImageNet
+weights and pytorch-fid's 2015 TF graph. Why both preprocess as ``2x - 1``, and how Keras' own
+encoder differs: docs/metrics.md.
 """
 
 import dataclasses
 import functools
-import os
-import pickle
-import re
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddim_jax import errors
 
@@ -54,14 +23,6 @@ R_IMAGE_SIZE = 299  # the R port's kid_img_size, Inception's native size
 MIN_IMAGE_SIZE = 75
 FEATURE_DIM = 2048
 BN_EPSILON = 1e-3  # torchvision's BasicConv2d: BatchNorm2d(eps=0.001)
-
-TORCHVISION_WEIGHTS_FILE = "inception_v3_google-0cc3c7bd.pth"
-TORCHVISION_WEIGHTS_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
-FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-# The classifier width tells the flavours apart: ImageNet's 1000 classes vs the 2015 TF graph's 1008.
-NUM_CLASSES = {"torchvision": 1000, "fid": 1008}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +183,7 @@ class InceptionV3(nn.Module):
   """InceptionV3 up to the global average pool: (B, H, W, 3) in [-1, 1] -> (B, 2048).
 
   Attributes:
-    flavour: "torchvision" or "fid": the pool-branch layout of the weights (module docstring).
+    flavour: "torchvision" or "fid": the pool-branch layout of the weights (``POOL_SPECS``).
     precision: matmul precision of the convolutions (None: JAX's default; on GPUs that default
       may use TF32, which changes features by ~1e-3 relative; pass "highest" for parity checks).
   """
@@ -263,7 +224,7 @@ def preprocess(images: jax.Array, image_size: int = KERAS_IMAGE_SIZE, antialias:
 
   Returns:
     ``2 * resized - 1`` in float32, or float64 for float64 input under x64 (see the module
-    docstring for why ``2x - 1`` for both flavours).
+    docs/metrics.md for why ``2x - 1`` for both flavours).
   """
   if image_size < MIN_IMAGE_SIZE:
     raise errors.ConfigError(f"InceptionV3 needs image_size >= {MIN_IMAGE_SIZE}, got {image_size}")
@@ -302,204 +263,3 @@ def init_variables(model: InceptionV3, rng: Optional[jax.Array] = None) -> Mappi
   """Randomly initialised variables (for tests and shape templates; KID needs trained weights)."""
   rng = jax.random.key(0) if rng is None else rng
   return model.init(rng, jnp.zeros((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3), jnp.float32))
-
-
-def _variable_shapes(model: InceptionV3) -> Mapping[str, Any]:
-  shapes = jax.eval_shape(lambda: init_variables(model))
-  return jax.tree.map(lambda s: s.shape, shapes)
-
-
-class InceptionWeightsError(errors.InputError):
-  """An InceptionV3 weights file that cannot be used (truncated, not a torch file, not a state dict)."""
-
-
-class UnsafeInceptionWeightsError(InceptionWeightsError, pickle.UnpicklingError):
-  """A ``.pth`` file holding pickled objects beyond tensors: refused (``torch.load(weights_only=True)``)."""
-
-
-def missing_weights_message(looked_at: str) -> str:
-  """The error text (one line) for absent InceptionV3 weights: both files, their sources, and how to pass them."""
-  return (
-      f"InceptionV3 weights for KID not found ({looked_at}). KID needs one of these torch state dict files: "
-      f"{TORCHVISION_WEIGHTS_FILE} (torchvision's ImageNet InceptionV3, {TORCHVISION_WEIGHTS_URL}) or "
-      f"{FID_WEIGHTS_FILE} (pytorch-fid's FID Inception, github.com/mseitzer/pytorch-fid release 'fid_weights', "
-      f"{FID_WEIGHTS_URL}). Download one and pass its path with --inception-weights PATH (config key "
-      f"`inception_weights`), or put it in {_torch_hub_dir()}.")
-
-
-def _torch_hub_dir() -> str:
-  """Where torch.hub (torchvision, pytorch-fid) caches downloads: $TORCH_HOME/hub/checkpoints."""
-  torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
-  return os.path.join(torch_home, "hub", "checkpoints")
-
-
-def find_inception_weights(path: Optional[str] = None) -> str:
-  """Resolves the weights file: ``path`` if given, else a known file in the torch hub cache.
-
-  Raises:
-    FileNotFoundError: with ``missing_weights_message`` when no file is found.
-  """
-  if path:
-    if os.path.isfile(path):
-      return path
-    if os.path.exists(path):
-      raise InceptionWeightsError(f"InceptionV3 weights {path!r} is not a regular file; pass the .pth file itself "
-                                  f"(--inception-weights PATH, config key `inception_weights`)")
-    raise errors.MissingInputError(missing_weights_message(f"no file at {path!r}"))
-  for name in (TORCHVISION_WEIGHTS_FILE, FID_WEIGHTS_FILE):
-    candidate = os.path.join(_torch_hub_dir(), name)
-    if os.path.isfile(candidate):
-      return candidate
-  raise errors.MissingInputError(missing_weights_message(f"no path given and none in {_torch_hub_dir()}"))
-
-
-def detect_flavour(state_dict: Mapping[str, Any]) -> str:
-  """'torchvision' (fc of 1000 classes) or 'fid' (1008 classes) from a torch state dict."""
-  if "fc.weight" not in state_dict:
-    raise errors.InputError("cannot tell the Inception flavour: the state dict has no fc.weight; pass flavour=")
-  shape = tuple(getattr(state_dict["fc.weight"], "shape", ()))
-  if len(shape) != 2:
-    raise errors.InputError(f"fc.weight has shape {shape}, expected (classes, 2048)")
-  num_classes = shape[0]
-  for flavour, n in NUM_CLASSES.items():
-    if n == num_classes:
-      return flavour
-  raise errors.InputError(f"fc.weight has {num_classes} classes; expected 1000 (torchvision) or 1008 (fid)")
-
-
-def _is_ignored_key(key: str) -> bool:
-  # The classifiers are unused for features; torch adds num_batches_tracked to every BN.
-  return key.startswith(("fc.", "AuxLogits.")) or key.endswith(".num_batches_tracked")
-
-
-def _flax_location(key: str) -> Tuple[str, Tuple[str, ...], bool]:
-  """torch key -> (collection, Flax path, transpose OIHW->HWIO?)."""
-  if key.count(".") < 1:
-    raise errors.InputError(f"unexpected key {key!r} in the InceptionV3 state dict")
-  *modules, layer, leaf = key.split(".")
-  table = {
-      ("conv", "weight"): ("params", "kernel", True),
-      ("bn", "weight"): ("params", "scale", False),
-      ("bn", "bias"): ("params", "bias", False),
-      ("bn", "running_mean"): ("batch_stats", "mean", False),
-      ("bn", "running_var"): ("batch_stats", "var", False),
-  }
-  if (layer, leaf) not in table:
-    raise errors.InputError(f"unexpected key {key!r} in the InceptionV3 state dict")
-  collection, name, transpose = table[(layer, leaf)]
-  return collection, (*modules, layer, name), transpose
-
-
-def variables_from_state_dict(state_dict: Mapping[str, Any],
-                              flavour: Optional[str] = None) -> Tuple[InceptionV3, Mapping[str, Any]]:
-  """Converts a torchvision / pytorch-fid InceptionV3 state dict into Flax variables.
-
-  Args:
-    state_dict: torch key -> array-like (torch tensors or NumPy arrays).
-    flavour: "torchvision" | "fid"; None detects it from fc.weight (1000 vs 1008 classes).
-
-  Returns:
-    ``(model, {"params": ..., "batch_stats": ...})``, every key of the network filled exactly once.
-
-  Raises:
-    ValueError: on missing, unexpected or mis-shaped entries.
-  """
-  flavour = detect_flavour(state_dict) if flavour is None else flavour
-  model = InceptionV3(flavour=flavour)
-  expected = {
-      (coll, *path): shape
-      for coll, tree in _variable_shapes(model).items()
-      for path, shape in _flatten(tree)
-  }
-  found = {}
-  for key, value in state_dict.items():
-    if _is_ignored_key(key):
-      continue
-    collection, path, transpose = _flax_location(key)
-    location = (collection, *path)
-    if location not in expected:
-      raise errors.InputError(f"unexpected key {key!r} for the {flavour} InceptionV3")
-    try:
-      array = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, np.float32)
-    except (TypeError, ValueError, RuntimeError) as e:
-      raise errors.InputError(f"{key}: not a tensor of numbers ({type(value).__name__})") from e
-    if not np.all(np.isfinite(array)):
-      raise errors.InputError(f"{key} holds NaN or inf values")
-    if collection == "batch_stats" and path[-1] == "var" and np.any(array < 0):
-      raise errors.InputError(f"{key} holds negative BatchNorm variances")
-    if transpose:
-      array = array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    if array.shape != tuple(expected[location]):
-      raise errors.InputError(f"{key}: shape {array.shape} (after conversion), expected {expected[location]}")
-    found[location] = jnp.asarray(array)
-  missing = sorted(".".join(loc) for loc in expected if loc not in found)
-  if missing:
-    raise errors.InputError(f"{len(missing)} InceptionV3 variables missing from the state dict, e.g. {missing[:3]}")
-  return model, _unflatten(found)
-
-
-def load_inception_weights(path: Optional[str] = None,
-                           flavour: Optional[str] = None) -> Tuple[InceptionV3, Mapping[str, Any]]:
-  """Loads torchvision's or pytorch-fid's InceptionV3 ``.pth`` into ``(model, variables)``.
-
-  Args:
-    path: the ``.pth`` file; None looks for a known file in the torch hub cache.
-    flavour: "torchvision" | "fid"; None detects it from the classifier size.
-
-  Raises:
-    FileNotFoundError: no weights file; the message names both files and where to get them.
-  """
-  path = find_inception_weights(path)
-  try:
-    import torch  # pylint: disable=import-outside-toplevel  (torch only to read the file)
-  except ImportError as e:
-    raise errors.MissingDependencyError(
-        f"reading the InceptionV3 weights {path} needs PyTorch: pip install 'ddim-jax[torch]' (the CPU build is "
-        "enough; see the README's Set-up)") from e
-  fix = (f"download {TORCHVISION_WEIGHTS_FILE} or {FID_WEIGHTS_FILE} again and pass it with --inception-weights "
-         f"(config key `inception_weights`)")
-  try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:  # weights_only=True met an object that is not a tensor: never unpickled
-    detail = [line.strip() for line in str(e).splitlines() if "Unsupported" in line or "Unpickler error" in line]
-    detail = re.sub(r"\. Please use .*", "", detail[0])[:200] if detail else type(e).__name__
-    raise UnsafeInceptionWeightsError(
-        f"InceptionV3 weights {path!r} refused: it holds pickled Python objects besides tensors, which "
-        f"torch.load(weights_only=True) does not run ({detail}); {fix}") from None
-  except Exception as e:  # pylint: disable=broad-except  # torch raises many types for garbage files
-    raise InceptionWeightsError(f"cannot read InceptionV3 weights {path!r} ({type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); it is "
-                                f"truncated or not a torch .pth file: {fix}") from None
-  if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
-    raise InceptionWeightsError(f"InceptionV3 weights {path!r} hold a {type(state_dict).__name__}, not a state dict "
-                                f"(names -> tensors); {fix}")
-  try:
-    return variables_from_state_dict(state_dict, flavour)
-  except errors.InputError as e:
-    raise InceptionWeightsError(f"InceptionV3 weights {path!r}: {e}; {fix}") from None
-
-
-def inception_feature_fn(path: Optional[str] = None, image_size: int = KERAS_IMAGE_SIZE,
-                         flavour: Optional[str] = None) -> Callable[[jax.Array], jax.Array]:
-  """``load_inception_weights`` + ``feature_extractor``: images in [0, 1] -> (B, 2048) features."""
-  model, variables = load_inception_weights(path, flavour)
-  return feature_extractor(model, variables, image_size)
-
-
-def _flatten(tree, prefix=()):
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _flatten(value, (*prefix, key))
-    else:
-      yield (*prefix, key), value
-
-
-def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree

@@ -9,7 +9,7 @@ where the off-diagonal means divide by B(B - 1). The reported KID is the equal-w
 per-batch values (Keras' ``keras.metrics.Mean`` over ``update_state`` calls), not the estimate over
 all images at once; so it depends on the batch size (the Keras example uses 64, the R port 128).
 
-Features come from ``ddim_jax.quality.inception`` (``inception_feature_fn``); any ``images -> features``
+Features come from ``ddim_jax.quality.inception_weights`` (``inception_feature_fn``); any ``images -> features``
 function works.
 
 ``frechet_distance``: the Frechet distance between two Gaussians (FID's formula), used on the
@@ -130,7 +130,7 @@ def kid(real_images, generated_images, feature_fn: FeatureFn, batch_size: int = 
   Args:
     real_images: (N, H, W, C) in [0, 1].
     generated_images: (N, H, W, C) in [0, 1], as many as the real ones.
-    feature_fn: images -> (B, d) features, e.g. ``inception.inception_feature_fn(path)``.
+    feature_fn: images -> (B, d) features, e.g. ``inception_weights.inception_feature_fn(path)``.
     batch_size: images per batch (Keras 64, R 128); >= 2.
 
   Returns:

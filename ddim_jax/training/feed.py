@@ -1,34 +1,20 @@
-"""The training input on the devices: the uint8 dataset uploaded once, or uint8 batches uploaded ahead.
+"""The training input on the devices, and the calls of K steps (``CallPlan``).
 
-The host used to build every batch itself: a float32 lookup of the whole batch (x / 255) and a
-float32 upload of 4 bytes per pixel, every step (1.3-3 ms of host work per batch of 64 64x64 images,
-a third of an H200 step). Here the host sends only what it must:
+Placements (``train.data_placement``; "auto" picks "device" when the uint8 training set fits in
+``DEVICE_FRACTION`` of the smallest device's memory, ``CPU_DEVICE_BYTES`` on CPU):
 
-  "device"  the whole uint8 training set is put on every device once (flowers at 64x64: 80 MB); each
-            step receives this process's batch *indices* (a few hundred bytes), and the step gathers
-            the images and converts them on the device.
-  "host"    (a training set too large for the rule below, or ``config.parallel="pmap"``) a background
-            thread gathers uint8 batches and uploads them ahead of the loop (2 in flight); the step
-            converts them on the device.
+  "device"  the uint8 training set is put on every device once; each step receives only batch
+            *indices* and gathers and converts the images on the device.
+  "host"    a background thread gathers uint8 batches and uploads them ahead (2 in flight).
 
-Either way the step trains on ``UNIT_FLOAT[uint8]``, the float32 table of k / 255, the very numbers
-``data.BatchIterator`` yields on the host (``np.float32(k) / np.float32(255)``): the images are
-bit-identical to the host path's (tested: same batches, losses and weights after N steps on 1 and 4
-devices and 2 processes). The order, the resume position and the multi-host split are
-``BatchIterator``'s: the feed asks it for indices (``next_indices``) and reports, with every batch,
-the iterator position after it, so that a checkpoint saves the position of what was trained, not of
-what was prefetched.
+Either way the step trains on ``UNIT_FLOAT[uint8]`` (k / 255 in float32): bit-identical to the
+host's ``data.BatchIterator``, whose order, resume position and multi-host split the feed follows
+(each batch carries the iterator position after it, so a checkpoint saves what was trained).
 
-Calls (``CallPlan``): the loop runs ``train.steps_per_call`` optimiser steps per compiled call (a
-``lax.scan``), which divides the host's per-call work (above all the dispatch of the whole donated
-state, ~1 us per leaf) by K; a call that would pass over an event (a log, checkpoint, sample or
-KID step, a profile window's edge, the last step) is a single step instead, so that every event
-happens at its own step whatever K is. ``next()`` yields K batches stacked ((K, b) indices or (K, b,
-S, S, C) images) or one; the compiled function of each call size is built on first use.
-
-Rule (``train.data_placement="auto"``): "device" when the uint8 training set takes at most
-``DEVICE_FRACTION`` of the smallest local device's memory (``memory_stats()["bytes_limit"]``; CPU
-devices report none: at most ``CPU_DEVICE_BYTES``), else "host".
+``CallPlan``: ``train.steps_per_call`` steps per compiled call (``lax.scan``), which divides the
+host's per-call cost (dispatching the donated state, ~1 us per leaf) by K; a call that would pass
+over an event (log, checkpoint, samples, KID, a profile edge, the last step) runs single steps, so
+every event happens at its own step whatever K is. Measurements: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -23,10 +23,11 @@ import numpy as np
 from etils import epath
 
 from ddim_jax import data, errors
-from ddim_jax.core import models, rng, sampling, schedules, step as step_lib
+from ddim_jax.core import models, rng, schedules, step as step_lib
 from ddim_jax.inference import evaluation, grids, sharded
 from ddim_jax.infra import checkpointing, parallel, preemption, run_record
 from ddim_jax.infra import workdir as workdir_lib
+from ddim_jax.infra import workdir_lock
 from ddim_jax.training import feed as feed_lib, reporting, validation
 
 
@@ -141,7 +142,7 @@ class _Run:
     host_metrics["images_per_second"] = self.clock.images_per_second(step)
     if kid_state is not None:
       with self.clock.paused():
-        host_metrics["val_kid"] = self.kid_fn(_to_host(kid_state.variables(ema=True)), self.normalizer)
+        host_metrics[checkpointing.BEST_METRIC] = self.kid_fn(_to_host(kid_state.variables(ema=True)), self.normalizer)
     self.writer.write(step, host_metrics)
     self.report.log(step, host_metrics)
     return host_metrics
@@ -201,7 +202,7 @@ def _start_run(config, workdir: str, progress: bool, config_source: str | None) 
   init_key = rng.purpose_key(config.seed, rng.INIT)
   ckpt = checkpointing.Checkpointer(epath.Path(workdir) / "checkpoints",
                                     max_to_keep=int(config.train.get("keep_checkpoints", 3)),
-                                    best_metric="val_kid" if kid_fn is not None else None, best_mode="min")
+                                    best_metric=checkpointing.BEST_METRIC if kid_fn is not None else None, best_mode="min")
   if jax.process_count() == 1:  # several processes: JAX's preemption service owns SIGTERM
     preemption.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
   restored = ckpt.restore_latest(step_lib.abstract_train_state(model, step_config, image_size, init_key,
@@ -321,7 +322,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   step, saves a checkpoint and returns. A non-finite loss or state raises ``NonFiniteLossError``;
   the last good checkpoint is kept. Resuming with an incompatible config raises
   ``errors.ConfigError`` before anything is loaded. One trainer per workdir: while another live
-  trainer holds ``train.lock`` this raises ``workdir.WorkdirLockedError`` naming it; a full disk
+  trainer holds ``train.lock`` this raises ``workdir_lock.WorkdirLockedError`` naming it; a full disk
   raises ``workdir.DiskFullError`` naming the device and the last good checkpoint.
 
   Args:
@@ -341,7 +342,7 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   workdir = workdir_lib.check_location(workdir)
   workdir_lib.ensure_writable(workdir)
   # One trainer per workdir: a second one is refused here, before it reads or writes anything else.
-  lock = workdir_lib.lock_for_training(workdir)
+  lock = workdir_lock.lock_for_training(workdir)
   progress_at = {"step": None}  # the loop's step, for the message of a full disk
   try:
     with _full_disk_said_once(workdir, progress_at):

@@ -1,9 +1,14 @@
-"""README promises of `ddim-jax sample` against the library: the JAX-key noise convention, a weight
-file's schedule/target metadata driving the sampler, and the trajectory strip's step selection.
+"""`ddim-jax sample` against the library and the torch twin: the JAX-key and NumPy noise conventions,
+a weight file's schedule/target metadata driving the sampler, the trajectory strip's step selection,
+images split over CPU devices, and `info` of a weight file.
 
 Expected images come from ``sampling.generate`` on noise built here as the README describes; the
-models are the trained 16x16 fixtures of conftest.py.
+models are the trained 16x16 fixtures of conftest.py, or the shared KID run for `--workdir`.
 """
+
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,18 +19,34 @@ from ddim_jax import cli
 from ddim_jax.core import sampling, schedules
 from ddim_jax.inference import figures, grids
 from ddim_jax.interop import weight_files
-
-TILE = 16 * 4 + 2  # a 16 px image upscaled x4 (the default for 16 px strips) plus 2 px padding
-
-
-def _tile(grid: np.ndarray, row: int, col: int, size: int = 64, pad: int = 2) -> np.ndarray:
-  top, left = pad + row * (size + pad), pad + col * (size + pad)
-  return grid[top:top + size, left:left + size]
+from ddim_torch_ref import sample as ref_sample
+from cli_helpers import TILE, png, tile
+from train_helpers import REPO, subprocess_env
 
 
 def _denormalize(x, normalizer):
   """clip(mean + x sqrt(variance), 0, 1) in NumPy."""
   return np.clip(normalizer["mean"] + np.asarray(x, np.float64) * np.sqrt(normalizer["variance"]), 0.0, 1.0)
+
+
+@pytest.mark.slow
+def test_sample_and_info_from_a_weight_file(tmp_path, capsys, trained_weights):
+  weights = trained_weights("keras")
+  out = str(tmp_path / "grid.png")
+  assert cli.main(["sample", "--weights", weights, "--out", out, "--num-images", "6", "--steps", "5",
+                   "--rows", "2"]) == 0
+  grid = np.asarray(Image.open(out))
+  assert grid.shape == (2 * 66 + 2, 3 * 66 + 2, 3)  # 2 rows x 3 cols of 16px tiles upscaled x4 (the default), 2px pads
+  assert grid.std() > 10  # not a blank image
+  assert cli.main(["info", "--weights", weights]) == 0
+  assert '"variant": "keras"' in capsys.readouterr().out
+
+
+def test_bad_weight_file_is_a_clear_error(tmp_path, capsys):
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(b"not a weight file")
+  assert cli.main(["sample", "--weights", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+  assert "truncated or not a safetensors" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
@@ -115,8 +136,8 @@ def test_sample_trajectory_strip_of_many_steps(trained_weights, trained_model, t
   shown = lambda x: grids.to_uint8(_denormalize(x, normalizer)).repeat(4, axis=0).repeat(4, axis=1)  # noqa: E731
   for col in range(20):
     step = int(np.floor(col * 22 / 19 + 0.5))
-    assert np.abs(_tile(strip, 0, col) - shown(out["noisy_trajectory"][step, 0])).max() <= 1, col
-    assert np.abs(_tile(strip, 1, col) - shown(out["pred_trajectory"][step, 0])).max() <= 1, col
+    assert np.abs(tile(strip, 0, col) - shown(out["noisy_trajectory"][step, 0])).max() <= 1, col
+    assert np.abs(tile(strip, 1, col) - shown(out["pred_trajectory"][step, 0])).max() <= 1, col
 
 
 def test_noise_conventions_agree_between_the_twins():
@@ -150,3 +171,60 @@ def test_sample_cpu_devices_splits_the_batches_and_keeps_the_images(trained_weig
   # The same per-example math; the two processes' XLA:CPU thread pools (1 vs 2 devices) pick other
   # convolution loops: float32 round-off, measured up to 1.1e-6 in [0, 1] pixels.
   np.testing.assert_allclose(np.load(arrays["2"]), np.load(arrays["1"]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sample_from_a_workdir_writes_grid_images_and_trajectory(kid_run, tmp_path):
+  grid, traj, arrays = tmp_path / "grid.png", tmp_path / "traj.png", tmp_path / "images.npy"
+  assert cli.main(["sample", "--workdir", kid_run, "--num-images", "5", "--steps", "3", "--rows", "1",
+                   "--batch-size", "2", "--out", str(grid), "--out-dir", str(tmp_path / "each"),
+                   "--array-out", str(arrays), "--trajectory", str(traj), "--trajectory-images", "2"]) == 0
+  assert png(grid).shape == (TILE + 2, 5 * TILE + 2, 3)  # x4, as demo's grid; the --out-dir images at 16 px:
+  files = sorted(os.listdir(tmp_path / "each"))
+  assert files == [f"sample_{i:05d}.png" for i in range(5)]
+  assert png(tmp_path / "each" / files[0]).shape == (16, 16, 3)
+  strip = png(traj)
+  assert strip.shape == (4 * TILE + 2, 3 * TILE + 2, 3)  # 2 samples x (noisy, predicted) rows, 3 steps
+  # The strip starts from the grid's noise: its last prediction of sample 0 is grid image 0.
+  images = np.load(arrays)
+  want = grids.to_uint8(images[0]).repeat(4, axis=0).repeat(4, axis=1)
+  assert np.abs(tile(strip, 1, 2, 64).astype(int) - want).max() <= 1
+  assert np.abs(tile(strip, 0, 0, 64).astype(int) - want).mean() > 10  # the first column is noise
+
+
+@pytest.mark.slow
+def test_torch_twin_sample_command_matches_ddim_jax(trained_weights, tmp_path):
+  weights = trained_weights("keras")
+  jax_arr, torch_arr = tmp_path / "jax.npy", tmp_path / "torch.npy"
+  assert cli.main(["sample", "--weights", weights, "--num-images", "6", "--steps", "10", "--seed", "7",
+                   "--numpy-noise", "--out", str(tmp_path / "jax.png"), "--array-out", str(jax_arr)]) == 0
+  # The twin in a fresh process, which must not import JAX.
+  code = ("import sys; from ddim_torch_ref import sample; rc = sample.main(sys.argv[1:]); "
+          "assert 'jax' not in sys.modules, 'ddim_torch_ref.sample imported jax'; sys.exit(rc)")
+  result = subprocess.run([sys.executable, "-c", code, "--weights", weights, "--num-images", "6", "--steps", "10",
+                           "--seed", "7", "--out", str(tmp_path / "torch.png"), "--array-out", str(torch_arr)],
+                          env=subprocess_env(1), cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  a, b = np.load(jax_arr), np.load(torch_arr)
+  assert a.shape == b.shape == (6, 16, 16, 3) and a.std() > 0.05
+  assert np.max(np.abs(a - b)) <= 1e-4
+  pngs = png(tmp_path / "jax.png").astype(int), png(tmp_path / "torch.png").astype(int)
+  assert np.abs(pngs[0] - pngs[1]).max() <= 1  # uint8 rounding of <= 1e-4 differences
+
+  # --noise-file, eta > 0 (per-step draws from NumPy too), the twin in process this time.
+  noise_file = tmp_path / "noise.npy"
+  np.save(noise_file, np.random.default_rng(11).standard_normal((3, 16, 16, 3), dtype=np.float32))
+  common = ["--weights", weights, "--num-images", "3", "--steps", "8", "--eta", "0.5", "--seed", "2",
+            "--noise-file", str(noise_file)]
+  assert cli.main(["sample", *common, "--out", str(tmp_path / "j2.png"), "--array-out", str(jax_arr)]) == 0
+  assert ref_sample.main([*common, "--out", str(tmp_path / "t2.png"), "--array-out", str(torch_arr)]) == 0
+  assert np.max(np.abs(np.load(jax_arr) - np.load(torch_arr))) <= 1e-4
+  assert np.max(np.abs(np.load(jax_arr) - a[:3])) > 1e-2  # another noise: other images
+
+
+def test_noise_file_of_the_wrong_shape_is_a_clear_error(trained_weights, tmp_path, capsys):
+  bad = tmp_path / "bad.npy"
+  np.save(bad, np.zeros((2, 8, 8, 3), np.float32))
+  assert cli.main(["sample", "--weights", trained_weights("keras"), "--noise-file", str(bad), "--num-images", "2",
+                   "--out", str(tmp_path / "x.png")]) == 2
+  assert "--noise-file" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""`ddim-jax evaluate --metric kid` on the shared KID run (conftest.py) against the library's KID of the
+same samples and real images. (The digits metric's `evaluate`: test_digits_metric.py.)
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ddim_jax import cli, data
+from ddim_jax.core import sampling, schedules
+from ddim_jax.inference import evaluation
+from ddim_jax.quality import metrics
+from cli_helpers import run_model
+
+
+@pytest.mark.slow
+def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path, capsys):
+  out = tmp_path / "kid.json"
+  assert cli.main(["evaluate", "--workdir", kid_run, "--metric", "kid", "--steps", "2,3", "--num-images", "8",
+                   "--batch-size", "4", "--inception-weights", inception_file, "--json", str(out)]) == 0
+  record = json.loads(out.read_text())
+  assert set(record["kid"]) == {"2", "3"} and all(np.isfinite(v) for v in record["kid"].values())
+  assert record["kid"]["2"] != record["kid"]["3"]  # the step count changes the samples
+  assert (record["num_images"], record["batch_size"], record["image_size"], record["checkpoint_step"]) == (8, 4, 75, 8)
+  assert "steps" in capsys.readouterr().out
+  # The same KID from the library: features of the run's first 8 validation images and of the
+  # samples of batch i's noise fold_in(key(seed), i), whatever the step count, in batches of 4.
+  model, variables, normalizer, config = run_model(kid_run)
+  reals = data.load_split(config.data, "validation", 16)[:8].astype(np.float32) / 255.0
+  feature_fn = evaluation.kid_feature_fn(inception_file, 75)
+  noises = [jax.random.normal(jax.random.fold_in(jax.random.key(0), i), (4, 16, 16, 3)) for i in range(2)]
+  want = {}
+  for steps in (2, 3):
+    generated = np.concatenate([sampling.generate(model, variables, noise, normalizer, steps=steps,
+                                                  spec=schedules.DiffusionSpec.from_config(config))["images"]
+                                for noise in noises])
+    want[str(steps)] = metrics.kid(reals, generated, feature_fn, batch_size=4)
+    # The CLI splits each batch over 4 devices, this reference runs on one: float32 round-off in the
+    # (random-weight, so huge) Inception features, measured 2.2e-6 relative.
+    assert record["kid"][str(steps)] == pytest.approx(want[str(steps)], rel=1e-5, abs=1e-9), steps
+  # A step count evaluated twice gives the same value (same noises and real batches every time).
+  again = tmp_path / "again.json"
+  assert cli.main(["evaluate", "--workdir", kid_run, "--metric", "kid", "--steps", "2,2", "--num-images", "8",
+                   "--batch-size", "4", "--inception-weights", inception_file, "--json", str(again)]) == 0
+  repeated = json.loads(again.read_text())
+  assert repeated["steps"] == [2, 2] and repeated["kid"] == {"2": record["kid"]["2"]}
+  # The bundled digits get the digits metric by default (--metric auto); --metric kid asks for KID.
+  assert cli.main(["evaluate", "--workdir", kid_run, "--metric", "kid", "--inception-weights",
+                   str(tmp_path / "none.pth")]) == 2
+  assert "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
