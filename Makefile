@@ -43,12 +43,14 @@ setup-tfds: $(VENV)/.installed-tfds
 demo: setup-demo
 	$(VENV)/bin/ddim-jax demo --workdir outputs/demo
 
+# --maxschedchunk 1: xdist hands each worker one test at a time (the longest first, tests/conftest.py),
+# so neither worker ends minutes before the other.
 test: setup-tfds
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1 tests
 
 # The fast tier (tests not marked slow): about a minute once installed.
 test-fast: setup-tfds
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1 -m "not slow" tests
 
 parity: setup
 	$(PY) scripts/parity_report.py

@@ -153,3 +153,27 @@ def one_line(error: BaseException) -> str:
   """An error's message as one line (a multi-line message joined with ' ')."""
   text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
   return text or type(error).__name__
+
+
+def join_override_values(tokens) -> list[str]:
+  """``--config.a.b VALUE`` pairs as ``--config.a.b=VALUE``, so that both spellings work (the value
+  may be negative: ``--config.seed -1``); every other token unchanged."""
+  out, i = [], 0
+  tokens = list(tokens)
+  while i < len(tokens):
+    token = tokens[i]
+    if (token.startswith("--config.") and "=" not in token and i + 1 < len(tokens)
+        and not tokens[i + 1].startswith("--")):
+      out.append(f"{token}={tokens[i + 1]}")
+      i += 2
+    else:
+      out.append(token)
+      i += 1
+  return out
+
+
+def cpu_devices_override(args, overrides) -> list[str]:
+  """``overrides`` with ``--cpu-devices N`` as ``--config.cpu_devices=N`` (before them: an explicit
+  ``--config.cpu_devices`` wins)."""
+  value = getattr(args, "cpu_devices", None)
+  return ([f"--config.cpu_devices={value}"] if value is not None else []) + list(overrides)

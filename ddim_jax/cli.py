@@ -28,15 +28,18 @@ import time
 import jax
 import numpy as np
 
+import ddim_jax
 from ddim_jax import configs, data, errors
 from ddim_jax.core import models
 from ddim_jax.inference import evaluation, figures, grids, pipeline, sharded
+from ddim_jax.infra import compilation_cache
 from ddim_jax.interop import weight_files
 from ddim_jax.quality import digits_metric
 from ddim_jax.training import demo, trainer
 from ddim_jax.arguments import (positive_int, nonnegative_int, seed_int, step_count, upscale_int, frame_count,
                                 cache_image_size, eta_float, step_counts, cpu_devices_arg, check_output, writing,
-                                prepare_output, check_environment, one_line)
+                                prepare_output, check_environment, one_line, join_override_values,
+                                cpu_devices_override)
 
 # The DDIM paper's Table 2 (CIFAR10, per-dimension MSE of pixels in [0, 1]).
 DDIM_PAPER_RECONSTRUCTION = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
@@ -55,7 +58,7 @@ EXPECTED_ERRORS = (errors.Error, FileNotFoundError, IsADirectoryError, NotADirec
 
 def cmd_train(args, overrides) -> int:
   """ddim-jax train: trains a config preset or file in a workdir (resuming from its checkpoints)."""
-  config = configs.load_config(args.config, overrides)
+  config = configs.load_config(args.config, cpu_devices_override(args, overrides))
   trainer.train_and_evaluate(config, args.workdir, distributed=True if args.distributed else None,
                              config_source=shlex.join([args.config, *overrides]))
   return 0
@@ -71,7 +74,7 @@ def cmd_export(args) -> int:
 
 def cmd_demo(args, overrides) -> int:
   """ddim-jax demo: trains the demo preset on the bundled digits, then writes a sample grid and weights."""
-  config = configs.load_config("demo", overrides)
+  config = configs.load_config("demo", cpu_devices_override(args, overrides))
   result = demo.run_demo(config, args.workdir, config_source=shlex.join(["demo", *overrides]))
   if result.scores is not None:
     print(f"digits metric of {result.num_images} EMA samples against the {result.num_reference} validation digits "
@@ -117,10 +120,10 @@ def cmd_sample(args) -> int:
   return 0
 
 
-def cmd_figures(args) -> int:
+def cmd_figures(args, overrides) -> int:
   """ddim-jax figures: the blog's forward process, reverse process and 6x6 sample grid."""
   check_output("--out-dir", args.out_dir, folder=True)
-  source = pipeline.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step)
+  source = pipeline.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides)
   upscale = grids.default_upscale(source.image_size, args.upscale)
   train_images = source.real_images("train")
   if args.image_index >= len(train_images):
@@ -144,11 +147,11 @@ def cmd_figures(args) -> int:
   return 0
 
 
-def cmd_invert(args) -> int:
+def cmd_invert(args, overrides) -> int:
   """ddim-jax invert: DDIM inversion image -> noise -> image, reconstruction error per step count."""
   check_output("--json", args.json)
   check_output("--out", args.out)
-  result = evaluation.invert_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step,
+  result = evaluation.invert_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides,
                                    steps_list=args.steps, num_images=args.num_images, split=args.split,
                                    batch_size=args.batch_size, figure_images=args.show if args.out else 0)
   print(f"DDIM inversion reconstruction error of {result.num_images} {args.split} images ({result.description}; "
@@ -182,21 +185,22 @@ def cmd_interpolate(args) -> int:
   return 0
 
 
-def cmd_evaluate(args) -> int:
+def cmd_evaluate(args, overrides) -> int:
   """ddim-jax evaluate: KID (the digits metric for the bundled digits) of EMA samples, per step count."""
   check_output("--json", args.json)
   result = evaluation.evaluate_model(
-      args.workdir, args.weights, args.config, args.cpu_devices, args.step, steps_list=args.steps, metric=args.metric,
+      args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides, steps_list=args.steps,
+      metric=args.metric,
       num_images=args.num_images, batch_size=args.batch_size, inception_weights=args.inception_weights,
       image_size=args.image_size, seed=args.seed)
   if isinstance(result, evaluation.DigitsEvaluation):
     return cmd_evaluate_digits(args, result)
-  print(f"KID of {result.description} against {result.num_images} validation images (batches of "
+  print(f"KID and FID of {result.description} against {result.num_images} validation images (batches of "
         f"{result.batch_size} split over {result.devices} device{'s' * (result.devices > 1)}, Inception at "
         f"{result.image_size} px, {os.path.basename(result.inception_weights)}):")
-  print(f"{'steps':>6} {'KID':>10}")
+  print(f"{'steps':>6} {'KID':>10} {'FID':>10}")
   for steps, value in result.kid.items():
-    print(f"{steps:>6} {value:>10.5f}")
+    print(f"{steps:>6} {value:>10.5f} {result.fid[steps]:>10.3f}")
   if args.json:
     with writing("--json", args.json):
       text = evaluation.write_json(prepare_output(args.json), result.record())
@@ -269,8 +273,17 @@ def add_source_arguments(p, config_help: bool = True) -> None:
                       "the images are the same. No effect on GPU/TPU, which use every local device")
   if config_help:
     p.add_argument("--config", default=None,
-                   help="with --weights: the preset or config file whose data gives the real images (default: "
-                        "demo, the bundled digits)")
+                   help="with --weights: the preset or config file whose data gives the real images (default: the "
+                        "data the weight file records). --config.data.KEY=VALUE overrides where they are (e.g. "
+                        "--config.data.data_dir=DIR), for a --workdir too")
+
+
+def add_training_device_arguments(p, default: str) -> None:
+  """--cpu-devices for the training commands: the same option as the inference commands', setting
+  ``config.cpu_devices``."""
+  p.add_argument("--cpu-devices", default=None, type=cpu_devices_arg,
+                 help=f"JAX CPU devices to train on: 'auto' (one per core) or a count (default: {default} "
+                      "cpu_devices); the same as --config.cpu_devices. No effect on GPU/TPU")
 
 
 def add_noise_arguments(p) -> None:
@@ -286,6 +299,7 @@ def add_noise_arguments(p) -> None:
 def add_demo_parser(sub) -> None:
   p = sub.add_parser("demo", help="the offline demo: train on the bundled digits, sample")
   p.add_argument("--workdir", default="outputs/demo")
+  add_training_device_arguments(p, "the preset's")
   p.set_defaults(fn=cmd_demo, takes_overrides=True)
 
 
@@ -296,6 +310,7 @@ def add_train_parser(sub) -> None:
   p.add_argument("--workdir", required=True)
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host; automatic when JAX_COORDINATOR_ADDRESS is set)")
+  add_training_device_arguments(p, "the config's")
   p.set_defaults(fn=cmd_train, takes_overrides=True)
 
 
@@ -336,7 +351,7 @@ def add_figures_parser(sub) -> None:
   p.add_argument("--seed", type=seed_int, default=0)
   p.add_argument("--image-index", type=nonnegative_int, default=0, help="which training image the process figures show")
   p.add_argument("--upscale", type=upscale_int, default=None, help="pixel upscaling (default: tiles of about 64 px)")
-  p.set_defaults(fn=cmd_figures)
+  p.set_defaults(fn=cmd_figures, takes_overrides=True)
 
 
 def add_invert_parser(sub) -> None:
@@ -350,7 +365,7 @@ def add_invert_parser(sub) -> None:
   p.add_argument("--out", default=None, help="a PNG of originals, reconstructions and the noise")
   p.add_argument("--show", type=positive_int, default=8, help="images in the --out figure")
   p.add_argument("--upscale", type=upscale_int, default=None)
-  p.set_defaults(fn=cmd_invert)
+  p.set_defaults(fn=cmd_invert, takes_overrides=True)
 
 
 def add_interpolate_parser(sub) -> None:
@@ -381,7 +396,7 @@ def add_evaluate_parser(sub) -> None:
   p.add_argument("--image-size", type=int, default=75, choices=(75, 299), help="Inception input: 75 Keras, 299 R")
   p.add_argument("--seed", type=seed_int, default=0)
   p.add_argument("--json", default=None, help="write the results as JSON to this path ('-': stdout)")
-  p.set_defaults(fn=cmd_evaluate)
+  p.set_defaults(fn=cmd_evaluate, takes_overrides=True)
 
 
 def add_info_parser(sub) -> None:
@@ -419,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
   """The argparse parser of every subcommand."""
   parser = argparse.ArgumentParser(prog="ddim-jax", description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--version", action="version", version=f"ddim-jax {ddim_jax.__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
   for add_parser in SUBCOMMAND_PARSERS:
     add_parser(sub)
@@ -436,11 +452,13 @@ def main(argv=None) -> int:
   ``--debug`` or ``DDIM_JAX_DEBUG=1`` shows the traceback of expected failures too.
   """
   args, extra = build_parser().parse_known_args(argv)
+  extra = join_override_values(extra)
   if extra and not getattr(args, "takes_overrides", False):
     build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
   debug = args.debug or os.environ.get(errors.DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
   try:
     check_environment()
+    compilation_cache.enable()
     return args.fn(args, extra) if getattr(args, "takes_overrides", False) else args.fn(args)
   except EXPECTED_ERRORS as e:
     if debug:

@@ -75,16 +75,31 @@ class EMA:
 
 
 def train_step_from_draws(model, optimizer, ema, step, images, noises, noise_rates, signal_rates, loss="mae",
-                          target="noise"):
+                          target="noise", grad_clip_norm=0.0, grad_accum_steps=1):
   """One AdamW step (model in train mode) and the EMA update, given every random quantity.
 
+  ``grad_accum_steps`` > 1: the batch in that many equal consecutive micro-batches, each forward
+  (BatchNorm on its own statistics) and backward on ``loss / grad_accum_steps``, then one step.
+  ``grad_clip_norm`` > 0: ``clip_grad_norm_`` before the step (torch divides by norm + 1e-6, optax
+  by the norm: Adam's scale invariance makes the difference vanish in the update).
+
   Returns:
-    dict of detached scalar metrics: loss, noise_loss, image_loss.
+    dict of detached scalar metrics: loss, noise_loss, image_loss (means over the micro-batches).
   """
   model.train()
   optimizer.zero_grad(set_to_none=True)
-  value, metrics = compute_loss(model, images, noises, noise_rates, signal_rates, loss, target)
-  value.backward()
+  k = int(grad_accum_steps)
+  if images.shape[0] % k:
+    raise ValueError(f"grad_accum_steps={k} does not divide the batch of {images.shape[0]} images")
+  totals = {}
+  for micro in zip(*(t.chunk(k) for t in (images, noises, noise_rates, signal_rates))):
+    value, metrics = compute_loss(model, *micro, loss, target)
+    (value / k).backward()
+    for name, m in metrics.items():
+      totals[name] = totals.get(name, 0.0) + m
+  metrics = {name: m / k for name, m in totals.items()}
+  if grad_clip_norm > 0:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
   optimizer.step()
   if ema is not None:
     ema.update(model, step)

@@ -21,18 +21,48 @@ os.environ["XLA_FLAGS"] = _xla_flags.strip()
 # A (B,) vector of rates silently broadcasting against the channel axis is the classic diffusion
 # bug; make implicit rank promotion an error.
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+# One persistent XLA compilation cache for the session: the workers, their in-process runs
+# (JAX_COMPILATION_CACHE_DIR) and every `ddim-jax` subprocess (DDIM_JAX_COMPILATION_CACHE) load the
+# programs another one compiled (a tiny training subprocess: 29 s -> 11 s). A cached program is the
+# same executable: the same numbers. setdefault: the controller creates it, the workers inherit it.
+if not os.environ.get("DDIM_JAX_TEST_COMPILATION_CACHE"):
+  import tempfile
+  os.environ["DDIM_JAX_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="ddim_jax_test_xla_")
+  os.environ["DDIM_JAX_TEST_COMPILATION_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("DDIM_JAX_COMPILATION_CACHE", os.environ["DDIM_JAX_TEST_COMPILATION_CACHE"])
+from ddim_jax.infra import compilation_cache  # noqa: E402  (no jax import)
+if compilation_cache.cache_dir() is not None:  # DDIM_JAX_COMPILATION_CACHE=off turns it off here too
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache.cache_dir())
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(compilation_cache.MIN_COMPILE_SECONDS))
 
 import pytest  # noqa: E402  (after the environment set-up above)
 
 
-def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  """Runs the slow tests first (otherwise in collection order).
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  """The process that made the session's compilation cache removes it."""
+  if os.environ.get("DDIM_JAX_TEST_COMPILATION_CACHE_OWNER") == str(os.getpid()):
+    import shutil
+    shutil.rmtree(os.environ["DDIM_JAX_TEST_COMPILATION_CACHE"], ignore_errors=True)
 
-  pytest-xdist hands out tests in order: a minute-long test near the end keeps one worker busy
-  while the other has finished. With the slow ones first, the last tests are the short ones and
-  both workers end within seconds of each other.
+
+# The tests that take a minute or more on 2 cores (several processes, bucket servers; measured):
+# they start first. A stale entry only changes the order.
+LONGEST = ("test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step",
+           "test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly",
+           "test_train_resume_export_and_sample_with_a_bucket_workdir",
+           "test_a_run_of_k_steps_per_call_logs_and_saves_at_its_steps_and_resumes_exactly",
+           "test_multi_host_two_processes_equal_one_process", "test_two_processes_prepare_the_data_once",
+           "test_two_processes_train_the_same_in_both_placements")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Runs the longest tests first, then the other slow ones, then the rest (each in collection order).
+
+  pytest-xdist hands out tests in order (``make test`` sends them one at a time,
+  ``--maxschedchunk 1``): a minute-long test near the end keeps one worker busy while the other has
+  finished. Longest first, the last tests are the short ones and both workers end together.
   """
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  items.sort(key=lambda item: (item.originalname not in LONGEST, item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +70,12 @@ def trained_weights(tmp_path_factory):
   """Path-returning factory of the briefly trained parity models, built once per test session.
 
   Training (a few seconds to a minute on 2 cores) runs once per variant even under pytest-xdist:
-  the first worker writes a weight file under a lock, the others read it.
+  the first worker writes a weight file under a lock, the others read it. The file records the demo
+  preset's data (the bundled digits) as its data, which the commands that need real images read;
+  the reference itself trained on all 1,797 digits, so its "validation" digits are not held out.
   """
   from filelock import FileLock
+  from ddim_jax import configs
   from ddim_jax.interop import parity_fixtures, weight_files
   root = tmp_path_factory.getbasetemp().parent
 
@@ -51,7 +84,8 @@ def trained_weights(tmp_path_factory):
     with FileLock(str(path) + ".lock"):
       if not path.exists():
         model, variables, normalizer = parity_fixtures.trained_reference(variant)
-        weight_files.save_weights(str(path), model, variables, normalizer, 16, weights="raw")
+        weight_files.save_weights(str(path), model, variables, normalizer, 16, weights="raw",
+                                  data=configs.load_config("demo").data)
     return str(path)
 
   return get

@@ -37,6 +37,8 @@ def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path,
                                                   spec=schedules.DiffusionSpec.from_config(config))["images"]
                                 for noise in noises])
     want[str(steps)] = metrics.kid(reals, generated, feature_fn, batch_size=4)
+    want_fid = metrics.fid_from_features(np.asarray(feature_fn(reals)), np.asarray(feature_fn(generated)))
+    assert record["fid"][str(steps)] == pytest.approx(want_fid, rel=1e-4), steps
     # The CLI splits each batch over 4 devices, this reference runs on one: float32 round-off in the
     # (random-weight, so huge) Inception features, measured 2.2e-6 relative.
     assert record["kid"][str(steps)] == pytest.approx(want[str(steps)], rel=1e-5, abs=1e-9), steps

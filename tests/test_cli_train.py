@@ -40,6 +40,8 @@ def test_demo_train_export_sample_end_to_end(tmp_path):
   ema = weight_files.read_weight_file(str(tmp_path / "w0.safetensors"))
   raw = weight_files.read_weight_file(str(tmp_path / "w1.safetensors"))
   assert ema[1]["weights"] == "ema" and raw[1]["weights"] == "raw" and ema[1]["step"] == "4"
+  assert json.loads(ema[1]["data"])["dataset"] == "digits"  # the file knows its data
+  assert json.loads(weight_files.read_weight_file(str(workdir / "demo.safetensors"))[1]["data"])["dataset"] == "digits"
   assert any(np.any(ema[0][k] != raw[0][k]) for k in ema[0])  # the EMA is not the raw weights
   # `sample` of the exported file, with demo's numbers (4 images, 3 steps, seed 0), writes demo's grid: the
   # same images at the same default upscale (x4 for 16 px).
@@ -61,6 +63,8 @@ def test_kid_during_training_logs_val_kid_and_keeps_the_best_checkpoint(kid_run)
   kids = {r["step"]: r["val_kid"] for r in records if "val_kid" in r}
   assert sorted(kids) == [2, 4, 6, 8]
   assert all(np.isfinite(v) for v in kids.values()) and len(set(kids.values())) == 4
+  fids = {r["step"]: r["val_fid"] for r in records if "val_fid" in r}  # FID beside it (config.eval.fid)
+  assert sorted(fids) == [2, 4, 6, 8] and all(np.isfinite(v) and v >= 0 for v in fids.values())
   best = min(kids, key=kids.get)
   with checkpointing.Checkpointer(os.path.join(kid_run, "checkpoints"), max_to_keep=1, best_metric="val_kid",
                                   async_save=False) as ckpt:

@@ -15,7 +15,8 @@ import math
 import jax
 import pytest
 
-from ddim_jax import configs
+import ddim_jax
+from ddim_jax import arguments, cli, configs
 from ddim_jax.core import models, step as step_lib
 from ddim_jax.infra import parallel
 
@@ -150,3 +151,20 @@ def test_cpu_devices_default_and_auto_override(monkeypatch):
   assert parallel.cpu_device_count(configs.load_config("demo").cpu_devices, 64) == 2
   assert configs.load_config("demo", ["--config.cpu_devices=1"]).cpu_devices == "1"
   assert configs.load_config("default", ["--config.cpu_devices=2"]).cpu_devices == "2"
+
+
+def test_overrides_take_a_value_after_an_equals_sign_or_a_space():
+  tokens = ["--config.train.num_steps", "100", "--config.seed", "-1", "--config.model.widths=(8,16)",
+            "--config.data.antialias", "--other", "x"]
+  assert arguments.join_override_values(tokens) == [
+      "--config.train.num_steps=100", "--config.seed=-1", "--config.model.widths=(8,16)",
+      "--config.data.antialias", "--other", "x"]
+  spaced = configs.load_config("demo", arguments.join_override_values(["--config.train.num_steps", "7"]))
+  assert spaced.train.num_steps == configs.load_config("demo", ["--config.train.num_steps=7"]).train.num_steps == 7
+
+
+def test_version(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--version"])
+  assert exit_info.value.code == 0
+  assert capsys.readouterr().out.strip() == f"ddim-jax {ddim_jax.__version__}"

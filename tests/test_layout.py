@@ -296,7 +296,9 @@ LAYERS = {
     "inference": _BASE | {"configs", "core", "data", "infra", "quality", "interop"},
     "training": _BASE | {"configs", "core", "data", "infra", "quality", "interop", "inference"},
     "arguments": _BASE | {"configs", "core", "data", "infra", "quality", "interop", "inference"},
-    "cli": _BASE | {"configs", "core", "data", "infra", "quality", "interop", "inference", "training", "arguments"},
+    # cli also reads the package's __version__ (``ddim-jax --version``).
+    "cli": _BASE | {"ddim_jax", "configs", "core", "data", "infra", "quality", "interop", "inference", "training",
+                    "arguments"},
 }
 
 

@@ -70,6 +70,59 @@ def test_train_step_parity_r_variant_outside_adam_ill_conditioning():
   assert result["params_rel_10"] <= 1e-4 and result["batch_stats_rel_10"] <= 1e-4, result
 
 
+@pytest.mark.parametrize("clip,accum", [(0.05, 1), (0.0, 4), (0.05, 2)], ids=["clip", "accumulate", "both"])
+def test_train_step_parity_with_gradient_clipping_and_accumulation(clip, accum):
+  """train.grad_clip_norm (optax clip_by_global_norm vs torch clip_grad_norm_) and train.grad_accum_steps
+  (micro-batches with their own BatchNorm statistics, one AdamW and EMA step) against the twin: the
+  keras bounds (10 steps). The clip binds: the first gradient's norm is cut to exactly ``clip``, and
+  accumulation changes the result (micro-batch BatchNorm), so neither is a no-op."""
+  model = models.create_model("keras", widths=(8, 16))
+  step_config = step_lib.StepConfig(grad_clip_norm=clip, grad_accum_steps=accum)
+  with parity.precision("highest"):
+    variables = parity_fixtures.perturbed_variables(model, 16, seed=5)
+    result = parity.train_step_parity(model, variables, 16, num_steps=10, batch=8, step_config=step_config)
+    plain = parity.train_step_parity(model, variables, 16, num_steps=1, batch=8)
+  assert result["loss_abs_1"] <= 1e-6, result
+  assert result["loss_max_abs"] <= 1e-5, result
+  assert result["params_rel_1"] <= 1e-5 and result["batch_stats_rel_1"] <= 1e-5 and result["ema_rel_1"] <= 1e-5, result
+  assert result["params_rel_10"] <= 1e-4 and result["batch_stats_rel_10"] <= 1e-4, result
+  assert result["ema_rel_10"] <= 1e-4, result
+  if clip:
+    assert plain["grad_norm_1"] > 2 * clip and result["grad_norm_1"] == pytest.approx(clip, rel=1e-4), (plain, result)
+  else:
+    assert result["grad_norm_1"] != pytest.approx(plain["grad_norm_1"], rel=1e-3), (plain, result)
+
+
+def test_accumulating_one_micro_batch_per_example_pair_equals_the_mean_of_their_gradients():
+  """grad_accum_steps=K: the gradient is the mean of the K micro-batches' own gradients (each with
+  its BatchNorm statistics), the running statistics are updated K times in order, the metrics are
+  the means. Checked against K separate calls of the one-batch gradient."""
+  model = models.create_model("keras", widths=(8, 16), bn_axis_name=None)
+  variables = parity_fixtures.perturbed_variables(model, 16, seed=3)
+  rng = np.random.default_rng(0)
+  images, noises = (rng.standard_normal((8, 16, 16, 3)).astype(np.float32) for _ in range(2))
+  config = step_lib.StepConfig(grad_accum_steps=4)
+  noise_rates, signal_rates = config.diffusion.rate_table(rng.uniform(0.0, 1.0, (8, 1, 1, 1)))
+  grads, metrics, stats = jax.jit(functools.partial(step_lib.accumulated_gradients, model=model,
+                                                    step_config=config))(
+      variables["params"], variables["batch_stats"], images, noises, noise_rates, signal_rates)
+  one = jax.jit(functools.partial(step_lib.accumulated_gradients, model=model, step_config=step_lib.StepConfig()))
+  want_grads, want_metrics, want_stats = [], [], variables["batch_stats"]
+  for i in range(4):
+    part = slice(2 * i, 2 * i + 2)
+    g, m, want_stats = one(variables["params"], want_stats, images[part], noises[part], noise_rates[part],
+                           signal_rates[part])
+    want_grads.append(g)
+    want_metrics.append(m)
+  mean_grads = jax.tree.map(lambda *g: sum(g) / 4, *want_grads)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(mean_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  for name in metrics:
+    assert float(metrics[name]) == pytest.approx(np.mean([float(m[name]) for m in want_metrics]), rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # The production step (``step_lib.train_step``: folded draws, jnp schedule, normalisation) against
 # the closed form, and a JAX training run that learns.

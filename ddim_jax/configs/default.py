@@ -61,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.warmup_steps = 0
   config.train.weight_decay = 1e-4
   config.train.ema_decay = 0.999
+  # Off by default (neither original clips or accumulates). grad_clip_norm > 0: optax
+  # clip_by_global_norm before AdamW. grad_accum_steps > 1: each device's batch in that many
+  # micro-batches (less activation memory), one optimiser and EMA step per batch.
+  config.train.grad_clip_norm = 0.0
+  config.train.grad_accum_steps = 1
   config.train.loss = "mae"  # "mae" | "mse"
   config.train.checkpoint_every = 1000
   config.train.log_every = 50
@@ -90,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   # A torch InceptionV3 state dict (torchvision's or pytorch-fid's .pth); None: the torch hub cache.
   config.eval.inception_weights = ml_collections.config_dict.placeholder(str)
+  config.eval.fid = True  # FID (val_fid) beside KID at every KID step (pytorch-fid's computation)
   config.eval.kid_steps = 5  # sampler steps of the generated images (Keras 5)
   config.eval.kid_image_size = 75  # Inception input side: 75 (Keras) or 299 (R)
   config.eval.num_kid_images = ml_collections.config_dict.placeholder(int)  # None: the whole validation split

@@ -55,6 +55,8 @@ class StepConfig:
   lr_schedule: str = "constant"
   warmup_steps: int = 0
   num_steps: int = 0  # the horizon of the "cosine" schedule
+  grad_clip_norm: float = 0.0  # > 0: gradients clipped to this global norm before AdamW
+  grad_accum_steps: int = 1  # > 1: each device's batch in this many micro-batches, one optimiser step
 
   @classmethod
   def from_config(cls, config) -> "StepConfig":
@@ -63,7 +65,9 @@ class StepConfig:
                ema_decay=float(config.train.ema_decay), ema_warmup=bool(config.train.get("ema_warmup", False)),
                loss=config.train.loss, diffusion=schedules.DiffusionSpec.from_config(config),
                lr_schedule=str(config.train.get("lr_schedule", "constant")),
-               warmup_steps=int(config.train.get("warmup_steps", 0) or 0), num_steps=int(config.train.num_steps))
+               warmup_steps=int(config.train.get("warmup_steps", 0) or 0), num_steps=int(config.train.num_steps),
+               grad_clip_norm=float(config.train.get("grad_clip_norm", 0.0) or 0.0),
+               grad_accum_steps=int(config.train.get("grad_accum_steps", 1) or 1))
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -86,9 +90,14 @@ def learning_rate_schedule(step_config: StepConfig):
 
 def make_optimizer(step_config: StepConfig) -> optax.GradientTransformation:
   """AdamW (b1 0.9, b2 0.999, eps 1e-8, decoupled weight decay on every parameter) at
-  ``learning_rate_schedule`` (weight decay scales with the scheduled rate, as in optax)."""
-  return optax.adamw(learning_rate_schedule(step_config), b1=0.9, b2=0.999, eps=1e-8,
-                     weight_decay=step_config.weight_decay)
+  ``learning_rate_schedule`` (weight decay scales with the scheduled rate, as in optax), after
+  ``clip_by_global_norm`` when ``grad_clip_norm`` > 0 (the optimiser state then holds the clip's
+  empty state too: a run cannot switch clipping on or off when it resumes)."""
+  adamw = optax.adamw(learning_rate_schedule(step_config), b1=0.9, b2=0.999, eps=1e-8,
+                      weight_decay=step_config.weight_decay)
+  if step_config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(step_config.grad_clip_norm), adamw)
+  return adamw
 
 
 def create_train_state(model, step_config: StepConfig, key, image_size: int) -> TrainState:
@@ -165,6 +174,41 @@ def _pmean(tree, axis_name):
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
+def accumulated_gradients(params, batch_stats, images, noises, noise_rates, signal_rates, *, model,
+                          step_config: StepConfig):
+  """The gradients and metrics of the loss, averaged over ``grad_accum_steps`` micro-batches.
+
+  The batch is cut into equal consecutive micro-batches; each runs forward and backward on its own
+  (BatchNorm normalises with the micro-batch's statistics, and its running statistics are updated
+  once per micro-batch, in order), so only one micro-batch's activations are alive at a time. With
+  equal sizes the mean of the micro-batch losses is the batch's loss. Returns
+  ``(grads, metrics, new_batch_stats)``.
+  """
+  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+  loss, target, k = step_config.loss, step_config.diffusion.target, step_config.grad_accum_steps
+  if k == 1:
+    (_, (metrics, new_batch_stats)), grads = grad_fn(params, batch_stats, model, images, noises, noise_rates,
+                                                     signal_rates, loss, target)
+    return grads, metrics, new_batch_stats
+  if images.shape[0] % k:
+    raise errors.ConfigError(f"config.train.grad_accum_steps={k} does not divide this device's batch of "
+                             f"{images.shape[0]} images")
+  micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]),
+                       (images, noises, noise_rates, signal_rates))
+
+  def body(carry, batch):
+    grads_sum, metrics_sum, stats = carry
+    (_, (metrics, stats)), grads = grad_fn(params, stats, model, *batch, loss, target)
+    return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics), stats), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (_, (metric_shapes, _)), _ = jax.eval_shape(
+      lambda: grad_fn(params, batch_stats, model, *jax.tree.map(lambda x: x[0], micro), loss, target))
+  zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+  (grads_sum, metrics_sum, new_batch_stats), _ = jax.lax.scan(body, (zeros, zero_metrics, batch_stats), micro)
+  return (jax.tree.map(lambda g: g / k, grads_sum), jax.tree.map(lambda m: m / k, metrics_sum), new_batch_stats)
+
+
 def train_step_from_draws(state: TrainState, images, noises, noise_rates, signal_rates, *, model,
                           step_config: StepConfig, axis_name: str | None = "data"):
   """One AdamW + EMA step given every random quantity (the parity tests feed the torch twin's).
@@ -181,10 +225,9 @@ def train_step_from_draws(state: TrainState, images, noises, noise_rates, signal
   Returns:
     (new_state, metrics) with metrics averaged over the global batch.
   """
-  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-  (_, (metrics, new_batch_stats)), grads = grad_fn(state.params, state.batch_stats, model, images, noises,
-                                                   noise_rates, signal_rates, step_config.loss,
-                                                   step_config.diffusion.target)
+  grads, metrics, new_batch_stats = accumulated_gradients(state.params, state.batch_stats, images, noises,
+                                                         noise_rates, signal_rates, model=model,
+                                                         step_config=step_config)
   grads, metrics = _pmean(grads, axis_name), _pmean(metrics, axis_name)
   # BatchNorm already averaged the batch statistics over the axis; the pmean only guards
   # against float drift between devices.

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ddim_jax import errors
 from ddim_jax.core import rng, sampling, schedules
 from ddim_jax.inference import figures, pipeline, sharded
+from ddim_jax.infra import checkpointing
 from ddim_jax.quality import digits_metric, inception, inception_weights, metrics
 
 FeatureFn = Callable[[Any], Any]
@@ -89,9 +90,21 @@ def kid_batch_size(num_images: int, batch_size: int) -> int:
 
 
 def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, feature_fn: FeatureFn,
-                  steps_list: Sequence[int], *, batch_size: int = 64, seed: int = 0, progress: bool = False,
-                  spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC, mesh=None) -> dict[int, float]:
-  """KID of EMA samples against ``real_images`` for each step count (same batches, same noises).
+                  steps_list: Sequence[int], **kwargs) -> dict[int, float]:
+  """``quality_for_steps`` without FID: {steps: KID}."""
+  results = quality_for_steps(model, variables, normalizer, real_images, feature_fn, steps_list, fid=False, **kwargs)
+  return {steps: values["kid"] for steps, values in results.items()}
+
+
+def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, feature_fn: FeatureFn,
+                      steps_list: Sequence[int], *, batch_size: int = 64, seed: int = 0, progress: bool = False,
+                      spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC, mesh=None,
+                      fid: bool = True) -> dict[int, dict[str, float]]:
+  """KID (and FID) of EMA samples against ``real_images`` for each step count (same batches, same noises).
+
+  KID is the mean over paired batches (Keras); FID compares the Gaussian fits of all the real and
+  all the generated features at once (pytorch-fid), of the same images: the real ones of the
+  full batches and as many samples.
 
   Args:
     model, variables, normalizer: the UNet, its variables and the data normaliser.
@@ -104,9 +117,10 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
     spec: the model's diffusion (schedule, signal-rate bounds, target).
     mesh: the devices to split each batch over when their number divides it (training: every
       device of every process); default, or when it does not divide: this process's devices.
+    fid: also FID.
 
   Returns:
-    {steps: KID}.
+    {steps: {"kid": KID, "fid": FID (when ``fid``)}}.
   """
   real_images = as_float_images(real_images)
   batch = kid_batch_size(len(real_images), batch_size)
@@ -119,16 +133,22 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
   # Real features once: they do not depend on the step count.
   real_features = [sharded.map_rows(feature_fn, real_images[i * batch:(i + 1) * batch], mesh)
                    for i in range(num_batches)]
+  all_real = np.concatenate([np.asarray(f) for f in real_features]) if fid else None
   results = {}
   for steps in steps_list:
     accumulator = metrics.KIDAccumulator()
+    generated_features = []
     bar = tqdm(range(num_batches), desc=f"KID ({steps} steps, {mesh.size} devices)",
                disable=None if progress else True)  # None: only on a terminal (no carriage returns in logs)
     for i in bar:
       noise = jax.random.normal(jax.random.fold_in(key, i), shape)
       generated = sharded.generate(model, variables, noise, normalizer, steps=int(steps), spec=spec, mesh=mesh)
-      accumulator.update(real_features[i], sharded.map_rows(feature_fn, generated, mesh))
-    results[int(steps)] = accumulator.result()
+      generated_features.append(sharded.map_rows(feature_fn, generated, mesh))
+      accumulator.update(real_features[i], generated_features[-1])
+    results[int(steps)] = {"kid": accumulator.result()}
+    if fid:
+      results[int(steps)]["fid"] = metrics.fid_from_features(
+          all_real, np.concatenate([np.asarray(f) for f in generated_features]))
   return results
 
 
@@ -165,8 +185,12 @@ def reconstruction_errors(model, variables, normalizer: Mapping[str, Any], image
 # KID during training.
 
 
+FID_METRIC = "val_fid"  # beside checkpointing.BEST_METRIC (val_kid) in the training metrics
+
+
 def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
-  """The training loop's KID: ``fn(variables, normalizer) -> val_kid``, or None when KID is off.
+  """The training loop's KID and FID: ``fn(variables, normalizer) -> {val_kid, val_fid}``, or None
+  when KID is off (``config.eval.fid`` False: KID alone).
 
   KID is on when ``config.train.kid_every > 0`` and an Inception weights file is found
   (``config.eval.inception_weights`` or the torch hub cache); without one a single warning says
@@ -193,9 +217,12 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
   spec = schedules.DiffusionSpec.from_config(config)
   seed = int(config.seed) + rng.KID_NOISE
 
-  def evaluate(variables, normalizer) -> float:
-    return kid_for_steps(model, variables, normalizer, reals, feature_fn, [steps], batch_size=batch_size, seed=seed,
-                         spec=spec, mesh=mesh)[steps]
+  with_fid = bool(eval_config.get("fid", True))
+
+  def evaluate(variables, normalizer) -> dict[str, float]:
+    values = quality_for_steps(model, variables, normalizer, reals, feature_fn, [steps], batch_size=batch_size,
+                               seed=seed, spec=spec, mesh=mesh, fid=with_fid)[steps]
+    return {checkpointing.BEST_METRIC: values["kid"], **({FID_METRIC: values["fid"]} if with_fid else {})}
 
   return evaluate
 
@@ -207,11 +234,12 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
 
 @dataclasses.dataclass
 class KidEvaluation:
-  """KID of a model's EMA samples per step count (``evaluate_model`` with KID).
+  """KID and FID of a model's EMA samples per step count (``evaluate_model`` with KID).
 
   Attributes:
     description: the model, for messages.
     kid: {steps: KID}.
+    fid: {steps: FID} (the same samples and real images).
     steps: the step counts, as asked.
     num_images: the validation images used (whole batches).
     batch_size: images per KID batch.
@@ -224,6 +252,7 @@ class KidEvaluation:
   """
   description: str
   kid: dict[int, float]
+  fid: dict[int, float]
   steps: list[int]
   num_images: int
   batch_size: int
@@ -236,7 +265,8 @@ class KidEvaluation:
 
   def record(self) -> dict:
     """The JSON record of ``evaluate --json``."""
-    return {"kid": {str(k): v for k, v in self.kid.items()}, "steps": self.steps, "num_images": self.num_images,
+    return {"kid": {str(k): v for k, v in self.kid.items()}, "fid": {str(k): v for k, v in self.fid.items()},
+            "steps": self.steps, "num_images": self.num_images,
             "batch_size": self.batch_size, "image_size": self.image_size, "inception_weights": self.inception_weights,
             "checkpoint_step": self.checkpoint_step, "seed": self.seed, "seconds": self.seconds}
 
@@ -281,14 +311,15 @@ class DigitsEvaluation:
 
 
 def evaluate_model(workdir: str | None = None, weights: str | None = None, config: str | None = None,
-                   cpu_devices: str | int | None = None, step: str | int | None = None, *,
+                   cpu_devices: str | int | None = None, step: str | int | None = None,
+                   overrides: Sequence[str] = (), *,
                    steps_list: Sequence[int], metric: str = "auto", num_images: int | None = None,
                    batch_size: int = 64, inception_weights: str | None = None, image_size: int = 75,
                    seed: int = 0) -> "KidEvaluation | DigitsEvaluation":
   """``ddim-jax evaluate``: the model of a workdir or weight file (``pipeline.load_model``), measured.
 
   Args:
-    workdir, weights, config, cpu_devices, step: the model (see ``pipeline.load_model``).
+    workdir, weights, config, cpu_devices, step, overrides: the model and its data (``pipeline.load_model``).
     steps_list: sampler step counts.
     metric: "kid", "digits", or "auto": the digits metric for a model of the bundled digits, else KID.
     num_images: KID: validation images (None: all); digits: samples (None: ``DIGITS_METRIC_IMAGES``).
@@ -302,7 +333,7 @@ def evaluate_model(workdir: str | None = None, weights: str | None = None, confi
   """
   if num_images is not None and num_images < 2:
     raise errors.ConfigError(f"--num-images {num_images}: the metrics compare sets of at least 2 images")
-  source = pipeline.load_model(workdir, weights, config, cpu_devices, step)
+  source = pipeline.load_model(workdir, weights, config, cpu_devices, step, overrides)
   if metric == "digits" or (metric == "auto" and digits_metric.is_digits(source.data_config)):
     return evaluate_digits(source, steps_list, num_images=num_images, batch_size=batch_size, seed=seed)
   return evaluate_kid(source, steps_list, num_images=num_images, batch_size=batch_size,
@@ -312,7 +343,8 @@ def evaluate_model(workdir: str | None = None, weights: str | None = None, confi
 def evaluate_kid(source: "pipeline.InferenceModel", steps_list: Sequence[int], *, num_images: int | None = None,
                  batch_size: int = 64, inception_weights: str | None = None, image_size: int = 75,
                  seed: int = 0) -> KidEvaluation:
-  """KID of ``source``'s EMA samples against its validation images, per step count (``kid_for_steps``)."""
+  """KID and FID of ``source``'s EMA samples against its validation images, per step count
+  (``quality_for_steps``)."""
   if batch_size < 2:
     raise errors.ConfigError(f"--batch-size {batch_size}: KID needs batches of at least 2 images")
   weights = resolve_inception_weights(inception_weights)
@@ -321,10 +353,11 @@ def evaluate_kid(source: "pipeline.InferenceModel", steps_list: Sequence[int], *
   used = len(reals) // batch * batch
   feature_fn = kid_feature_fn(weights, image_size)
   start = time.time()
-  results = kid_for_steps(source.model, source.variables, source.normalizer, reals, feature_fn, steps_list,
-                          batch_size=batch, seed=seed, progress=True, spec=source.spec)
-  return KidEvaluation(source.description, results, list(steps_list), used, batch, sharded.devices_for(batch),
-                       image_size, weights, source.step, seed, time.time() - start)
+  results = quality_for_steps(source.model, source.variables, source.normalizer, reals, feature_fn, steps_list,
+                              batch_size=batch, seed=seed, progress=True, spec=source.spec)
+  return KidEvaluation(source.description, {s: v["kid"] for s, v in results.items()},
+                       {s: v["fid"] for s, v in results.items()}, list(steps_list), used, batch,
+                       sharded.devices_for(batch), image_size, weights, source.step, seed, time.time() - start)
 
 
 def evaluate_digits(source: "pipeline.InferenceModel", steps_list: Sequence[int], *, num_images: int | None = None,
@@ -377,20 +410,20 @@ class InversionEvaluation:
 
 
 def invert_model(workdir: str | None = None, weights: str | None = None, config: str | None = None,
-                 cpu_devices: str | int | None = None, step: str | int | None = None, *, steps_list: Sequence[int],
-                 num_images: int = 64, split: str = "validation", batch_size: int = 64,
+                 cpu_devices: str | int | None = None, step: str | int | None = None,
+                 overrides: Sequence[str] = (), *, steps_list: Sequence[int], num_images: int = 64, split: str = "validation", batch_size: int = 64,
                  figure_images: int = 0) -> InversionEvaluation:
   """``ddim-jax invert``: the model of a workdir or weight file (``pipeline.load_model``), inverted.
 
   Args:
-    workdir, weights, config, cpu_devices, step: the model (see ``pipeline.load_model``).
+    workdir, weights, config, cpu_devices, step, overrides: the model and its data (``pipeline.load_model``).
     steps_list: step counts (inversion and sampling both use S network evaluations).
     num_images: the first real images of ``split`` to invert.
     split: "train" or "validation".
     batch_size: images per call.
     figure_images: the first images shown by the figure's rows (0: no figure).
   """
-  source = pipeline.load_model(workdir, weights, config, cpu_devices, step)
+  source = pipeline.load_model(workdir, weights, config, cpu_devices, step, overrides)
   images = source.real_images(split, num_images)
   start = time.time()
   mse = reconstruction_errors(source.model, source.variables, source.normalizer, images, steps_list,

@@ -15,7 +15,8 @@ those commands follows one of the conventions below, so that a run can be reprod
 """
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -225,15 +226,19 @@ def export_weights(workdir: str, out: str, raw: bool = False, step: str | int | 
   """
   model, variables, normalizer, config, chosen, how = restore_checkpoint_described(workdir, ema=not raw, step=step)
   weight_files.save_weights(out, model, variables, normalizer, int(config.model.image_size),
-                            schedules.DiffusionSpec.from_config(config), weights="raw" if raw else "ema", step=chosen)
+                            schedules.DiffusionSpec.from_config(config), data=config.data,
+                            weights="raw" if raw else "ema", step=chosen)
   return chosen, how
 
 
 def load_model(workdir: str | None = None, weights: str | None = None, config: str | None = None,
-               cpu_devices: str | int | None = None, step: str | int | None = None) -> "InferenceModel":
+               cpu_devices: str | int | None = None, step: str | int | None = None,
+               overrides: Sequence[str] = ()) -> "InferenceModel":
   """The model of a workdir's checkpoint (EMA) or of a weight file (exactly one of the two).
 
   ``step`` (workdir only): "latest" (default), "best" or a step number (``select_step``).
+  ``config`` and ``overrides`` (``--config.data.*``): where the model's real images are
+  (``data_config_of_weights``; with a workdir, overrides of the run's own ``config.data``).
   ``cpu_devices`` ("auto": one per core, or a count): the JAX CPU devices that sampling, inversion
   and KID split their batches over (set before the backend starts; no effect on GPU/TPU).
   """
@@ -243,7 +248,47 @@ def load_model(workdir: str | None = None, weights: str | None = None, config: s
     raise errors.ConfigError("--step chooses a checkpoint of a --workdir; a weight file holds one step")
   if cpu_devices is not None:
     parallel.configure_cpu_devices(cpu_devices, None)
-  return InferenceModel.from_workdir(workdir, step) if workdir else InferenceModel.from_weights(weights, config)
+  if workdir:
+    if config is not None:
+      raise errors.ConfigError("--config is for a weight file; a --workdir's images are its run's config.data "
+                               "(change where they are with --config.data.* overrides)")
+    return InferenceModel.from_workdir(workdir, step, overrides)
+  return InferenceModel.from_weights(weights, config, overrides)
+
+
+DATA_OVERRIDE = "--config.data."
+
+
+def data_overrides(overrides: Sequence[str]) -> list[str]:
+  """``overrides`` if every one is ``--config.data.*`` (the only config the inference commands read)."""
+  other = [o for o in overrides if not o.startswith(DATA_OVERRIDE)]
+  if other:
+    raise errors.ConfigError(f"unexpected argument {other[0]!r}: these commands take only --config.data.* "
+                             "overrides (where the real images are)")
+  return list(overrides)
+
+
+def data_config_of_weights(path: str, recorded: dict | None, config: str | None = None,
+                           overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The ``config.data`` of a weight file's real images.
+
+  The data the file records (``weight_files.data_from_metadata``), on top of the preset of that
+  dataset (demo for the bundled digits, else default), then ``overrides``; or, with ``config`` (a
+  preset or file), that config's data. A file that records none needs ``config``.
+  """
+  overrides = data_overrides(overrides)
+  if config is not None:
+    return configs.load_config(config, overrides).data
+  if recorded is None:
+    raise errors.ConfigError(
+        f"{path} does not record the data it was trained on (a file written before ddim-jax recorded it, or by "
+        "other code): say where its real images are with --config PRESET_OR_FILE (demo: the bundled digits; "
+        "default: Oxford Flowers 102) and --config.data.* overrides (e.g. --config.data.dataset=folder "
+        "--config.data.folder=DIR)")
+  base = configs.load_config("demo" if recorded["dataset"] == "digits" else "default")
+  for key, value in recorded.items():
+    base.data[key] = value
+  return configs.apply_overrides(base, overrides).data
 
 
 @dataclasses.dataclass
@@ -254,8 +299,8 @@ class InferenceModel:
     model, variables, normalizer: the UNet, its (EMA) variables (NumPy) and the data normaliser.
     image_size: training image side.
     spec: the diffusion (schedule, signal-rate bounds, target) the model was trained with.
-    data_config: the ``config.data`` of the real images (the run's; for a weight file, that of
-      the given config, by default the demo preset's bundled digits).
+    data_source: the ``config.data`` of the real images, or a function that returns it (a weight file's:
+      resolved on first use, since sampling needs no data); read it as ``data_config``.
     description: for messages.
     step: the training step of the weights, when known.
   """
@@ -264,24 +309,38 @@ class InferenceModel:
   normalizer: dict
   image_size: int
   spec: schedules.DiffusionSpec
-  data_config: Any
+  data_source: Any
   description: str
   step: int | None = None
 
+  @property
+  def data_config(self) -> ml_collections.ConfigDict:
+    """The ``config.data`` of the model's real images (the run's, or the one a weight file records)."""
+    if callable(self.data_source):
+      self.data_source = self.data_source()
+    return self.data_source
+
   @classmethod
-  def from_workdir(cls, workdir: str, step: str | int | None = "latest") -> "InferenceModel":
+  def from_workdir(cls, workdir: str, step: str | int | None = "latest",
+                   overrides: Sequence[str] = ()) -> "InferenceModel":
     """The EMA weights of a checkpoint of a training workdir (``step``: see ``select_step``)."""
     model, variables, normalizer, config, step, how = restore_checkpoint_described(workdir, step=step)
+    configs.apply_overrides(config, data_overrides(overrides))
     chosen = "" if how == f"step {step}" else f", {how}"
     return cls(model, variables, normalizer, int(config.model.image_size), schedules.DiffusionSpec.from_config(config),
                config.data, f"{workdir} step {step} (EMA{chosen})", step)
 
   @classmethod
-  def from_weights(cls, path: str, config: str | None = None) -> "InferenceModel":
-    """A weight file; ``config`` (a preset or file, default demo) says where its real images are."""
+  def from_weights(cls, path: str, config: str | None = None, overrides: Sequence[str] = ()) -> "InferenceModel":
+    """A weight file; its real images are the data it records (``data_config_of_weights``).
+
+    The data is resolved when first needed (``data_config``): sampling needs none.
+    """
     model, variables, normalizer, metadata = weight_files.load_weights(path)  # every metadata key validated
+    recorded = weight_files.data_from_metadata(metadata)
     return cls(model, variables, normalizer, weight_files.image_size_from_metadata(metadata),
-               schedules.DiffusionSpec.from_metadata(metadata), configs.load_config(config or "demo").data,
+               schedules.DiffusionSpec.from_metadata(metadata),
+               functools.partial(data_config_of_weights, path, recorded, config, overrides),
                f"{path} ({metadata.get('weights', 'unknown')} weights)", weight_files.step_from_metadata(metadata))
 
   @property
@@ -295,6 +354,10 @@ class InferenceModel:
   def real_images(self, split: str, num: int | None = None, start: int = 0) -> np.ndarray:
     """Real images of ``split`` (uint8 (N, S, S, C)) from the input pipeline's cache."""
     images = data.load_split(self.data_config, split, self.image_size)
+    if images.shape[-1] != self.channels:
+      raise errors.ConfigError(
+          f"the {self.data_config.dataset!r} images have {images.shape[-1]} channels, the model of "
+          f"{self.description} takes {self.channels}: give the data it was trained on (--config, --config.data.*)")
     return np.asarray(images[start:None if num is None else start + num])
 
   def first_noise(self, seed: int, num: int, num_images: int, batch_size: int) -> jax.Array:

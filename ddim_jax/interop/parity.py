@@ -308,7 +308,8 @@ def train_step_parity(model, variables, image_size: int, num_steps: int = 10, ba
   Returns:
     dict: loss_abs_1 (the optimised loss of the first step, from identical weights), loss_max_abs
     (over all steps, as the weights drift apart by float32 rounding), metrics_max_abs (the noise and image
-    MAE metrics), and for each step n in ``check_steps`` + (num_steps,):
+    MAE metrics), grad_norm_1 (the global norm of the twin's first gradient, after clipping when
+    ``step_config.grad_clip_norm`` > 0), and for each step n in ``check_steps`` + (num_steps,):
     ``params_rel_<n>``, ``batch_stats_rel_<n>``, ``ema_rel_<n>`` (max over tensors of the
     tensor-relative difference) and ``worst_<n>`` (the tensor that attains the largest).
   """
@@ -334,7 +335,8 @@ def train_step_parity(model, variables, image_size: int, num_steps: int = 10, ba
     state, metrics = jax_step(state, images, noises, noise_rates, signal_rates)
     torch_metrics = torch_step.train_step_from_draws(
         twin, optimizer, ema, step, torch.from_numpy(nchw(images)), torch.from_numpy(nchw(noises)),
-        torch.from_numpy(noise_rates), torch.from_numpy(signal_rates), step_config.loss, step_config.diffusion.target)
+        torch.from_numpy(noise_rates), torch.from_numpy(signal_rates), step_config.loss, step_config.diffusion.target,
+        grad_clip_norm=step_config.grad_clip_norm, grad_accum_steps=step_config.grad_accum_steps)
     out["loss_max_abs"] = max(out["loss_max_abs"], abs(float(metrics["loss"]) - float(torch_metrics["loss"])))
     if step == 0:
       out["loss_abs_1"] = out["loss_max_abs"]  # identical weights: the loss itself
@@ -345,6 +347,9 @@ def train_step_parity(model, variables, image_size: int, num_steps: int = 10, ba
       masks = {k: np.abs(p.grad.numpy()) >= min_first_grad for k, p in twin.named_parameters()}
       out["ill_conditioned"] = int(sum(np.sum(~m) for m in masks.values()))
       out["num_parameters"] = int(sum(m.size for m in masks.values()))
+      # The global norm of the gradient the optimiser used (after clipping, when on).
+      out["grad_norm_1"] = float(np.sqrt(sum(float(np.sum(np.square(p.grad.numpy().astype(np.float64))))
+                                             for p in twin.parameters())))
     if n in check_steps or n == num_steps:
       raw = weight_files.flax_to_torch_state_dict(state.variables(ema=False))
       ema_jax = weight_files.flax_to_torch_state_dict(state.variables(ema=True))

@@ -14,8 +14,9 @@ OIHW kernels, float32) plus the data normaliser as ``normalizer.mean`` and ``nor
 (per-channel, shape (C,)). Its string metadata records ``format`` (= 'ddim-jax-weights'),
 ``format_version``, ``variant``, ``widths`` (comma-separated), ``block_depth``, ``embedding_dims``,
 ``channels``, ``image_size`` and, when known, ``schedule``, ``min_signal_rate``,
-``max_signal_rate``, ``target``, ``weights`` ('ema' or 'raw') and ``step``. ``ddim_torch_ref.weight_files``
-reads and writes the same file without JAX.
+``max_signal_rate``, ``target``, ``weights`` ('ema' or 'raw'), ``step`` and ``data`` (JSON: the
+``config.data`` keys that say which images the model was trained on, ``DATA_KEYS``; the commands that
+need real images read them). ``ddim_torch_ref.weight_files`` reads and writes the same file without JAX.
 
 torch is only imported inside the ``*_torch`` helpers, never at module import.
 """
@@ -38,6 +39,10 @@ FORMAT_VERSION = "1"
 WEIGHT_KINDS = ("ema", "raw")
 NORMALIZER_KEYS = ("normalizer.mean", "normalizer.variance")
 MODEL_KEYS = ("variant", "widths", "block_depth", "embedding_dims", "channels")
+# The keys of config.data that say WHICH images a model was trained on (not where they are on a
+# machine: data_dir, cache_dir and download stay the reader's).
+DATA_KEYS = ("dataset", "split", "split_seed", "validation_fraction", "tfds_splits", "image_key", "antialias",
+             "folder")
 
 
 class WeightFileError(errors.InputError):
@@ -185,6 +190,34 @@ def model_kwargs_from_metadata(metadata: Mapping[str, str]) -> dict:
   return kwargs
 
 
+def data_metadata(data_config: Mapping[str, Any]) -> str:
+  """The ``data`` metadata value: JSON of the ``DATA_KEYS`` of a ``config.data``."""
+  def plain(value):
+    return list(value) if isinstance(value, tuple) else value
+  return json.dumps({k: plain(data_config.get(k)) for k in DATA_KEYS if k in data_config}, sort_keys=True)
+
+
+def data_from_metadata(metadata: Mapping[str, str]) -> dict | None:
+  """The training data a weight file records (``DATA_KEYS`` -> values), or None when it records none.
+
+  Raises:
+    WeightFileError: a ``data`` value that is not a JSON object naming a dataset.
+  """
+  raw = metadata.get("data")
+  if raw is None:
+    return None
+  try:
+    value = json.loads(raw)
+  except ValueError:
+    value = None
+  if not isinstance(value, dict) or not isinstance(value.get("dataset"), str) or not value["dataset"]:
+    raise WeightFileError(f"metadata data={raw[:200]!r} is invalid: must be a JSON object with a \"dataset\" name")
+  unknown = sorted(set(value) - set(DATA_KEYS))
+  if unknown:
+    raise WeightFileError(f"metadata data has unknown keys {unknown}; known: {list(DATA_KEYS)}")
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+
+
 def image_size_from_metadata(metadata: Mapping[str, str]) -> int:
   """The training image size a weight file records (64 when absent), validated for its model."""
   size = _metadata_int(metadata, "image_size", 1, models.MAX_IMAGE_SIZE, default=64)
@@ -211,6 +244,7 @@ def check_metadata(metadata: Mapping[str, str]) -> None:
   model_kwargs_from_metadata(metadata)
   image_size_from_metadata(metadata)
   step_from_metadata(metadata)
+  data_from_metadata(metadata)
   if metadata.get("weights", "ema") not in WEIGHT_KINDS:
     raise WeightFileError(f"metadata weights={metadata['weights']!r} is invalid: must be one of {WEIGHT_KINDS}")
   try:
@@ -239,7 +273,7 @@ def check_tensors(tensors: Mapping[str, np.ndarray], channels: int) -> None:
 
 
 def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], image_size: int, spec=None,
-                 **extra) -> None:
+                 data=None, **extra) -> None:
   """Writes a weight file (see the module docstring) atomically.
 
   Args:
@@ -250,10 +284,13 @@ def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], ima
     image_size: training image size (recorded for samplers).
     spec: the model's ``schedules.DiffusionSpec`` (recorded for samplers; ``DiffusionSpec.from_metadata``
       reads it back).
+    data: the ``config.data`` the model was trained on (recorded as ``data_metadata``), or None.
     **extra: further metadata (weights, step; or the spec's keys one by one).
   """
   if spec is not None:
     extra = {**spec.to_metadata(), **extra}
+  if data is not None:
+    extra["data"] = data_metadata(data)
   tensors = flax_to_torch_state_dict(variables)
   tensors["normalizer.mean"] = np.asarray(normalizer["mean"], np.float32).reshape(-1)
   tensors["normalizer.variance"] = np.asarray(normalizer["variance"], np.float32).reshape(-1)

@@ -12,8 +12,10 @@ all images at once; so it depends on the batch size (the Keras example uses 64, 
 Features come from ``ddim_jax.quality.inception_weights`` (``inception_feature_fn``); any ``images -> features``
 function works.
 
-``frechet_distance``: the Frechet distance between two Gaussians (FID's formula), used on the
-features of ``ddim_jax.quality.digits_metric``'s small digit classifier.
+``frechet_distance``: the Frechet distance between two Gaussians (FID's formula); on the Gaussian
+fits (``feature_statistics``) of Inception pool features it is FID (``fid_from_features``, over all
+images at once, as pytorch-fid computes it), on those of ``digits_metric``'s small digit
+classifier the digits metric.
 """
 
 from typing import Callable, Optional
@@ -178,4 +180,36 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
   middle = root1 @ cov2 @ root1
   trace_sqrt = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.0), 0.0, None))))
   value = float(np.sum(np.square(mu1 - mu2)) + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt)
+  return max(value, 0.0)
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+  """The mean and covariance of (N, d) features in float64: pytorch-fid's
+  ``calculate_activation_statistics`` (``np.mean(axis=0)``, ``np.cov(rowvar=False)``: ddof 1)."""
+  features = np.asarray(features, np.float64)
+  if features.ndim != 2 or len(features) < 2:
+    raise errors.InputError(f"feature statistics need (N >= 2, d) features, got shape {features.shape}")
+  return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def fid_from_features(real_features, generated_features) -> float:
+  """FID: ``frechet_distance`` of the Gaussian fits (``feature_statistics``) of two feature sets
+  (Inception pool features for FID proper; pytorch-fid's number on the same features).
+
+  With no more images than feature dimensions (a validation split of a few thousand images, 2048
+  Inception features) the same number comes cheaper from the centred features X1 (n1, d) and X2
+  (n2, d): the non-zero eigenvalues of cov1 cov2 = X1'X1 X2'X2 / ((n1-1)(n2-1)) are the squared
+  singular values of X1 X2' / sqrt((n1-1)(n2-1)), so tr((cov1 cov2)^(1/2)) is that matrix's
+  nuclear norm: an (n1, n2) SVD instead of two (d, d) eigendecompositions.
+  """
+  a, b = np.asarray(real_features, np.float64), np.asarray(generated_features, np.float64)
+  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+    raise errors.InputError(f"FID needs (N >= 2, d) features of the same d, got {a.shape} and {b.shape}")
+  if max(len(a), len(b)) > a.shape[1]:
+    return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+  xa, xb = a - a.mean(axis=0), b - b.mean(axis=0)
+  scale = np.sqrt((len(a) - 1) * (len(b) - 1))
+  trace_sqrt = float(np.sum(np.linalg.svd(xa @ xb.T / scale, compute_uv=False)))
+  value = float(np.sum(np.square(a.mean(axis=0) - b.mean(axis=0))) + np.sum(np.square(xa)) / (len(a) - 1)
+                + np.sum(np.square(xb)) / (len(b) - 1) - 2.0 * trace_sqrt)
   return max(value, 0.0)

@@ -66,8 +66,8 @@ def run_demo(config, workdir: str, config_source: str | None = None) -> DemoResu
   model, variables, normalizer, config, step = pipeline.restore_checkpoint(workdir)
   weights = os.path.join(workdir, "demo.safetensors")
   spec = schedules.DiffusionSpec.from_config(config)
-  weight_files.save_weights(weights, model, variables, normalizer, int(config.model.image_size), spec, weights="ema",
-                            step=step)
+  weight_files.save_weights(weights, model, variables, normalizer, int(config.model.image_size), spec,
+                            data=config.data, weights="ema", step=step)
   images = pipeline.sample_images(model, variables, normalizer, int(config.sample.num_images),
                                   int(config.model.image_size), int(config.sample.steps), 0.0, config.seed, 64, spec)
   out = grids.save_grid(images, os.path.join(workdir, "samples.png"),

@@ -28,7 +28,7 @@ from ddim_jax.training import feed as feed_lib
 
 
 # TensorBoard tags of the metrics that are not training metrics (the rest go to train/<name>).
-TENSORBOARD_TAGS = {checkpointing.BEST_METRIC: "val/kid"}
+TENSORBOARD_TAGS = {checkpointing.BEST_METRIC: "val/kid", "val_fid": "val/fid"}
 
 
 def _record_step(line: str) -> int | None:
@@ -216,7 +216,7 @@ class ProgressReport:
     self._first = self._first or (now, step)
     rate = (step - first_step) / max(now - first_time, 1e-9)
     eta = (self.num_steps - step) / rate if rate > 0 else 0.0
-    extra = "".join(f" {k} {float(metrics[k]):.5f}" for k in (checkpointing.BEST_METRIC,) if k in metrics)
+    extra = "".join(f" {k} {float(metrics[k]):.5f}" for k in TENSORBOARD_TAGS if k in metrics)
     print(f"step {step}/{self.num_steps} loss {float(metrics['loss']):.4f}{extra} "
           f"{metrics['images_per_second']:.0f} img/s elapsed {_duration(elapsed)} eta {_duration(eta)}", flush=True)
 

@@ -142,7 +142,7 @@ class _Run:
     host_metrics["images_per_second"] = self.clock.images_per_second(step)
     if kid_state is not None:
       with self.clock.paused():
-        host_metrics[checkpointing.BEST_METRIC] = self.kid_fn(_to_host(kid_state.variables(ema=True)), self.normalizer)
+        host_metrics.update(self.kid_fn(_to_host(kid_state.variables(ema=True)), self.normalizer))
     self.writer.write(step, host_metrics)
     self.report.log(step, host_metrics)
     return host_metrics

@@ -30,6 +30,14 @@ def validate_config(config, num_devices: int) -> None:
   require(int(t.sample_every) >= 0, "train.sample_every", t.sample_every, "must be >= 0 (0: no sample grids)")
   k = int(t.get("steps_per_call", 1))
   require(k >= 1, "train.steps_per_call", k, "must be >= 1")
+  clip = float(t.get("grad_clip_norm", 0.0) or 0.0)
+  require(clip >= 0 and clip < float("inf"), "train.grad_clip_norm", t.get("grad_clip_norm"),
+          "must be >= 0 (0: no clipping)")
+  accum = int(t.get("grad_accum_steps", 1) or 1)
+  per_device = int(t.batch_size) // max(num_devices, 1)
+  require(accum >= 1 and per_device % accum == 0, "train.grad_accum_steps", t.get("grad_accum_steps"),
+          f"must be >= 1 and divide each device's batch ({int(t.batch_size)} images / {num_devices} devices = "
+          f"{per_device}), e.g. {max(d for d in range(1, min(per_device, 8) + 1) if per_device % d == 0)}")
   require(int(t.get("kid_every", 0) or 0) >= 0, "train.kid_every", t.get("kid_every"), "must be >= 0 (0: no KID)")
   require(0.0 <= float(t.ema_decay) < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
   require(float(t.learning_rate) > 0, "train.learning_rate", t.learning_rate, "must be > 0")
@@ -68,6 +76,13 @@ def check_resume_config(config, workdir: str) -> dict:
   if newest is None:
     return {}
   step, meta = newest
+  stored_clip = float(meta["config"].get("train", {}).get("grad_clip_norm", 0.0) or 0.0)
+  clip = float(config.train.get("grad_clip_norm", 0.0) or 0.0)
+  if (stored_clip > 0) != (clip > 0):  # the optimiser state has (or lacks) the clip's state
+    raise errors.ConfigError(
+        f"{workdir} holds a run with train.grad_clip_norm={stored_clip} (step {step}), this config has {clip}: "
+        "clipping cannot be switched on or off when a run resumes (the optimiser state differs). Resume with "
+        f"clipping {'on (any norm > 0)' if stored_clip > 0 else 'off (0)'}, or train in a new --workdir")
   return run_record.check_resume(meta["config"], config, workdir, step)
 
 
