@@ -9,8 +9,7 @@ import contextlib
 import math
 import os
 
-from ddim_jax import data, errors
-from ddim_jax.inference import evaluation
+from ddim_jax import errors
 
 # Argument types (argparse prints `ddim-jax CMD: error: argument --x: ...` and exits 2) and the
 # checks of what the parser cannot know (output paths, the environment).
@@ -62,8 +61,9 @@ def frame_count(text: str) -> int:
 
 def cache_image_size(text: str) -> int:
   """argparse type: the side of cached images, 0 (TFDS only) or 1..1024."""
-  return _integer(text, 0, data.cache.MAX_CACHE_IMAGE_SIZE,
-                  f"an image size (an integer in 1..{data.cache.MAX_CACHE_IMAGE_SIZE}, or 0: TFDS only)")
+  from ddim_jax.data import cache  # pylint: disable=import-outside-toplevel  (JAX-free --help)
+  return _integer(text, 0, cache.MAX_CACHE_IMAGE_SIZE,
+                  f"an image size (an integer in 1..{cache.MAX_CACHE_IMAGE_SIZE}, or 0: TFDS only)")
 
 
 def eta_float(text: str) -> float:
@@ -79,6 +79,7 @@ def eta_float(text: str) -> float:
 
 def step_counts(text: str) -> list[int]:
   """argparse type: comma-separated step counts such as 10,20,50, each 1..MAX_STEPS."""
+  from ddim_jax.inference import evaluation  # pylint: disable=import-outside-toplevel  (JAX-free --help)
   try:
     steps = evaluation.parse_step_counts(text)
   except errors.ConfigError:

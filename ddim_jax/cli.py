@@ -2,7 +2,7 @@
 
   ddim-jax demo    --workdir DIR                       the offline demo: trains on the bundled digits
   ddim-jax train   --config PRESET_OR_FILE --workdir DIR [--config.a.b=value ...]
-  ddim-jax export  --workdir DIR --out FILE.safetensors [--raw] [--step latest|best|N]
+  ddim-jax export  --workdir DIR --out FILE.safetensors [--raw] [--checkpoint latest|best|N]
   ddim-jax sample  --weights FILE | --workdir DIR --out grid.png [--num-images N --steps S --eta E --seed K]
                    [--out-dir DIR] [--trajectory strip.png] [--numpy-noise | --noise-file noise.npy]
   ddim-jax figures --weights FILE | --workdir DIR --out-dir DIR    the blog's forward/reverse/sample figures
@@ -13,7 +13,7 @@
   ddim-jax info    --weights FILE.safetensors          what a weight file holds
   ddim-jax prepare-data --dataset NAME ...             prepare a TFDS dataset offline
 
-Every command reading a workdir takes ``--step latest|best|N``; every command takes ``--debug``.
+Every command reading a workdir takes ``--checkpoint latest|best|N``; every command takes ``--debug``.
 This module parses and prints; each command calls the library (``training``, ``inference``,
 ``interop``, ``data``). It is over 400 lines because it holds every command with its parser, so
 that a command's options and what it prints read together; nothing else lives here.
@@ -25,27 +25,24 @@ import shlex
 import sys
 import time
 
-import jax
-import numpy as np
-
+# Only light modules here: `ddim-jax --help` must not wait for JAX (each command imports what it
+# runs, inside its function).
 import ddim_jax
-from ddim_jax import configs, data, errors
-from ddim_jax.core import models
-from ddim_jax.inference import evaluation, figures, grids, pipeline, sharded
+from ddim_jax import errors
 from ddim_jax.infra import compilation_cache
-from ddim_jax.interop import weight_files
-from ddim_jax.quality import digits_metric
-from ddim_jax.training import demo, trainer
 from ddim_jax.arguments import (positive_int, nonnegative_int, seed_int, step_count, upscale_int, frame_count,
                                 cache_image_size, eta_float, step_counts, cpu_devices_arg, check_output, writing,
                                 prepare_output, check_environment, one_line, join_override_values,
                                 cpu_devices_override)
 
+# evaluation.DIGITS_METRIC_IMAGES, for the help text without importing JAX (a test holds them equal).
+DIGITS_METRIC_IMAGES = 500
+
 # The DDIM paper's Table 2 (CIFAR10, per-dimension MSE of pixels in [0, 1]).
 DDIM_PAPER_RECONSTRUCTION = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
 
-STEP_HELP = ("with --workdir: which checkpoint: latest (default), best (the lowest KID logged in training) or a "
-             "step number")
+STEP_HELP = ("with --workdir: which checkpoint: latest, best (the lowest KID logged in training) or a step "
+             "number (--step is the old name of this option; --steps counts sampler steps)")
 
 # Expected failures: one line and exit status 2 (3 for a non-finite loss), no traceback. Paths that
 # do not exist or cannot be read are the user's input too; every other exception is a bug.
@@ -58,6 +55,8 @@ EXPECTED_ERRORS = (errors.Error, FileNotFoundError, IsADirectoryError, NotADirec
 
 def cmd_train(args, overrides) -> int:
   """ddim-jax train: trains a config preset or file in a workdir (resuming from its checkpoints)."""
+  from ddim_jax import configs
+  from ddim_jax.training import trainer
   config = configs.load_config(args.config, cpu_devices_override(args, overrides))
   trainer.train_and_evaluate(config, args.workdir, distributed=True if args.distributed else None,
                              config_source=shlex.join([args.config, *overrides]))
@@ -66,6 +65,7 @@ def cmd_train(args, overrides) -> int:
 
 def cmd_export(args) -> int:
   """ddim-jax export: the newest checkpoint's EMA (or raw) weights as a safetensors weight file."""
+  from ddim_jax.inference import pipeline
   check_output("--out", args.out)
   step, how = pipeline.export_weights(args.workdir, args.out, raw=args.raw, step=args.step)
   print(f"wrote {args.out} ({'raw' if args.raw else 'EMA'} weights of step {step}, {how})")
@@ -74,6 +74,9 @@ def cmd_export(args) -> int:
 
 def cmd_demo(args, overrides) -> int:
   """ddim-jax demo: trains the demo preset on the bundled digits, then writes a sample grid and weights."""
+  from ddim_jax import configs
+  from ddim_jax.quality import digits_metric
+  from ddim_jax.training import demo
   config = configs.load_config("demo", cpu_devices_override(args, overrides))
   result = demo.run_demo(config, args.workdir, config_source=shlex.join(["demo", *overrides]))
   if result.scores is not None:
@@ -88,6 +91,12 @@ def cmd_demo(args, overrides) -> int:
 
 def cmd_sample(args) -> int:
   """ddim-jax sample: a grid of EMA samples (and each image, and a trajectory strip)."""
+  import jax
+  import numpy as np
+  from ddim_jax.inference import figures
+  from ddim_jax.inference import grids
+  from ddim_jax.inference import pipeline
+  from ddim_jax.inference import sharded
   for option, path in (("--out", args.out), ("--array-out", args.array_out), ("--trajectory", args.trajectory)):
     check_output(option, path)
   check_output("--out-dir", args.out_dir, folder=True)
@@ -122,6 +131,10 @@ def cmd_sample(args) -> int:
 
 def cmd_figures(args, overrides) -> int:
   """ddim-jax figures: the blog's forward process, reverse process and 6x6 sample grid."""
+  import numpy as np
+  from ddim_jax.inference import figures
+  from ddim_jax.inference import grids
+  from ddim_jax.inference import pipeline
   check_output("--out-dir", args.out_dir, folder=True)
   source = pipeline.load_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides)
   upscale = grids.default_upscale(source.image_size, args.upscale)
@@ -149,6 +162,8 @@ def cmd_figures(args, overrides) -> int:
 
 def cmd_invert(args, overrides) -> int:
   """ddim-jax invert: DDIM inversion image -> noise -> image, reconstruction error per step count."""
+  from ddim_jax.inference import evaluation
+  from ddim_jax.inference import grids
   check_output("--json", args.json)
   check_output("--out", args.out)
   result = evaluation.invert_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides,
@@ -174,6 +189,9 @@ def cmd_invert(args, overrides) -> int:
 
 def cmd_interpolate(args) -> int:
   """ddim-jax interpolate: samples along a spherical interpolation between two initial noises."""
+  from ddim_jax.inference import grids
+  from ddim_jax.inference import pipeline
+  from ddim_jax.inference import sharded
   check_output("--out", args.out)
   source = pipeline.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
   rows = source.interpolate(args.pairs, args.num_frames, args.steps, args.seed, args.noise_file, args.numpy_noise)
@@ -187,6 +205,7 @@ def cmd_interpolate(args) -> int:
 
 def cmd_evaluate(args, overrides) -> int:
   """ddim-jax evaluate: KID (the digits metric for the bundled digits) of EMA samples, per step count."""
+  from ddim_jax.inference import evaluation
   check_output("--json", args.json)
   result = evaluation.evaluate_model(
       args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides, steps_list=args.steps,
@@ -210,6 +229,8 @@ def cmd_evaluate(args, overrides) -> int:
 
 def cmd_evaluate_digits(args, result) -> int:
   """ddim-jax evaluate on the bundled digits: prints the digits metric per step count, then its calibration points."""
+  from ddim_jax.inference import evaluation
+  from ddim_jax.quality import digits_metric
   print(f"digits metric of {result.description}: {result.num_images} samples (seed {result.seed}) against the "
         f"{result.num_reference} validation digits, features of {os.path.basename(result.feature_weights)}:")
   print("\n".join(digits_metric.table_lines(result.scores, "steps")))
@@ -224,6 +245,9 @@ def cmd_evaluate_digits(args, result) -> int:
 
 def cmd_info(args) -> int:
   """ddim-jax info: metadata and tensor count of a weight file."""
+  import numpy as np
+  from ddim_jax.core import models
+  from ddim_jax.interop import weight_files
   _, variables, normalizer, metadata = weight_files.load_weights(args.weights)
   print(weight_files.metadata_json(metadata))
   print(f"parameters: {models.count_parameters(variables['params']):,}  "
@@ -235,6 +259,7 @@ def cmd_info(args) -> int:
 
 def cmd_prepare_data(args) -> int:
   """ddim-jax prepare-data: prepare a TFDS dataset (offline with --source-dir) and build the cache."""
+  from ddim_jax import data
   start = time.time()
   result = data.prepare_source(args.dataset, source_dir=args.source_dir, data_dir=args.data_dir)
   if result is not None:
@@ -266,8 +291,8 @@ def add_source_arguments(p, config_help: bool = True) -> None:
   """--weights FILE | --workdir DIR (and --config, whose data gives the real images of a weight file)."""
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument("--weights", help="a .safetensors file written by `ddim-jax export`")
-  group.add_argument("--workdir", help="a training workdir: the EMA weights of its checkpoint --step")
-  p.add_argument("--step", default="latest", help=STEP_HELP)
+  group.add_argument("--workdir", help="a training workdir: the EMA weights of its --checkpoint")
+  p.add_argument("--checkpoint", "--step", dest="step", default="latest", help=STEP_HELP)
   p.add_argument("--cpu-devices", default="auto", type=cpu_devices_arg,
                  help="JAX CPU devices to split every batch over: 'auto' (one per core, default) or a count; "
                       "the images are the same. No effect on GPU/TPU, which use every local device")
@@ -288,7 +313,7 @@ def add_training_device_arguments(p, default: str) -> None:
 
 def add_noise_arguments(p) -> None:
   """--seed, and --numpy-noise | --noise-file (the noise conventions of ``inference``)."""
-  p.add_argument("--seed", type=seed_int, default=0)
+  p.add_argument("--seed", type=seed_int, default=0, help="seed of the noises (JAX keys, or NumPy with --numpy-noise)")
   group = p.add_mutually_exclusive_group()
   group.add_argument("--numpy-noise", action="store_true",
                      help="draw the initial noise as np.random.default_rng(seed).standard_normal((N, H, W, C), "
@@ -298,7 +323,8 @@ def add_noise_arguments(p) -> None:
 
 def add_demo_parser(sub) -> None:
   p = sub.add_parser("demo", help="the offline demo: train on the bundled digits, sample")
-  p.add_argument("--workdir", default="outputs/demo")
+  p.add_argument("--workdir", default="outputs/demo",
+                 help="where the demo trains and writes its samples, weights and metrics")
   add_training_device_arguments(p, "the preset's")
   p.set_defaults(fn=cmd_demo, takes_overrides=True)
 
@@ -307,7 +333,9 @@ def add_train_parser(sub) -> None:
   p = sub.add_parser("train", help="train (resumes from the newest checkpoint in --workdir)",
                      epilog="Override any config key with --config.a.b=value, e.g. --config.train.num_steps=1000")
   p.add_argument("--config", default="default", help="a preset (default, r_variant, demo) or a config file")
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", required=True,
+                 help="the run's folder (local, gs:// or s3://): checkpoints, metrics, samples; resumed when it "
+                      "holds a run")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host; automatic when JAX_COORDINATOR_ADDRESS is set)")
   add_training_device_arguments(p, "the config's")
@@ -316,9 +344,9 @@ def add_train_parser(sub) -> None:
 
 def add_export_parser(sub) -> None:
   p = sub.add_parser("export", help="write a checkpoint's weights as a safetensors file")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--out", required=True)
-  p.add_argument("--step", default="latest", help=STEP_HELP)
+  p.add_argument("--workdir", required=True, help="the training workdir to export from")
+  p.add_argument("--out", required=True, help="the .safetensors weight file to write")
+  p.add_argument("--checkpoint", "--step", dest="step", default="latest", help=STEP_HELP)
   p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
   p.set_defaults(fn=cmd_export)
 
@@ -326,13 +354,14 @@ def add_export_parser(sub) -> None:
 def add_sample_parser(sub) -> None:
   p = sub.add_parser("sample", help="a grid of EMA samples from a weight file or a workdir")
   add_source_arguments(p, config_help=False)
-  p.add_argument("--out", default="samples.png")
-  p.add_argument("--num-images", type=positive_int, default=36)
+  p.add_argument("--out", default="samples.png", help="the PNG grid to write")
+  p.add_argument("--num-images", type=positive_int, default=36, help="images to sample")
   p.add_argument("--steps", type=step_count, default=20, help="network evaluations (Keras semantics)")
   p.add_argument("--eta", type=eta_float, default=0.0, help="0: deterministic DDIM, 1: DDPM-like")
   add_noise_arguments(p)
-  p.add_argument("--rows", type=positive_int, default=None)
-  p.add_argument("--batch-size", type=positive_int, default=64)
+  p.add_argument("--rows", type=positive_int, default=None, help="grid rows (default: about square)")
+  p.add_argument("--batch-size", type=positive_int, default=64,
+                 help="images per sampling call (split over the devices)")
   p.add_argument("--upscale", type=upscale_int, default=None,
                  help="integer pixel upscaling of the PNGs (default: tiles of about 64 px in the grid and the "
                       "trajectory, as `demo`; the --out-dir images at their native size)")
@@ -346,9 +375,9 @@ def add_sample_parser(sub) -> None:
 def add_figures_parser(sub) -> None:
   p = sub.add_parser("figures", help="the blog's figures: forward process, reverse process, 6x6 samples")
   add_source_arguments(p)
-  p.add_argument("--out-dir", required=True)
+  p.add_argument("--out-dir", required=True, help="the folder of forward.png, reverse.png and samples.png")
   p.add_argument("--steps", type=step_count, default=20, help="sampler steps of the 6x6 grid")
-  p.add_argument("--seed", type=seed_int, default=0)
+  p.add_argument("--seed", type=seed_int, default=0, help="seed of the noises")
   p.add_argument("--image-index", type=nonnegative_int, default=0, help="which training image the process figures show")
   p.add_argument("--upscale", type=upscale_int, default=None, help="pixel upscaling (default: tiles of about 64 px)")
   p.set_defaults(fn=cmd_figures, takes_overrides=True)
@@ -358,25 +387,28 @@ def add_invert_parser(sub) -> None:
   p = sub.add_parser("invert", help="DDIM inversion: reconstruction error per step count")
   add_source_arguments(p)
   p.add_argument("--steps", type=step_counts, default="10,20,50,100", help="comma-separated step counts")
-  p.add_argument("--num-images", type=positive_int, default=64)
-  p.add_argument("--split", default="validation", choices=("train", "validation"))
-  p.add_argument("--batch-size", type=positive_int, default=64)
+  p.add_argument("--num-images", type=positive_int, default=64, help="real images to invert (the first of --split)")
+  p.add_argument("--split", default="validation", choices=("train", "validation"),
+                 help="which split's images to invert")
+  p.add_argument("--batch-size", type=positive_int, default=64,
+                 help="images per inversion call (split over the devices)")
   p.add_argument("--json", default=None, help="write the errors as JSON to this path ('-': stdout)")
   p.add_argument("--out", default=None, help="a PNG of originals, reconstructions and the noise")
   p.add_argument("--show", type=positive_int, default=8, help="images in the --out figure")
-  p.add_argument("--upscale", type=upscale_int, default=None)
+  p.add_argument("--upscale", type=upscale_int, default=None,
+                 help="pixel upscaling of --out (default: tiles of about 64 px)")
   p.set_defaults(fn=cmd_invert, takes_overrides=True)
 
 
 def add_interpolate_parser(sub) -> None:
   p = sub.add_parser("interpolate", help="samples along a spherical interpolation of two noises, as a strip")
   add_source_arguments(p, config_help=False)
-  p.add_argument("--out", default="interpolation.png")
-  p.add_argument("--num-frames", type=frame_count, default=9)
+  p.add_argument("--out", default="interpolation.png", help="the PNG strip to write")
+  p.add_argument("--num-frames", type=frame_count, default=9, help="frames per row, the two ends included")
   p.add_argument("--pairs", type=positive_int, default=1, help="noise pairs (one strip row each)")
-  p.add_argument("--steps", type=step_count, default=20)
+  p.add_argument("--steps", type=step_count, default=20, help="sampler steps")
   add_noise_arguments(p)
-  p.add_argument("--upscale", type=upscale_int, default=None)
+  p.add_argument("--upscale", type=upscale_int, default=None, help="pixel upscaling (default: tiles of about 64 px)")
   p.set_defaults(fn=cmd_interpolate)
 
 
@@ -388,20 +420,20 @@ def add_evaluate_parser(sub) -> None:
                  help="auto: the digits metric (no Inception weights) for the bundled digits, else KID")
   p.add_argument("--num-images", type=positive_int, default=None,
                  help=f"KID: validation images (default: all); digits: samples (default "
-                      f"{evaluation.DIGITS_METRIC_IMAGES})")
+                      f"{DIGITS_METRIC_IMAGES})")
   p.add_argument("--batch-size", type=positive_int, default=64, help="images per KID batch (Keras 64, R 128)")
   p.add_argument("--inception-weights", default=None,
                  help="torchvision's inception_v3_google-0cc3c7bd.pth or pytorch-fid's pt_inception-2015-12-05-"
                       "6726825d.pth (default: the torch hub cache)")
   p.add_argument("--image-size", type=int, default=75, choices=(75, 299), help="Inception input: 75 Keras, 299 R")
-  p.add_argument("--seed", type=seed_int, default=0)
+  p.add_argument("--seed", type=seed_int, default=0, help="seed of the samples' noises")
   p.add_argument("--json", default=None, help="write the results as JSON to this path ('-': stdout)")
   p.set_defaults(fn=cmd_evaluate, takes_overrides=True)
 
 
 def add_info_parser(sub) -> None:
   p = sub.add_parser("info", help="what a weight file holds")
-  p.add_argument("--weights", required=True)
+  p.add_argument("--weights", required=True, help="a .safetensors weight file")
   p.set_defaults(fn=cmd_info)
 
 
@@ -417,10 +449,12 @@ def add_prepare_data_parser(sub) -> None:
   p.add_argument("--data-dir", default=None, help="TFDS data dir (default ~/tensorflow_datasets)")
   p.add_argument("--folder", default=None, help="image folder for --dataset folder")
   p.add_argument("--image-size", type=cache_image_size, default=64, help="cache size; 0 prepares TFDS only")
-  p.add_argument("--cache-dir", default=None, help=f"preprocessed-image cache (default {data.DEFAULT_CACHE_DIR})")
-  p.add_argument("--split", default="keras", choices=("keras", "r"))
+  p.add_argument("--cache-dir", default=None,
+                 help="preprocessed-image cache (default $DDIM_JAX_CACHE_DIR or ~/.cache/ddim_jax)")
+  p.add_argument("--split", default="keras", choices=("keras", "r"),
+                 help="keras: 80%% of each TFDS split; r: a random 80/20 split of all images")
   p.add_argument("--no-antialias", action="store_true", help="the R resize (bilinear without antialiasing)")
-  p.add_argument("--split-seed", type=seed_int, default=1)
+  p.add_argument("--split-seed", type=seed_int, default=1, help="seed of the random split (r, folders, digits)")
   p.add_argument("--force", action="store_true", help="rebuild the cache entry")
   p.set_defaults(fn=cmd_prepare_data)
 
@@ -438,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   for add_parser in SUBCOMMAND_PARSERS:
     add_parser(sub)
+  for p in sub.choices.values():  # every option's help line ends with its default
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
   for p in [parser, *sub.choices.values()]:  # before or after the subcommand
     p.add_argument("--debug", action="store_true", default=False if p is parser else argparse.SUPPRESS,
                    help=f"show tracebacks of expected errors too (or set {errors.DEBUG_ENV}=1)")
@@ -464,7 +500,7 @@ def main(argv=None) -> int:
     if debug:
       raise
     print(f"ddim-jax {args.command}: error: {one_line(e)}", file=sys.stderr)
-    return 3 if isinstance(e, trainer.NonFiniteLossError) else 2
+    return getattr(e, "exit_status", 2)
 
 
 if __name__ == "__main__":

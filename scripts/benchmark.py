@@ -90,6 +90,9 @@ def parse_args(argv=None):
                  help="measure ddim_jax.training.trainer.train_and_evaluate on the demo preset against the bare step")
   p.add_argument("--host-time", action="store_true",
                  help="only the loop's host time per step with the device work stubbed out (also part of --loop)")
+  p.add_argument("--cli-help", action="store_true",
+                 help="only the time of `ddim-jax --help` and `ddim-jax train --help` (fresh processes, median of "
+                      "--repeats)")
   p.add_argument("--loop-config", default="demo", help="the preset --loop trains (demo, default, r_variant)")
   p.add_argument("--loop-steps", type=int, default=300)
   p.add_argument("--loop-override", action="append", default=[],
@@ -759,12 +762,28 @@ def format_host_time(result) -> str:
           f"{result['steps_per_call']} steps per call (the default preset's)")
 
 
+def cli_help_seconds(repeats: int = 5) -> dict:
+  """Wall time of `ddim-jax --help` and `ddim-jax train --help` in fresh Python processes (median)."""
+  out = {}
+  for argv in (["--help"], ["train", "--help"]):
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      subprocess.run([sys.executable, "-m", "ddim_jax.cli", *argv], capture_output=True, check=True)
+      times.append(time.perf_counter() - start)
+    out[" ".join(["ddim-jax", *argv])] = sorted(times)[len(times) // 2]
+  return out
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.worker:
     run_worker(args)
     return
-  if args.host_time and not args.loop:
+  if args.cli_help:
+    result = cli_help_seconds(args.repeats)
+    table = "\n".join(f"{command}: {seconds:.3f} s (median of {args.repeats})" for command, seconds in result.items())
+  elif args.host_time and not args.loop:
     result = host_time_per_step()
     table = format_host_time(result)
   elif args.loop:

@@ -1,7 +1,7 @@
 """`ddim-jax demo`, `train`, `export` and `info` end to end, and KID during training (small models).
 
 The KID run (``kid_run``, conftest.py: 8 steps, KID every 2 with random InceptionV3 weights) is
-shared with the other command tests; ``--step best|latest|N`` is tested here through `export`.
+shared with the other command tests; ``--checkpoint best|latest|N`` (and its old name ``--step``) is tested here through `export`.
 """
 
 import json
@@ -91,14 +91,14 @@ def test_training_kid_without_inception_weights_warns_once_and_is_off(tmp_path):
 
 @pytest.mark.slow
 def test_step_chooses_the_best_latest_or_a_numbered_checkpoint(kid_run, tmp_path, capsys):
-  """--step best loads the lowest-KID checkpoint that training kept, and says which step it used."""
+  """--checkpoint best loads the lowest-KID checkpoint that training kept, and says which step it used."""
   with checkpointing.Checkpointer(os.path.join(kid_run, "checkpoints"), async_save=False) as ckpt:
     steps = ckpt.all_steps()
     kids = {s: ckpt.metrics(s)["val_kid"] for s in steps}
   best = min(kids, key=kids.get)
   for which, want in (("best", best), ("latest", 8), (str(steps[0]), steps[0])):
     out = tmp_path / f"{which}.safetensors"
-    assert cli.main(["export", "--workdir", kid_run, "--out", str(out), "--step", which]) == 0
+    assert cli.main(["export", "--workdir", kid_run, "--out", str(out), "--checkpoint", which]) == 0
     assert f"of step {want}," in capsys.readouterr().out
     _, variables, _, config, step = pipeline.restore_checkpoint(kid_run, step=want)
     written, metadata = weight_files.read_weight_file(str(out))
@@ -126,6 +126,6 @@ def test_step_best_without_kid_is_a_clear_error(tmp_path, trained_weights, capsy
   assert cli.main(["sample", "--workdir", str(tmp_path / "run"), "--step", "best", "--out",
                    str(tmp_path / "s.png")]) == 2
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "has a KID" in err and "--step latest" in err, err
+  assert err.count("\n") == 1 and "has a KID" in err and "--checkpoint latest" in err, err
   assert cli.main(["sample", "--weights", trained_weights("keras"), "--step", "best"]) == 2
   assert "a weight file holds one step" in capsys.readouterr().err

@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.data_placement = "auto"
   config.train.keep_checkpoints = 3  # the last N checkpoints are kept
   config.train.ema_warmup = False  # True: decay min(ema_decay, (1+n)/(10+n)) (short runs)
+  # A weight file (ddim-jax export / demo, or the torch twin's) that a NEW run starts from (raw and
+  # EMA weights; fresh AdamW); a resumed run continues from its checkpoint. None: random init.
+  config.train.init_weights = ml_collections.config_dict.placeholder(str)
   # KID on the validation split every N steps (0: off), logged as val_kid; the best-KID checkpoint
   # is kept besides the last keep_checkpoints. 511 steps = one Keras epoch (6552 images x 5 / 64).
   # Needs Inception weights (eval.inception_weights); without them training warns once and goes on.

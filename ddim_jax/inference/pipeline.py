@@ -164,14 +164,14 @@ def select_step(ckpt: checkpointing.Checkpointer, which: str | int | None = "lat
     best = ckpt.best_step()
     if best is None:
       raise errors.ConfigError(
-          f"--step best: none of the checkpoints in {ckpt.directory} (steps {steps}) has a KID; training "
+          f"--checkpoint best: none of the checkpoints in {ckpt.directory} (steps {steps}) has a KID; training "
           "computes one every train.kid_every steps when Inception weights are available (eval.inception_weights). "
-          "Use --step latest or a step number")
+          "Use --checkpoint latest or a step number")
     return best, f"best: {ckpt.best_metric} {float(ckpt.metrics(best)[ckpt.best_metric]):.5f}"
   try:
     step = int(which)
   except ValueError:
-    raise errors.ConfigError(f"--step {which!r}: use latest, best or a step number") from None
+    raise errors.ConfigError(f"--checkpoint {which!r}: use latest, best or a step number") from None
   if step not in steps:
     raise errors.MissingInputError(f"no checkpoint of step {step} in {ckpt.directory}; it holds steps {steps}")
   return step, f"step {step}"
@@ -245,7 +245,7 @@ def load_model(workdir: str | None = None, weights: str | None = None, config: s
   if bool(workdir) == bool(weights):
     raise errors.ConfigError("give exactly one of a workdir (--workdir) and a weight file (--weights)")
   if weights and step not in (None, "latest"):
-    raise errors.ConfigError("--step chooses a checkpoint of a --workdir; a weight file holds one step")
+    raise errors.ConfigError("--checkpoint chooses a checkpoint of a --workdir; a weight file holds one step")
   if cpu_devices is not None:
     parallel.configure_cpu_devices(cpu_devices, None)
   if workdir:

@@ -343,7 +343,7 @@ class Checkpointer:
     """The best step by `best_metric`, or None when no step has a finite value of it (or no `best_metric`).
 
     Best: the lowest finite value ("max" mode: the highest), ties to the lowest step, over the metrics
-    saved with the steps that exist. The one definition of "best" (`--step best` uses it). A writer's
+    saved with the steps that exist. The one definition of "best" (`--checkpoint best` uses it). A writer's
     retention keeps a step of the best value (orbax's BestN, ranking by the same `_metric_score`).
     """
     if self.best_metric is None:

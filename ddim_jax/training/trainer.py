@@ -28,7 +28,7 @@ from ddim_jax.inference import evaluation, grids, sharded
 from ddim_jax.infra import checkpointing, parallel, preemption, run_record
 from ddim_jax.infra import workdir as workdir_lib
 from ddim_jax.infra import workdir_lock
-from ddim_jax.training import feed as feed_lib, reporting, validation
+from ddim_jax.training import feed as feed_lib, init_weights, reporting, validation
 
 
 # Training calls dispatched ahead of the one whose results the loop has waited for (``_CallsInFlight``).
@@ -37,6 +37,7 @@ MAX_CALLS_IN_FLIGHT = 2
 
 class NonFiniteLossError(errors.Error, FloatingPointError):
   """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+  exit_status = 3  # the command line's exit status (other expected errors: 2)
 
 
 def _to_host(tree):
@@ -218,11 +219,12 @@ def _start_run(config, workdir: str, progress: bool, config_source: str | None) 
               f"{run_record.format_changes(changes)}")
   else:
     step = 0
-    state = parallel.replicate(jax.jit(step_lib.create_train_state, static_argnums=(0, 1, 3))(
-        model, step_config, init_key, image_size), mesh)
+    state = parallel.replicate(init_weights.initial_state(config, model, step_config, init_key, image_size), mesh)
   # Written once the first training call has finished: a start that fails before (compilation, a
   # NaN, a full disk) leaves no record of a run.
   record = run_record.run_record(config_source, step, changes)
+  if restored is None and config.train.get("init_weights"):
+    record["init_weights"] = str(config.train.init_weights)
   # The input: the uint8 training set on the devices (indices per step) or uint8 batches uploaded ahead.
   plan = call_plan(config, kid_every)
   feed = feed_lib.TrainFeed(train_iter, mesh, plan, config.train.get("data_placement", "auto"), config.parallel,
