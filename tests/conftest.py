@@ -65,6 +65,13 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
   items.sort(key=lambda item: (item.originalname not in LONGEST, item.get_closest_marker("slow") is None))
 
 
+def _session_dir(tmp_path_factory):
+  """A folder of this test session that every xdist worker shares (the workers' base temps are
+  its sub-folders; without xdist, the session's own base temp, never an older session's)."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def trained_weights(tmp_path_factory):
   """Path-returning factory of the briefly trained parity models, built once per test session.
@@ -77,7 +84,7 @@ def trained_weights(tmp_path_factory):
   from filelock import FileLock
   from ddim_jax import configs
   from ddim_jax.interop import parity_fixtures, weight_files
-  root = tmp_path_factory.getbasetemp().parent
+  root = _session_dir(tmp_path_factory)
 
   def get(variant: str):
     path = root / f"trained_{variant}.safetensors"
@@ -111,7 +118,7 @@ def inception_file(tmp_path_factory):
   """Random InceptionV3 weights as a .pth file (cli_helpers.write_random_inception), once per session."""
   from filelock import FileLock
   from cli_helpers import write_random_inception
-  path = tmp_path_factory.getbasetemp().parent / "random_inception.pth"
+  path = _session_dir(tmp_path_factory) / "random_inception.pth"
   with FileLock(str(path) + ".lock"):
     if not path.exists():
       tmp = path.with_suffix(".tmp")
@@ -126,7 +133,7 @@ def kid_run(tmp_path_factory, inception_file):
   per session even under pytest-xdist (a file lock; a finished run leaves a marker). Tests only read it."""
   from filelock import FileLock
   from cli_helpers import train_kid_run
-  root = tmp_path_factory.getbasetemp().parent / "kid_run"
+  root = _session_dir(tmp_path_factory) / "kid_run"
   done = root / "trained"
   with FileLock(str(root) + ".lock"):
     if not done.exists():
