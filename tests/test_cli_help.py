@@ -4,6 +4,8 @@ answers without importing JAX or torch (its time is a benchmark line: scripts/be
 import subprocess
 import sys
 
+import pytest
+
 from ddim_jax import cli
 from ddim_jax.inference import evaluation
 from train_helpers import REPO, subprocess_env
@@ -29,6 +31,7 @@ def test_every_option_has_a_help_line():
     assert "(default:" in text or name == "info", name
 
 
+@pytest.mark.slow
 def test_help_imports_neither_jax_nor_torch():
   code = ("import sys, contextlib, io\n"
           "from ddim_jax import cli\n"

@@ -30,6 +30,7 @@ def _initial(config):
                                     rng.purpose_key(config.seed, rng.INIT), int(config.model.image_size))
 
 
+@pytest.mark.slow
 def test_a_new_run_starts_from_the_file_raw_and_ema(trained_weights, tmp_path):
   path = trained_weights("keras")
   config = tiny_config(tmp_path / "cache", **FIXTURE_MODEL, **{"train.init_weights": path})
@@ -47,6 +48,7 @@ def test_a_new_run_starts_from_the_file_raw_and_ema(trained_weights, tmp_path):
   assert any(np.any(fresh_flat[k] != want[k]) for k in want if not k.endswith(("running_mean", "running_var")))
 
 
+@pytest.mark.slow
 def test_the_torch_twins_file_and_a_trained_run_record_it(tmp_path):
   twin = torch_models.create_model(variant="keras", widths=(8, 16), block_depth=1)
   with torch.no_grad():
@@ -71,6 +73,7 @@ def test_the_torch_twins_file_and_a_trained_run_record_it(tmp_path):
   assert 0 < moved < 0.05  # two AdamW steps of 1e-3 from the file's weights, not from a random init
 
 
+@pytest.mark.slow
 def test_a_file_of_another_unet_is_refused_naming_the_keys(trained_weights, tmp_path):
   config = tiny_config(tmp_path / "cache", **{"train.init_weights": trained_weights("keras")})  # widths 8,16
   with pytest.raises(errors.ConfigError, match=r"widths \(16, 32, 48\) \(config.model.widths: \(8, 16\)\)"):

@@ -71,6 +71,7 @@ def test_train_step_parity_r_variant_outside_adam_ill_conditioning():
 
 
 @pytest.mark.parametrize("clip,accum", [(0.05, 1), (0.0, 4), (0.05, 2)], ids=["clip", "accumulate", "both"])
+@pytest.mark.slow
 def test_train_step_parity_with_gradient_clipping_and_accumulation(clip, accum):
   """train.grad_clip_norm (optax clip_by_global_norm vs torch clip_grad_norm_) and train.grad_accum_steps
   (micro-batches with their own BatchNorm statistics, one AdamW and EMA step) against the twin: the
@@ -93,6 +94,7 @@ def test_train_step_parity_with_gradient_clipping_and_accumulation(clip, accum):
     assert result["grad_norm_1"] != pytest.approx(plain["grad_norm_1"], rel=1e-3), (plain, result)
 
 
+@pytest.mark.slow
 def test_accumulating_one_micro_batch_per_example_pair_equals_the_mean_of_their_gradients():
   """grad_accum_steps=K: the gradient is the mean of the K micro-batches' own gradients (each with
   its BatchNorm statistics), the running statistics are updated K times in order, the metrics are

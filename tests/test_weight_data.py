@@ -54,6 +54,7 @@ def test_export_records_the_run_data_and_the_commands_read_it(kid_run, tmp_path)
                                 data.load_split(run_data, "validation", 16)[:4])
 
 
+@pytest.mark.slow
 def test_a_model_of_another_dataset_gets_its_own_data_and_kid(trained_weights, tmp_path, monkeypatch):
   monkeypatch.setenv("DDIM_JAX_CACHE_DIR", str(tmp_path / "cache"))
   folder = _image_folder(tmp_path / "images")
@@ -75,6 +76,7 @@ def test_a_model_of_another_dataset_gets_its_own_data_and_kid(trained_weights, t
   assert pipeline.load_model(weights=weights, config="demo").data_config.dataset == "digits"
 
 
+@pytest.mark.slow
 def test_a_file_without_data_still_samples_but_names_the_fix_for_real_images(trained_weights, tmp_path, capsys):
   weights = _with_metadata(trained_weights("keras"), tmp_path / "no_data.safetensors", data=None)
   assert cli.main(["sample", "--weights", weights, "--num-images", "2", "--steps", "1", "--out",
@@ -88,6 +90,7 @@ def test_a_file_without_data_still_samples_but_names_the_fix_for_real_images(tra
   assert source.real_images("validation", 2).shape == (2, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_images_whose_channels_the_model_does_not_take_are_refused(tmp_path, capsys):
   model = models.create_model("keras", widths=(8, 16), block_depth=1, channels=1)
   variables = jax.tree.map(np.asarray, models.init_variables(model, jax.random.key(0), 16))
