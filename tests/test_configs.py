@@ -168,3 +168,15 @@ def test_version(capsys):
     cli.main(["--version"])
   assert exit_info.value.code == 0
   assert capsys.readouterr().out.strip() == f"ddim-jax {ddim_jax.__version__}"
+
+
+def test_clipping_and_accumulation_values_are_checked():
+  from ddim_jax import errors
+  from ddim_jax.training import validation
+  config = configs.load_config("demo", ["--config.train.batch_size=8", "--config.train.grad_accum_steps=3"])
+  with pytest.raises(errors.ConfigError, match=r"train.grad_accum_steps=3 is invalid: .* = 4\)"):
+    validation.validate_config(config, 2)
+  validation.validate_config(configs.load_config("demo", ["--config.train.batch_size=8",
+                                                          "--config.train.grad_accum_steps=4"]), 2)
+  with pytest.raises(errors.ConfigError, match="train.grad_clip_norm"):
+    validation.validate_config(configs.load_config("demo", ["--config.train.grad_clip_norm=-1"]), 1)

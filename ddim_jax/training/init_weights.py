@@ -27,7 +27,7 @@ def initial_state(config, model, step_config: step_lib.StepConfig, init_key, ima
   file_model, variables, _, _ = weight_files.load_weights(str(path))
   wanted = models.create_model(**config.model)
   differs = [f"{name} {getattr(file_model, name)!r} (config.model.{name}: {getattr(wanted, name)!r})"
-             for name in ("variant", "widths", "block_depth", "embedding_dims", "channels")
+             for name in weight_files.MODEL_KEYS
              if getattr(file_model, name) != getattr(wanted, name)]
   if differs:
     raise errors.ConfigError(f"config.train.init_weights={str(path)!r} holds another U-Net: {', '.join(differs)}; "

@@ -23,12 +23,13 @@ from tqdm import tqdm
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams as tensorboard_hparams
 
+from ddim_jax.inference import evaluation
 from ddim_jax.infra import checkpointing, object_store, run_record
 from ddim_jax.training import feed as feed_lib
 
 
 # TensorBoard tags of the metrics that are not training metrics (the rest go to train/<name>).
-TENSORBOARD_TAGS = {checkpointing.BEST_METRIC: "val/kid", "val_fid": "val/fid"}
+TENSORBOARD_TAGS = {checkpointing.BEST_METRIC: "val/kid", evaluation.FID_METRIC: "val/fid"}
 
 
 def _record_step(line: str) -> int | None:

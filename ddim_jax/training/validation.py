@@ -37,7 +37,7 @@ def validate_config(config, num_devices: int) -> None:
   per_device = int(t.batch_size) // max(num_devices, 1)
   require(accum >= 1 and per_device % accum == 0, "train.grad_accum_steps", t.get("grad_accum_steps"),
           f"must be >= 1 and divide each device's batch ({int(t.batch_size)} images / {num_devices} devices = "
-          f"{per_device}), e.g. {max(d for d in range(1, min(per_device, 8) + 1) if per_device % d == 0)}")
+          f"{per_device})")
   require(int(t.get("kid_every", 0) or 0) >= 0, "train.kid_every", t.get("kid_every"), "must be >= 0 (0: no KID)")
   require(0.0 <= float(t.ema_decay) < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
   require(float(t.learning_rate) > 0, "train.learning_rate", t.learning_rate, "must be > 0")
