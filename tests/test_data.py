@@ -5,6 +5,7 @@ it is absent; everything else runs on the core dependencies. No network.
 """
 
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -23,7 +24,8 @@ from ddim_jax.data.images import (BadImageError, center_crop, compute_normalizer
 from ddim_jax.data.iterator import BatchIterator, create_datasets
 from ddim_jax.data.options import SPLITS
 from ddim_jax.data.prepare import build_cache, prepare_source
-from ddim_jax.data.sources import load_digits_images
+from ddim_jax.data import sources
+from ddim_jax.data.sources import load_digits_images, load_digits_labels
 from ddim_jax.data.splits import keras_train_count
 from ddim_jax.data.tfds_source import find_image_key, prepare_tfds
 
@@ -251,9 +253,26 @@ def test_folder_without_usable_images_is_an_error(tmp_path):
 # Digits, normaliser, cache
 
 
-def test_digits_images():
+def test_bundled_digits_are_scikit_learns():
+  """The shipped file is the one scikit-learn reads: same images, same labels (dev extra installs it)."""
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  raw = load_digits().images
+  reference = load_digits()
+  np.testing.assert_array_equal(load_digits_images(8)[..., 0], np.rint(reference.images * 255 / 16).astype(np.uint8))
+  np.testing.assert_array_equal(load_digits_labels(), reference.target)
+  assert load_digits_labels().dtype == np.int64
+
+
+def test_digits_need_no_scikit_learn():
+  """A demo install has no scikit-learn: loading the digits must not import it."""
+  code = ("import sys; sys.modules['sklearn'] = None\n"  # any `import sklearn` now raises ImportError
+          "from ddim_jax.data import load_digits_images, load_digits_labels\n"
+          "print(load_digits_images(16).shape, load_digits_labels()[:5].tolist())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+  assert out.split() == ["(1797,", "16,", "16,", "3)", "[0,", "1,", "2,", "3,", "4]"]
+
+
+def test_digits_images():
+  raw = np.loadtxt(gzip.open(sources.DIGITS_FILE, "rt"), delimiter=",")[:, :64].reshape(-1, 8, 8)  # 0..16
   images = load_digits_images(16)
   assert images.shape == (1797, 16, 16, 3) and images.dtype == np.uint8
   assert images.min() == 0 and images.max() == 255

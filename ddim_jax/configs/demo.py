@@ -1,4 +1,4 @@
-"""The offline demo: scikit-learn's bundled digits upsampled to 16x16, about 7.5 minutes on 2 CPU cores.
+"""The offline demo: the bundled 8x8 digits upsampled to 16x16, about 7.5 minutes on 2 CPU cores.
 
   make demo      (= ddim-jax demo --workdir outputs/demo)
 """

@@ -15,7 +15,7 @@ from ddim_jax.data.images import BadImageError, preprocess_image
 from ddim_jax.data.options import NUM_NAMES_IN_WARNING
 
 try:
-  import threadpoolctl  # comes with scikit-learn; still optional here, as it only speeds things up
+  import threadpoolctl  # a dependency; still optional here, as it only speeds things up
 except ImportError:
   threadpoolctl = None
 

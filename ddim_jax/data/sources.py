@@ -1,7 +1,8 @@
 """The local sources: image folders (``config.data.dataset = "folder"``) and the bundled digits.
 
   - ``"folder"``: every .jpg/.jpeg/.png/.webp under ``config.data.folder``, recursively;
-  - ``"digits"``: scikit-learn's bundled 8x8 digits (1,797 images), no download of any kind.
+  - ``"digits"``: the 8x8 digits bundled with this package (1,797 images, the file scikit-learn
+    ships: ``ddim_jax/assets/DIGITS_LICENSE.md``), no download of any kind.
 
 Each builder returns ``(arrays, info)``: {"train", "validation"} uint8 (N, S, S, 3) arrays and
 the source's fields for the cache entry's ``meta.json``.
@@ -9,6 +10,8 @@ the source's fields for the cache entry's ``meta.json``.
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import os
 from typing import Callable, Sequence
@@ -87,8 +90,28 @@ def build_folder(options: DataOptions, image_size: int) -> tuple[dict, dict]:
   return arrays, info
 
 
+# The package data folder ddim_jax/assets, two levels above this module.
+DIGITS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits.csv.gz")
+NUM_DIGITS = 1797  # images in the bundled digits
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_table() -> np.ndarray:
+  """The rows of ``DIGITS_FILE``: int64 (1797, 65), 64 pixels (0..16) then the label (0..9)."""
+  try:
+    with gzip.open(DIGITS_FILE, "rt", encoding="ascii") as f:
+      table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+  except (OSError, ValueError) as e:
+    raise errors.InputError(f"the bundled digits {DIGITS_FILE!r} cannot be read ({e}); reinstall ddim-jax") from e
+  if table.shape != (NUM_DIGITS, 65):
+    raise errors.InputError(f"the bundled digits {DIGITS_FILE!r} hold {table.shape}, expected ({NUM_DIGITS}, 65); "
+                            "reinstall ddim-jax")
+  table.setflags(write=False)  # cached: shared by every caller
+  return table
+
+
 def load_digits_images(image_size: int) -> np.ndarray:
-  """scikit-learn's bundled digits (1,797 8x8, values 0..16) as uint8 RGB (1797, S, S, 3).
+  """The bundled digits (1,797 8x8, values 0..16) as uint8 RGB (1797, S, S, 3).
 
   Bilinear upsampling (half-pixel centres, edges clamped; antialiasing only matters below 8
   pixels), value 16 -> 255, gray repeated over 3 channels. No download of any kind.
@@ -99,22 +122,16 @@ def load_digits_images(image_size: int) -> np.ndarray:
   Returns:
     uint8 array (1797, S, S, 3).
   """
-  # Imported here: scikit-learn takes about a second to import and only the digits need it.
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  digits = load_digits().images.astype(np.float64)  # (1797, 8, 8) in 0..16
+  digits = _digits_table()[:, :64].reshape(NUM_DIGITS, 8, 8).astype(np.float64)  # in 0..16
   weights = resize_weights(digits.shape[1], image_size, antialias=True)
   upsampled = weights @ digits @ weights.T  # (S, 8) @ (N, 8, 8) @ (8, S)
   gray = quantize(upsampled * (255.0 / 16.0))
   return np.repeat(gray[..., None], 3, axis=-1)
 
 
-NUM_DIGITS = 1797  # images in scikit-learn's digits
-
-
 def load_digits_labels() -> np.ndarray:
-  """scikit-learn's labels (0..9) of the digits of ``load_digits_images``, int64 (1797,)."""
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  return np.asarray(load_digits().target, np.int64)
+  """The labels (0..9) of the digits of ``load_digits_images``, int64 (1797,)."""
+  return _digits_table()[:, 64].copy()
 
 
 def digits_split_indices(options: DataOptions) -> dict[str, np.ndarray]:

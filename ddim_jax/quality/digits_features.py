@@ -2,7 +2,7 @@
 
 ``train_feature_params`` trains the classifier of ``digits_metric`` (``digits_metric.apply``) on
 the digits' TRAINING split (the demo preset's split: ``random_split(1797, 0.8, split_seed=1)``,
-1,437 images) with scikit-learn's labels: Adam on the softmax cross-entropy, float32, seeded, no
+1,437 images) with their labels: Adam on the softmax cross-entropy, float32, seeded, no
 augmentation; deterministic, seconds on a CPU. ``scripts/train_digits_features.py`` runs it with
 the defaults below and writes ``ddim_jax/assets/digits_features.safetensors``
 (``save_feature_params``), the weights that ``digits_metric`` loads.

@@ -3,7 +3,7 @@
 A small CNN classifier of 16x16 gray digits (``apply``: two 3x3 convolutions with 2x2 average
 pooling, a 32-unit hidden layer, 10 logits; 21,546 float32 parameters) is trained once on the
 digits' TRAINING split (the demo preset's split: ``random_split(1797, 0.8, split_seed=1)``, 1,437
-images) with scikit-learn's labels (the recipe: ``digits_features.train_feature_params``;
+images) with their labels (the recipe: ``digits_features.train_feature_params``;
 ``scripts/train_digits_features.py`` reproduces the shipped
 ``ddim_jax/assets/digits_features.safetensors``). Its hidden layer (the
 penultimate one, after the ReLU) gives the features of:
@@ -101,8 +101,7 @@ def network_input(images) -> np.ndarray:
 
   The mean of the channels, a bilinear resize to 16x16 (none at 16x16), clipped to [0, 1].
   """
-  images = np.asarray(images)
-  images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+  images = data.unit_float(images)
   if images.ndim != 4:
     raise errors.InputError(f"expected NHWC images, got shape {images.shape}")
   gray = images.mean(axis=-1, keepdims=True)
