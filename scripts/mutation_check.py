@@ -124,7 +124,7 @@ MUTATIONS = (
              "jax.random.normal(jax.random.fold_in(key, i + steps), shape)",
              ("tests/test_cli_evaluate.py::test_evaluate_writes_a_kid_table_and_json",)),
     Mutation("invert_reports_other_steps", "`invert` reports the errors of one more inversion step",
-             "ddim_jax/inference/evaluation.py", "invert(model, variables, batch, normalizer, steps=int(steps),",
+             "ddim_jax/inference/inversion.py", "invert(model, variables, batch, normalizer, steps=int(steps),",
              "invert(model, variables, batch, normalizer, steps=int(steps) + 1,",
              ("tests/test_cli_figures.py::test_invert_reports_errors_and_writes_a_figure",)),
     # --- data ---------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path,
   model, variables, normalizer, config = run_model(kid_run)
   reals = data.load_split(config.data, "validation", 16)[:8].astype(np.float32) / 255.0
   feature_fn = evaluation.kid_feature_fn(inception_file, 75)
+  # The real images' features were kept in the data cache entry for the next evaluation.
+  cached = np.load(evaluation.reference_features_file(config.data, 16, inception_file, 75, 8))
+  direct = np.asarray(feature_fn(reals))  # one call of 8 images, not 2 of 4 over 4 devices: float32 round-off
+  np.testing.assert_allclose(cached, direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
   noises = [jax.random.normal(jax.random.fold_in(jax.random.key(0), i), (4, 16, 16, 3)) for i in range(2)]
   want = {}
   for steps in (2, 3):
@@ -42,7 +46,8 @@ def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path,
     # The CLI splits each batch over 4 devices, this reference runs on one: float32 round-off in the
     # (random-weight, so huge) Inception features, measured 2.2e-6 relative.
     assert record["kid"][str(steps)] == pytest.approx(want[str(steps)], rel=1e-5, abs=1e-9), steps
-  # A step count evaluated twice gives the same value (same noises and real batches every time).
+  # A step count evaluated twice gives the same value (same noises and real batches every time; the
+  # real features read back from the cache).
   again = tmp_path / "again.json"
   assert cli.main(["evaluate", "--workdir", kid_run, "--metric", "kid", "--steps", "2,2", "--num-images", "8",
                    "--batch-size", "4", "--inception-weights", inception_file, "--json", str(again)]) == 0
@@ -52,3 +57,27 @@ def test_evaluate_writes_a_kid_table_and_json(kid_run, inception_file, tmp_path,
   assert cli.main(["evaluate", "--workdir", kid_run, "--metric", "kid", "--inception-weights",
                    str(tmp_path / "none.pth")]) == 2
   assert "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
+
+
+def test_reference_features_are_computed_once_then_read_from_the_cache(tmp_path):
+  calls = []
+
+  def feature_fn(x):
+    calls.append(len(x))
+    return x.mean(axis=(1, 2))  # (B, C)
+
+  images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+  want = (images[:8].astype(np.float32) / 255.0).mean(axis=(1, 2))  # whole batches of 4: 8 images
+  cache = tmp_path / "entry" / "features" / "validation-8.npy"
+  first = evaluation.reference_features(images, feature_fn, 4, cache_file=str(cache))
+  np.testing.assert_allclose(first, want, rtol=1e-6)
+  assert calls == [4, 4] and cache.exists()
+  np.testing.assert_array_equal(evaluation.reference_features(images, feature_fn, 4, cache_file=str(cache)), first)
+  assert calls == [4, 4]  # read back, not computed
+  cache.write_bytes(b"damaged")
+  np.testing.assert_array_equal(evaluation.reference_features(images, feature_fn, 4, cache_file=str(cache)), first)
+  assert calls == [4, 4, 4, 4] and np.load(cache).shape == (8, 3)  # computed again and rewritten
+  (tmp_path / "a_file").write_text("")
+  with pytest.warns(UserWarning, match="not cached in"):
+    again = evaluation.reference_features(images, feature_fn, 4, cache_file=str(tmp_path / "a_file" / "x.npy"))
+  np.testing.assert_array_equal(again, first)

@@ -75,7 +75,7 @@ def test_sampling_kid_and_inversion_on_4_devices_equal_one_device(small_model, m
   round-off."""
   import jax
   import numpy as np
-  from ddim_jax.inference import evaluation, figures, pipeline
+  from ddim_jax.inference import evaluation, figures, inversion, pipeline
   assert jax.local_device_count() == 4
   model, variables, normalizer = small_model
   assert parallel.rows_mesh(8).size == 4 and parallel.rows_mesh(6).size == 3 and parallel.rows_mesh(7).size == 1
@@ -90,8 +90,8 @@ def test_sampling_kid_and_inversion_on_4_devices_equal_one_device(small_model, m
                                                   initial_noise=numpy_noise)  # 1 batch of 6: 3 devices
     out["kid"] = np.asarray(list(evaluation.kid_for_steps(model, variables, normalizer, images, feature_fn, [2, 3],
                                                           batch_size=4).values()))
-    out["reconstruction"] = np.asarray(list(evaluation.reconstruction_errors(model, variables, normalizer, images,
-                                                                             [2], batch_size=8).values()))
+    out["reconstruction"] = np.asarray(list(inversion.reconstruction_errors(model, variables, normalizer, images,
+                                                                            [2], batch_size=8).values()))
     out["inversion"] = np.stack(figures.inversion_rows(model, variables, normalizer, images, [2, 3]))
     return out
 

@@ -8,7 +8,7 @@ TensorFlow or tensorflow-datasets. Modules, each importing only those above it:
   images       the pure per-image steps: decode, centre crop, bilinear resize, uint8; the normaliser
   decode_pool  decoding and preprocessing many images in a thread pool
   splits       the Keras and the seeded random train/validation split rules
-  sources      image folders and scikit-learn's bundled digits
+  sources      image folders and the bundled digits (assets/digits.csv.gz)
   tfds_source  TFDS: preparing a dataset (its builder, offline or online) and reading it
   cache        the cache entries: `prepare_cache`, `load_split`, `load_normalizer`
   iterator     `BatchIterator` (shuffle, repeat, shard over processes, resume), `create_datasets`
@@ -21,6 +21,7 @@ Entry points:
   create_datasets(config, image_size, process_index, process_count) -> (train_iter, val_images, normalizer)
   load_split(config_data, split, image_size) -> uint8 (N, S, S, 3)
   load_normalizer(config_data, image_size) -> {"mean": (3,) f32, "variance": (3,) f32}
+  unit_float(images) -> float32 in [0, 1] (from uint8 or float images)
   prepare_cache(config_data, image_size) -> CacheEntry (builds the cache entry on a miss)
   load_digits_images(image_size) -> uint8 (1797, S, S, 3)
   load_digits_labels() -> int64 (1797,); digits_split_indices(options) -> {"train", "validation"}: indices
@@ -30,7 +31,7 @@ Entry points:
 """
 
 from ddim_jax.data.cache import CacheEntry, load_normalizer, load_split, prepare_cache
-from ddim_jax.data.images import BadImageError, compute_normalizer
+from ddim_jax.data.images import BadImageError, compute_normalizer, unit_float
 from ddim_jax.data.iterator import BatchIterator, create_datasets
 from ddim_jax.data.options import DEFAULT_CACHE_DIR, SPLITS, DataOptions, data_options
 from ddim_jax.data.prepare import build_cache, prepare_source
@@ -41,5 +42,5 @@ __all__ = [
     "DEFAULT_CACHE_DIR", "SPLITS", "BadImageError", "BatchIterator", "CacheEntry", "DataOptions", "build_cache",
     "compute_normalizer", "create_datasets", "data_options", "digits_split_indices", "load_digits_images",
     "load_digits_labels", "load_normalizer", "load_split",
-    "prepare_cache", "prepare_source", "prepare_tfds",
+    "prepare_cache", "prepare_source", "prepare_tfds", "unit_float",
 ]

@@ -180,6 +180,14 @@ def quantize(image: np.ndarray) -> np.ndarray:
   return np.rint(np.clip(image, 0.0, 255.0)).astype(np.uint8)
 
 
+def unit_float(images) -> np.ndarray:
+  """uint8 (0..255) or float ([0, 1]) images -> float32 in [0, 1] (what the metrics and the sampler take)."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  return images.astype(np.float32)
+
+
 def preprocess_image(image: np.ndarray, image_size: int, antialias: bool = True) -> np.ndarray:
   """Centre crop to the short side, bilinear resize to ``image_size``, round to uint8.
 

@@ -1,4 +1,4 @@
-"""Evaluation of a trained model: KID against real images, and DDIM inversion reconstruction error.
+"""Evaluation of a trained model's samples: KID and FID against real images, or the digits metric.
 
 KID follows the Keras example (its ``KID`` metric, updated per validation batch in ``test_step``):
 each batch of real (validation) images is paired with a batch of as many generated images, the
@@ -6,20 +6,22 @@ per-batch unbiased MMD^2 of their Inception features is averaged with equal weig
 (``metrics.KIDAccumulator``). Generated batch i always starts from the noise of
 ``fold_in(key(seed), i)``, so the KID of several step counts (or of successive epochs during
 training) is measured on the same real batches AND the same noises: the differences between them
-are not sampling noise.
+are not sampling noise. FID compares the Gaussian fits of the same features (pytorch-fid).
 
-Reconstruction error (DDIM paper section 5.4, Table 2): images -> ``sampling.invert`` -> noise ->
-``sampling.generate`` with the same step count -> images; the per-dimension mean squared error
-of pixels in [0, 1].
+The real images' features depend only on the data and the Inception weights: they are computed once
+and kept in the data cache entry (``features/``), read back by every later evaluation (``evaluate``,
+and KID during single-process training; a multi-process run computes them once per run in memory).
 
-The commands ``evaluate`` and ``invert`` call one function each (``evaluate_model``,
-``invert_model``): the model is loaded, measured, and the results come back as a record that the
-command prints (and writes as JSON).
+The command ``evaluate`` calls one function (``evaluate_model``): the model is loaded, measured,
+and the results come back as a record that the command prints (and writes as JSON). DDIM
+inversion (``ddim-jax invert``) is ``inversion``.
 """
 
 import dataclasses
 import functools
+import hashlib
 import json
+import os
 import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -28,9 +30,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from ddim_jax import errors
+from ddim_jax import data, errors
 from ddim_jax.core import rng, sampling, schedules
-from ddim_jax.inference import figures, pipeline, sharded
+from ddim_jax.inference import pipeline, sharded
 from ddim_jax.infra import checkpointing
 from ddim_jax.quality import digits_metric, inception, inception_weights, metrics
 
@@ -58,14 +60,6 @@ def write_json(path: str, record: dict) -> str:
   return text
 
 
-def as_float_images(images) -> np.ndarray:
-  """uint8 (0..255) or float ([0, 1]) images -> float32 in [0, 1]."""
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 255.0
-  return images.astype(np.float32)
-
-
 @functools.lru_cache(maxsize=4)
 def kid_feature_fn(weights_path: str, image_size: int) -> FeatureFn:
   """The (jitted) Inception feature function of a weights file, built once per process.
@@ -80,6 +74,64 @@ def kid_feature_fn(weights_path: str, image_size: int) -> FeatureFn:
 def resolve_inception_weights(path: str | None) -> str:
   """The Inception weights file to use (``path`` or the torch hub cache); FileNotFoundError if none."""
   return inception_weights.find_inception_weights(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is hashed again
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()[:16]
+
+
+def reference_features_file(data_config, image_size: int, inception_weights: str, feature_image_size: int,
+                            num_images: int) -> str:
+  """Where the features of the first ``num_images`` validation images live in the data cache entry.
+
+  The name holds all they depend on beyond the entry (the data and its image size): the Inception
+  weights (their SHA-256), its input side and the number of images.
+  """
+  stat = os.stat(inception_weights)
+  digest = _file_digest(os.path.abspath(inception_weights), stat.st_size, stat.st_mtime_ns)
+  entry = data.prepare_cache(data_config, image_size)
+  return os.path.join(entry.path, "features",
+                      f"validation-{num_images}-inception-{digest}-{feature_image_size}px.npy")
+
+
+def reference_features(real_images, feature_fn: FeatureFn, batch: int, mesh=None,
+                       cache_file: str | None = None) -> np.ndarray:
+  """Features of the whole ``batch``-sized batches of ``real_images``: (num_batches * batch, d) float32.
+
+  Read from ``cache_file`` when it holds them; computed (each batch split over ``mesh``) and written
+  there otherwise. A cache that cannot be written is said once and skipped: the features are
+  still returned.
+  """
+  used = len(real_images) // batch * batch
+  if cache_file is not None and os.path.exists(cache_file):
+    try:
+      features = np.load(cache_file, allow_pickle=False)
+      if features.ndim == 2 and len(features) == used and features.dtype == np.float32:
+        return features
+    except (OSError, ValueError, EOFError):
+      pass  # damaged: computed again and rewritten below
+  real_images = data.unit_float(real_images)
+  features = np.concatenate([np.asarray(sharded.map_rows(feature_fn, real_images[i:i + batch], mesh), np.float32)
+                             for i in range(0, used, batch)])
+  if cache_file is not None:
+    tmp = f"{cache_file}.tmp{os.getpid()}"
+    try:
+      os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+      with open(tmp, "wb") as f:
+        np.save(f, features)
+      os.replace(tmp, cache_file)
+    except OSError as e:
+      warnings.warn(f"the real images' Inception features were not cached in {cache_file} ({e.strerror}); "
+                    "they are computed again next time", stacklevel=2)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return features
 
 
 def kid_batch_size(num_images: int, batch_size: int) -> int:
@@ -99,7 +151,7 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
 def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, feature_fn: FeatureFn,
                       steps_list: Sequence[int], *, batch_size: int = 64, seed: int = 0, progress: bool = False,
                       spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC, mesh=None,
-                      fid: bool = True) -> dict[int, dict[str, float]]:
+                      fid: bool = True, real_features: np.ndarray | None = None) -> dict[int, dict[str, float]]:
   """KID (and FID) of EMA samples against ``real_images`` for each step count (same batches, same noises).
 
   KID is the mean over paired batches (Keras); FID compares the Gaussian fits of all the real and
@@ -118,11 +170,13 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
     mesh: the devices to split each batch over when their number divides it (training: every
       device of every process); default, or when it does not divide: this process's devices.
     fid: also FID.
+    real_features: the features of ``real_images``' whole batches (``reference_features``), when
+      known; computed here otherwise.
 
   Returns:
     {steps: {"kid": KID, "fid": FID (when ``fid``)}}.
   """
-  real_images = as_float_images(real_images)
+  real_images = data.unit_float(real_images)
   batch = kid_batch_size(len(real_images), batch_size)
   num_batches = len(real_images) // batch
   shape = (batch,) + real_images.shape[1:3] + (int(model.channels),)
@@ -131,9 +185,12 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
   mesh = sharded.mesh_for(batch, mesh)
   variables, normalizer = sharded.replicate(variables, mesh), sharded.replicate(normalizer, mesh)
   # Real features once: they do not depend on the step count.
-  real_features = [sharded.map_rows(feature_fn, real_images[i * batch:(i + 1) * batch], mesh)
-                   for i in range(num_batches)]
-  all_real = np.concatenate([np.asarray(f) for f in real_features]) if fid else None
+  if real_features is None:
+    real_features = reference_features(real_images, feature_fn, batch, mesh)
+  if len(real_features) != num_batches * batch:
+    raise errors.InputError(f"{len(real_features)} real features for {num_batches} batches of {batch} images")
+  all_real = real_features
+  real_features = [all_real[i * batch:(i + 1) * batch] for i in range(num_batches)]
   results = {}
   for steps in steps_list:
     accumulator = metrics.KIDAccumulator()
@@ -149,35 +206,6 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
     if fid:
       results[int(steps)]["fid"] = metrics.fid_from_features(
           all_real, np.concatenate([np.asarray(f) for f in generated_features]))
-  return results
-
-
-def reconstruction_errors(model, variables, normalizer: Mapping[str, Any], images, steps_list: Sequence[int], *,
-                          batch_size: int = 64,
-                          spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC) -> dict[int, float]:
-  """Mean squared error in [0, 1] pixels of image -> DDIM inversion -> DDIM sampling, per step count.
-
-  Args:
-    model, variables, normalizer: the UNet, its variables and the data normaliser.
-    images: (N, H, W, C) uint8 or [0, 1] float.
-    steps_list: step counts S (inversion and sampling both use S network evaluations).
-    batch_size: images per jitted call.
-    spec: the model's diffusion (schedule, signal-rate bounds, target).
-
-  Returns:
-    {steps: MSE}.
-  """
-  images = as_float_images(images)
-  results = {}
-  for steps in steps_list:
-    squared_error = 0.0
-    for start in range(0, len(images), batch_size):
-      batch = images[start:start + batch_size]
-      # Over the most of this process's devices that divide the batch.
-      noises = sharded.invert(model, variables, batch, normalizer, steps=int(steps), spec=spec)
-      recon = sharded.generate(model, variables, noises, normalizer, steps=int(steps), spec=spec)
-      squared_error += float(np.sum(np.square(recon.astype(np.float64) - batch)))
-    results[int(steps)] = squared_error / images.size
   return results
 
 
@@ -197,7 +225,8 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
   how to get it and training goes on without KID. Settings: ``config.eval.kid_steps`` (Keras 5),
   ``kid_image_size`` (75 Keras, 299 R), ``num_kid_images`` (None: the whole validation split),
   ``kid_batch_size`` (64). The same noises are used at every evaluation. ``mesh``: the training
-  mesh, over which each KID batch is split (see ``kid_for_steps``).
+  mesh, over which each KID batch is split (see ``kid_for_steps``). The real images' features are
+  computed at the first evaluation and kept (in the data cache too, when one process trains).
   """
   kid_every = int(config.train.get("kid_every", 0) or 0)
   if kid_every <= 0:
@@ -218,14 +247,22 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
   seed = int(config.seed) + rng.KID_NOISE
 
   with_fid = bool(eval_config.get("fid", True))
+  batch = kid_batch_size(len(reals), batch_size)
+  # Several processes compute them together (every batch is split over all their devices): a file
+  # that one process finds and another does not would leave the other alone in the collective.
+  cache_file = (reference_features_file(config.data, int(config.model.image_size), weights, image_size,
+                                        len(reals) // batch * batch) if jax.process_count() == 1 else None)
+  reference = {}  # the real images' features, from the first evaluation on
 
   def evaluate(variables, normalizer) -> dict[str, float]:
-    values = quality_for_steps(model, variables, normalizer, reals, feature_fn, [steps], batch_size=batch_size,
-                               seed=seed, spec=spec, mesh=mesh, fid=with_fid)[steps]
+    if "features" not in reference:
+      reference["features"] = reference_features(reals, feature_fn, batch, mesh, cache_file)
+    values = quality_for_steps(model, variables, normalizer, reals, feature_fn, [steps], batch_size=batch,
+                               seed=seed, spec=spec, mesh=mesh, fid=with_fid,
+                               real_features=reference["features"])[steps]
     return {checkpointing.BEST_METRIC: values["kid"], **({FID_METRIC: values["fid"]} if with_fid else {})}
 
   return evaluate
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,8 +390,10 @@ def evaluate_kid(source: "pipeline.InferenceModel", steps_list: Sequence[int], *
   used = len(reals) // batch * batch
   feature_fn = kid_feature_fn(weights, image_size)
   start = time.time()
+  features = reference_features(reals, feature_fn, batch, cache_file=reference_features_file(
+      source.data_config, source.image_size, weights, image_size, used))
   results = quality_for_steps(source.model, source.variables, source.normalizer, reals, feature_fn, steps_list,
-                              batch_size=batch, seed=seed, progress=True, spec=source.spec)
+                              batch_size=batch, seed=seed, progress=True, spec=source.spec, real_features=features)
   return KidEvaluation(source.description, {s: v["kid"] for s, v in results.items()},
                        {s: v["fid"] for s, v in results.items()}, list(steps_list), used, batch,
                        sharded.devices_for(batch), image_size, weights, source.step, seed, time.time() - start)
@@ -372,66 +411,3 @@ def evaluate_digits(source: "pipeline.InferenceModel", steps_list: Sequence[int]
   calibration = metric.calibration(num)
   return DigitsEvaluation(source.description, results, calibration, list(steps_list), num, metric.num_reference,
                           metric.weights, source.step, seed, time.time() - start)
-
-
-# ------------------------------------------------------------------------------------------------
-# ``ddim-jax invert``: reconstruction errors per step count, and the figure of a few images.
-
-
-@dataclasses.dataclass
-class InversionEvaluation:
-  """DDIM inversion reconstruction errors of a model (``invert_model``).
-
-  Attributes:
-    description: the model, for messages.
-    mse: {steps: mean squared error of pixels in [0, 1]} (``reconstruction_errors``).
-    steps: the step counts, as asked.
-    num_images: the real images inverted.
-    split: their split.
-    devices: the devices each batch is split over.
-    image_size: the model's image side.
-    seconds: of the measurement (after loading the model and the images; without the figure).
-    rows: the rows of ``figures.inversion_rows`` for the first images (None when not asked for).
-  """
-  description: str
-  mse: dict[int, float]
-  steps: list[int]
-  num_images: int
-  split: str
-  devices: int
-  image_size: int
-  seconds: float
-  rows: list | None = None
-
-  def record(self) -> dict:
-    """The JSON record of ``invert --json``."""
-    return {"reconstruction_mse": {str(k): v for k, v in self.mse.items()}, "steps": self.steps,
-            "num_images": self.num_images, "split": self.split, "seconds": self.seconds}
-
-
-def invert_model(workdir: str | None = None, weights: str | None = None, config: str | None = None,
-                 cpu_devices: str | int | None = None, step: str | int | None = None,
-                 overrides: Sequence[str] = (), *, steps_list: Sequence[int], num_images: int = 64, split: str = "validation", batch_size: int = 64,
-                 figure_images: int = 0) -> InversionEvaluation:
-  """``ddim-jax invert``: the model of a workdir or weight file (``pipeline.load_model``), inverted.
-
-  Args:
-    workdir, weights, config, cpu_devices, step, overrides: the model and its data (``pipeline.load_model``).
-    steps_list: step counts (inversion and sampling both use S network evaluations).
-    num_images: the first real images of ``split`` to invert.
-    split: "train" or "validation".
-    batch_size: images per call.
-    figure_images: the first images shown by the figure's rows (0: no figure).
-  """
-  source = pipeline.load_model(workdir, weights, config, cpu_devices, step, overrides)
-  images = source.real_images(split, num_images)
-  start = time.time()
-  mse = reconstruction_errors(source.model, source.variables, source.normalizer, images, steps_list,
-                              batch_size=batch_size, spec=source.spec)
-  result = InversionEvaluation(source.description, mse, list(steps_list), int(len(images)), split,
-                               sharded.devices_for(min(batch_size, len(images))), source.image_size,
-                               time.time() - start)
-  if figure_images:
-    result.rows = figures.inversion_rows(source.model, source.variables, source.normalizer,
-                                         as_float_images(images[:figure_images]), steps_list, source.spec)
-  return result
