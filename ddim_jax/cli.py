@@ -11,6 +11,8 @@
   ddim-jax evaluate --workdir DIR --steps 5,10,20,50 [--inception-weights FILE] [--metric auto|kid|digits]
                    KID per step count (the digits metric for the bundled digits)
   ddim-jax info    --weights FILE.safetensors          what a weight file holds
+  ddim-jax convert FILE.safetensors --out FILE.pt       the weight file as a torch file of the twin, and back
+                   (a plain state dict: --config PRESET_OR_FILE [--config.a.b=value ...])
   ddim-jax prepare-data --dataset NAME ...             prepare a TFDS dataset offline
 
 Every command reading a workdir takes ``--checkpoint latest|best|N``; every command takes ``--debug``.
@@ -59,7 +61,7 @@ def cmd_train(args, overrides) -> int:
   from ddim_jax.training import trainer
   config = configs.load_config(args.config, cpu_devices_override(args, overrides))
   trainer.train_and_evaluate(config, args.workdir, distributed=True if args.distributed else None,
-                             config_source=shlex.join([args.config, *overrides]))
+                             config_source=shlex.join([args.config, *overrides]), fresh=args.fresh)
   return 0
 
 
@@ -78,7 +80,7 @@ def cmd_demo(args, overrides) -> int:
   from ddim_jax.quality import digits_metric
   from ddim_jax.training import demo
   config = configs.load_config("demo", cpu_devices_override(args, overrides))
-  result = demo.run_demo(config, args.workdir, config_source=shlex.join(["demo", *overrides]))
+  result = demo.run_demo(config, args.workdir, config_source=shlex.join(["demo", *overrides]), fresh=args.fresh)
   if result.scores is not None:
     print(f"digits metric of {result.num_images} EMA samples against the {result.num_reference} validation digits "
           f"(as `ddim-jax evaluate --workdir {args.workdir} --steps {result.steps} --seed {result.seed}`), then the "
@@ -162,13 +164,12 @@ def cmd_figures(args, overrides) -> int:
 
 def cmd_invert(args, overrides) -> int:
   """ddim-jax invert: DDIM inversion image -> noise -> image, reconstruction error per step count."""
-  from ddim_jax.inference import evaluation
-  from ddim_jax.inference import grids
+  from ddim_jax.inference import evaluation, grids, inversion
   check_output("--json", args.json)
   check_output("--out", args.out)
-  result = evaluation.invert_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides,
-                                   steps_list=args.steps, num_images=args.num_images, split=args.split,
-                                   batch_size=args.batch_size, figure_images=args.show if args.out else 0)
+  result = inversion.invert_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides,
+                                  steps_list=args.steps, num_images=args.num_images, split=args.split,
+                                  batch_size=args.batch_size, figure_images=args.show if args.out else 0)
   print(f"DDIM inversion reconstruction error of {result.num_images} {args.split} images ({result.description}; "
         f"{result.devices} device{'s' * (result.devices > 1)}), MSE of pixels in [0, 1]:")
   print(f"{'steps':>6} {'MSE':>10} {'DDIM paper (CIFAR10)':>22}")
@@ -257,6 +258,20 @@ def cmd_info(args) -> int:
   return 0
 
 
+def cmd_convert(args, overrides) -> int:
+  """ddim-jax convert: a weight file to a torch file (.pt/.pth) of the twin, or back."""
+  from ddim_jax.interop import torch_files
+  check_output("--out", args.out)
+  result = torch_files.convert(args.source, args.out, args.config, overrides)
+  meta = result["metadata"]
+  model = ", ".join(f"{k}={meta[k]}" for k in ("variant", "widths", "block_depth", "embedding_dims", "channels"))
+  print(f"wrote {args.out} ({model}, image_size={meta.get('image_size')}; normaliser {result['normalizer']})")
+  if os.path.splitext(args.out)[1].lower() != ".safetensors":
+    print("load it in PyTorch: model = ddim_torch_ref.models.create_model(...); "
+          "model.load_state_dict(torch.load(path, weights_only=True)['state_dict'])")
+  return 0
+
+
 def cmd_prepare_data(args) -> int:
   """ddim-jax prepare-data: prepare a TFDS dataset (offline with --source-dir) and build the cache."""
   from ddim_jax import data
@@ -325,8 +340,16 @@ def add_demo_parser(sub) -> None:
   p = sub.add_parser("demo", help="the offline demo: train on the bundled digits, sample")
   p.add_argument("--workdir", default="outputs/demo",
                  help="where the demo trains and writes its samples, weights and metrics")
+  add_fresh_arguments(p)
   add_training_device_arguments(p, "the preset's")
   p.set_defaults(fn=cmd_demo, takes_overrides=True)
+
+
+def add_fresh_arguments(p) -> None:
+  """--fresh of the training commands (not for job scripts that a scheduler restarts: each restart would start over)."""
+  p.add_argument("--fresh", action="store_true",
+                 help="start at step 0 even if --workdir holds a run: that run moves to WORKDIR/previous/<UTC time>/ "
+                      "(nothing is deleted); not for a job that a scheduler restarts")
 
 
 def add_train_parser(sub) -> None:
@@ -338,6 +361,7 @@ def add_train_parser(sub) -> None:
                       "holds a run")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host; automatic when JAX_COORDINATOR_ADDRESS is set)")
+  add_fresh_arguments(p)
   add_training_device_arguments(p, "the config's")
   p.set_defaults(fn=cmd_train, takes_overrides=True)
 
@@ -437,6 +461,19 @@ def add_info_parser(sub) -> None:
   p.set_defaults(fn=cmd_info)
 
 
+def add_convert_parser(sub) -> None:
+  p = sub.add_parser("convert", help="a weight file to a torch file (.pt/.pth) of the twin, or back",
+                     epilog="A torch file written here records the model and its data; a plain state dict "
+                            "(torch.save(model.state_dict())) needs --config, and --config.* overrides as trained")
+  p.add_argument("source", help="a .safetensors weight file, or a .pt/.pth torch file (read with weights_only=True)")
+  p.add_argument("--out", required=True, help="the file to write: .pt/.pth for a weight file, .safetensors for a "
+                                              "torch file")
+  p.add_argument("--config", default=None,
+                 help="a plain state dict only: the preset or config file it was trained with (model, image size, "
+                      "diffusion, data; the normaliser is computed from that data)")
+  p.set_defaults(fn=cmd_convert, takes_overrides=True)
+
+
 def add_prepare_data_parser(sub) -> None:
   p = sub.add_parser(
       "prepare-data", help="prepare a dataset (TFDS offline from local files) and its preprocessed cache",
@@ -461,7 +498,7 @@ def add_prepare_data_parser(sub) -> None:
 
 SUBCOMMAND_PARSERS = (add_demo_parser, add_train_parser, add_export_parser, add_sample_parser, add_figures_parser,
                       add_invert_parser, add_interpolate_parser, add_evaluate_parser, add_info_parser,
-                      add_prepare_data_parser)
+                      add_convert_parser, add_prepare_data_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -404,3 +404,32 @@ def test_s3_lock_creation_is_atomic(s3_server):
   with pytest.raises(FileExistsError):
     fs.pipe_file(key, b"second", mode="create")
   assert fs.cat_file(key) == b"first"
+
+
+SET_ASIDE_SCRIPT = """
+import json, sys
+from etils import epath
+from ddim_jax.infra import workdir
+root = epath.Path(sys.argv[1])
+(root / "checkpoints" / "4").mkdir(parents=True, exist_ok=True)
+(root / "checkpoints" / "4" / "state").write_text("state of step 4")
+(root / "metrics.jsonl").write_text("metrics")
+(root / "train.lock").write_text("lock")
+print(json.dumps({"moved": workdir.set_aside_run(sys.argv[1], keep=("train.lock",))}))
+"""
+
+
+def test_fresh_sets_a_bucket_run_aside(bucket):
+  """``train --fresh`` in a bucket: every object of the old run copied under previous/<time>/, the
+  originals deleted, the lock kept (a bucket has no folder rename)."""
+  result = subprocess.run([sys.executable, "-c", SET_ASIDE_SCRIPT, bucket.path("used")], env=bucket.env,
+                          capture_output=True, text=True, timeout=300, check=False)
+  _check(result, "the set-aside script")
+  moved = json.loads(result.stdout.strip().splitlines()[-1])["moved"]
+  prefix = bucket.path("used") + "/previous/"
+  assert moved.startswith(prefix), moved
+  stamp = moved[len(prefix):]
+  assert bucket.names("used") == {"train.lock", f"previous/{stamp}/checkpoints/4/state",
+                                  f"previous/{stamp}/metrics.jsonl"}
+  assert bucket.cat(f"used/previous/{stamp}/checkpoints/4/state") == b"state of step 4"
+  assert bucket.cat("used/train.lock") == b"lock"

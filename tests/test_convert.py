@@ -173,3 +173,94 @@ def test_torch_state_dict_converts_to_flax():
   variables = weight_files.torch_state_dict_to_flax(state, reference)
   assert models.count_parameters(variables["params"]) == torch_models.count_parameters(
       torch_models.create_model("keras", **SMALL))
+
+
+# ---------------------------------------------------------------------------------------------
+# ddim-jax convert: the weight file to a torch file of the twin, and back.
+
+
+def _convert(*argv) -> tuple[int, str, str]:
+  import contextlib
+  import io
+
+  from ddim_jax import cli
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main(["convert", *map(str, argv)])
+  return code, out.getvalue(), err.getvalue()
+
+
+def test_convert_to_torch_and_back_is_exact(small, tmp_path):
+  model, variables = small
+  path = tmp_path / "w.safetensors"
+  weight_files.save_weights(str(path), model, variables, NORMALIZER, 16, weights="ema", step=7,
+                            data={"dataset": "digits", "split_seed": 1})
+  code, out, err = _convert(path, "--out", tmp_path / "w.pt")
+  assert code == 0, err
+  assert f"wrote {tmp_path / 'w.pt'} (variant={model.variant}, widths=8,16" in out
+  # The state dict loads strictly into the twin, which then matches the twin read from the weight file.
+  loaded = torch.load(tmp_path / "w.pt", weights_only=True)
+  twin = torch_models.create_model(model.variant, **SMALL)
+  twin.load_state_dict(loaded["state_dict"], strict=True)
+  reference, _, _ = torch_weight_files.load_weights(str(path))
+  for name, value in reference.state_dict().items():
+    torch.testing.assert_close(twin.state_dict()[name], value, rtol=0, atol=0)
+  np.testing.assert_array_equal(loaded["normalizer"]["variance"].numpy(), NORMALIZER["variance"])
+  # And back: the same tensors and the same metadata as the original file.
+  code, _, err = _convert(tmp_path / "w.pt", "--out", tmp_path / "back.safetensors")
+  assert code == 0, err
+  original, back = load_file(str(path)), load_file(str(tmp_path / "back.safetensors"))
+  assert original.keys() == back.keys()
+  for name in original:
+    np.testing.assert_array_equal(original[name], back[name])
+  assert weight_files.read_weight_file(str(tmp_path / "back.safetensors"))[1] == weight_files.read_weight_file(
+      str(path))[1]
+
+
+def test_convert_a_plain_state_dict_with_its_config(tmp_path):
+  """torch.save(model.state_dict()) says nothing of its model or data: --config does, and the
+  normaliser is the data's (the bundled digits here, built into a cache under tmp_path)."""
+  from ddim_jax import configs, data
+  overrides = ["--config.model.widths=(8,16)", "--config.model.block_depth=1",
+               f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  twin = torch_models.create_model("keras", **SMALL)
+  torch.save(twin.state_dict(), tmp_path / "plain.pt")
+  code, _, err = _convert(tmp_path / "plain.pt", "--out", tmp_path / "w.safetensors")
+  assert code == 2 and "plain state dict" in err and "--config" in err, err
+  code, out, err = _convert(tmp_path / "plain.pt", "--out", tmp_path / "w.safetensors", "--config", "demo",
+                            *overrides)
+  assert code == 0, err
+  assert "computed from the training split of data.dataset='digits'" in out, out
+  _, variables, normalizer, metadata = weight_files.load_weights(str(tmp_path / "w.safetensors"))
+  reference = twin.state_dict()
+  for name, value in weight_files.flax_to_torch_state_dict(variables).items():
+    np.testing.assert_array_equal(value, reference[name].numpy())
+  config = configs.load_config("demo", overrides)
+  expected = data.load_normalizer(config.data, 16)
+  np.testing.assert_array_equal(normalizer["mean"], expected["mean"])
+  assert metadata["image_size"] == "16" and weight_files.data_from_metadata(metadata)["dataset"] == "digits"
+  # A config of another model names the tensor that does not fit; nothing is written.
+  code, _, err = _convert(tmp_path / "plain.pt", "--out", tmp_path / "x.safetensors", "--config", "demo",
+                          f"--config.data.cache_dir={tmp_path / 'cache'}")
+  assert code == 2 and "does not fit the config's model" in err and "widths=" in err, err
+  assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_convert_refuses_bad_input_in_one_line(weight_file, tmp_path, monkeypatch):
+  (tmp_path / "broken.pt").write_bytes(b"not a torch file")
+  marker = tmp_path / "payload_ran"
+  torch.save({"state_dict": {}, "payload": _CodeOnUnpickle(marker)}, tmp_path / "code.pt")
+  monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+  cases = [
+      ((weight_file, "--out", tmp_path / "w.npz"), "expected a .safetensors weight file or a .pt/.pth torch file"),
+      ((weight_file, "--out", tmp_path / "again.safetensors"), "from a weight file (.safetensors) to a torch file"),
+      ((weight_file, "--out", tmp_path / "w.pt", "--config", "demo"), "drop --config"),
+      ((tmp_path / "missing.pt", "--out", tmp_path / "w.safetensors"), "does not exist"),
+      ((tmp_path / "broken.pt", "--out", tmp_path / "w.safetensors"), "cannot read torch file"),
+      ((tmp_path / "code.pt", "--out", tmp_path / "w.safetensors"), "weights_only=True"),
+  ]
+  for argv, message in cases:
+    code, out, err = _convert(*argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+  assert not marker.exists(), "convert unpickled the file and ran its code"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "code.pt", "good.safetensors"]

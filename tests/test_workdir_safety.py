@@ -363,7 +363,7 @@ def test_enospc_inside_a_save_is_one_line_naming_the_last_checkpoint(trained, tm
                    *tiny_overrides(cache_dir, **{"train.num_steps": 12})])
   line = one_error_line(capsys.readouterr().err)
   assert code == 2
-  assert "no space left on" in line and f"training stopped at step 10" in line, line
+  assert "no space left on" in line and "training stopped at step 10" in line, line
   assert f"the last good checkpoint is step 8 in {workdir}/checkpoints" in line, line
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
@@ -377,3 +377,44 @@ def test_a_read_only_workdir_is_refused_for_training_in_one_line(trained, tmp_pa
     assert code == 2
     assert str(workdir) in line and ("read-only" in line or "not writable" in line), line
     assert snapshot(workdir) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting over in a used workdir: --fresh sets the old run aside, whole.
+
+
+def test_fresh_sets_the_previous_run_aside_whole_and_starts_at_step_0(trained, tmp_path, cache_dir, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  before = snapshot(workdir)
+  other = tiny_overrides(cache_dir, **{"train.num_steps": 4, "train.batch_size": 4})
+  # Without --fresh another batch size is refused, and the message names the way to start over.
+  assert cli.main(["train", "--config", "demo", "--workdir", str(workdir), *other]) == 2
+  assert "--fresh" in one_error_line(capsys.readouterr().err)
+  assert snapshot(workdir) == before
+
+  assert cli.main(["train", "--config", "demo", "--workdir", str(workdir), "--fresh", *other]) == 0
+  moved = [line for line in capsys.readouterr().out.splitlines() if line.startswith("starting fresh")]
+  previous = workdir / workdir_lib.PREVIOUS_RUNS
+  (stamp,) = os.listdir(previous)
+  assert moved == [f"starting fresh: the previous run in {workdir} moved to {previous / stamp}"]
+  assert snapshot(previous / stamp) == before  # every file, its size and its mtime: renamed, not rewritten
+  assert checkpoint_steps(workdir) == [2, 4] and metric_steps(workdir) == [2, 4]
+  with open(workdir / "runs.jsonl", encoding="utf-8") as f:
+    assert [json.loads(line)["start_step"] for line in f] == [0]
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
+
+
+def test_set_aside_run_keeps_what_it_is_told_and_never_overwrites(tmp_path):
+  assert workdir_lib.set_aside_run(str(tmp_path / "missing")) is None
+  assert workdir_lib.set_aside_run(str(tmp_path)) is None  # empty
+  (tmp_path / "metrics.jsonl").write_text("first")
+  (tmp_path / workdir_lock.LOCK_FILE).write_text("held")
+  first = workdir_lib.set_aside_run(str(tmp_path), keep=(workdir_lock.LOCK_FILE,))
+  (tmp_path / "metrics.jsonl").write_text("second")
+  second = workdir_lib.set_aside_run(str(tmp_path), keep=(workdir_lock.LOCK_FILE,))  # the same second: a suffix
+  assert first != second and os.path.dirname(first) == os.path.dirname(second) == str(tmp_path / "previous")
+  assert open(os.path.join(first, "metrics.jsonl")).read() == "first"
+  assert open(os.path.join(second, "metrics.jsonl")).read() == "second"
+  assert sorted(os.listdir(tmp_path)) == ["previous", workdir_lock.LOCK_FILE]
+  assert workdir_lib.set_aside_run(str(tmp_path), keep=(workdir_lock.LOCK_FILE,)) is None  # only earlier runs left

@@ -89,7 +89,8 @@ def check_resume(stored_config: Mapping[str, Any], config, workdir: str, step: i
   if refused:
     raise errors.ConfigError(
         f"{workdir} holds a run of another config: its checkpoint (step {step}) has {format_changes(refused)} "
-        f"(stored -> given). Train in a new --workdir, or resume with the stored values (see {workdir}/{CONFIG_FILE})")
+        f"(stored -> given). Train in a new --workdir, start over here with --fresh (the old run moves to "
+        f"{workdir}/previous/), or resume with the stored values (see {workdir}/{CONFIG_FILE})")
   return changes
 
 

@@ -93,7 +93,7 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], reference_variables:
   Raises:
     WeightFileError: a tensor is missing, has the wrong shape, or is not used by the model.
   """
-  state = {k: _to_numpy(v) for k, v in state_dict.items() if k not in NORMALIZER_KEYS}
+  state = {k: to_numpy(v) for k, v in state_dict.items() if k not in NORMALIZER_KEYS}
   used = set()
   out = {}
   for collection, leaves in (("params", _PARAM_LEAVES), ("batch_stats", _STAT_LEAVES)):
@@ -123,7 +123,8 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], reference_variables:
   return out
 
 
-def _to_numpy(value) -> np.ndarray:
+def to_numpy(value) -> np.ndarray:
+  """A NumPy array of a torch tensor (without importing torch) or of anything ``np.asarray`` takes."""
   if hasattr(value, "detach"):  # a torch tensor; no torch import needed
     value = value.detach().cpu().numpy()
   return np.asarray(value)

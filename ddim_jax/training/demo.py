@@ -48,13 +48,14 @@ class DemoResult:
   scores: dict[str, digits_metric.DigitsScore] | None = None
 
 
-def run_demo(config, workdir: str, config_source: str | None = None) -> DemoResult:
+def run_demo(config, workdir: str, config_source: str | None = None, fresh: bool = False) -> DemoResult:
   """Trains ``config`` in ``workdir``, then writes the EMA weights and a sample grid, and scores them.
 
   Args:
     config: the training config (the demo preset with overrides).
     workdir: the training workdir (resumed from its checkpoints, as ``train``).
     config_source: how the config was given, for the run record (``trainer.train_and_evaluate``).
+    fresh: start over (the workdir's run moves to ``previous/``), as ``train --fresh``.
 
   Returns:
     A ``DemoResult``; its digits metric scores (for the bundled digits) are of
@@ -62,7 +63,7 @@ def run_demo(config, workdir: str, config_source: str | None = None) -> DemoResu
     metric's calibration points with as many images.
   """
   start = time.time()
-  trainer.train_and_evaluate(config, workdir, config_source=config_source)
+  trainer.train_and_evaluate(config, workdir, config_source=config_source, fresh=fresh)
   model, variables, normalizer, config, step = pipeline.restore_checkpoint(workdir)
   weights = os.path.join(workdir, "demo.safetensors")
   spec = schedules.DiffusionSpec.from_config(config)

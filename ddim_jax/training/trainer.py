@@ -213,7 +213,7 @@ def _start_run(config, workdir: str, progress: bool, config_source: str | None) 
     train_iter.set_state(meta["data_iterator"])
     normalizer = {k: np.asarray(v, np.float32) for k, v in meta["normalizer"].items()}
     if is_main:
-      print(f"resuming from step {step} ({workdir}/checkpoints)")
+      print(f"resuming from step {step} ({workdir}/checkpoints); --fresh starts over, setting this run aside")
       if changes:
         print(f"config changed since the checkpoint (recorded in {run_record.RUNS_FILE}): "
               f"{run_record.format_changes(changes)}")
@@ -314,8 +314,8 @@ def _full_disk_said_once(workdir: str, progress_at: dict):
 
 
 def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None, progress: bool = True,
-                       config_source: str | None = None) -> step_lib.TrainState:
-  """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
+                       config_source: str | None = None, fresh: bool = False) -> step_lib.TrainState:
+  """Trains ``config`` in ``workdir``, resuming from its newest checkpoint (``fresh``: starting over).
 
   Writes ``config.json`` and ``runs.jsonl`` (``run_record``), ``checkpoints/`` (orbax: state,
   normaliser, config, data-iterator position), ``metrics.jsonl``, ``tensorboard/`` (scalars, sample
@@ -334,6 +334,8 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
     progress: a progress bar on a terminal, plain log lines otherwise (False: neither).
     config_source: where the config came from (the preset or file and the overrides), for the
       banner and ``runs.jsonl``.
+    fresh: start at step 0: what the workdir holds moves to ``previous/<UTC time>/`` first
+      (``workdir.set_aside_run``), under the lock, so nothing is lost.
 
   Returns:
     The final TrainState (replicated over the devices).
@@ -347,11 +349,24 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   lock = workdir_lock.lock_for_training(workdir)
   progress_at = {"step": None}  # the loop's step, for the message of a full disk
   try:
+    if fresh:
+      _set_aside_previous_run(workdir)
     with _full_disk_said_once(workdir, progress_at):
       return _train_locked(config, workdir, progress, config_source, progress_at)
   finally:
     if lock is not None:
       lock.release()
+
+
+def _set_aside_previous_run(workdir: str) -> None:
+  """``fresh``: process 0 (holding the lock) moves the workdir's run aside; the others wait for it."""
+  def set_aside():
+    if jax.process_index() != 0:
+      return None
+    return workdir_lib.set_aside_run(workdir, keep=(workdir_lock.LOCK_FILE,))
+  moved = parallel.process_zero_first(set_aside, "setting the previous run aside")
+  if moved is not None:
+    print(f"starting fresh: the previous run in {workdir} moved to {moved}")
 
 
 def _train_locked(config, workdir: str, progress: bool, config_source: str | None, progress_at: dict):
