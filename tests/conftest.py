@@ -4,6 +4,7 @@ The environment must be set before JAX is imported anywhere, hence module level.
 """
 
 import os
+import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The caller's own XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2 to reproduce another processor), recorded
@@ -51,7 +52,7 @@ LONGEST = ("test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step",
            "test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly",
            "test_train_resume_export_and_sample_with_a_bucket_workdir",
            "test_a_run_of_k_steps_per_call_logs_and_saves_at_its_steps_and_resumes_exactly",
-           "test_multi_host_two_processes_equal_one_process", "test_two_processes_prepare_the_data_once",
+           "test_multi_host_two_processes_equal_one_process",
            "test_two_processes_train_the_same_in_both_placements")
 
 
@@ -125,6 +126,34 @@ def inception_file(tmp_path_factory):
       write_random_inception(tmp)
       tmp.rename(path)
   return str(path)
+
+
+@pytest.fixture(scope="session")
+def two_process_reference(tmp_path_factory):
+  """An uninterrupted 2-process x 2-device ``train_helpers.TWO_PROCESS_RUN`` of the tiny config,
+  trained once per session even under pytest-xdist (a file lock; a finished run leaves a marker):
+  the SIGTERM and the bucket SIGKILL tests resume against it. It starts with an empty data cache.
+
+  Returns:
+    ``.workdir``, ``.cache_dir`` and ``.stdout`` (of process 0 and process 1).
+  """
+  from filelock import FileLock
+  from train_helpers import TWO_PROCESS_RUN, free_port, train_command, two_processes
+  root = _session_dir(tmp_path_factory) / "two_process_reference"
+  done = root / "trained"
+  with FileLock(str(root) + ".lock"):
+    if not done.exists():
+      import shutil
+      shutil.rmtree(root, ignore_errors=True)  # a run that failed half-way in another worker
+      root.mkdir()
+      procs = two_processes(train_command(root / "run", root / "data_cache", **TWO_PROCESS_RUN), free_port())
+      outputs = [p.communicate(timeout=600) for p in procs]
+      for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, err[-3000:]
+        (root / f"stdout_{i}.txt").write_text(out)
+      done.write_text("ok")
+  return types.SimpleNamespace(workdir=root / "run", cache_dir=root / "data_cache",
+                               stdout=[(root / f"stdout_{i}.txt").read_text() for i in range(2)])
 
 
 @pytest.fixture(scope="session")

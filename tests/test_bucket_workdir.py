@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train_helpers import free_port, run, subprocess_env, train_command, two_processes
+from train_helpers import TWO_PROCESS_RUN, free_port, run, subprocess_env, train_command, two_processes
 
 BUCKET = "ddim-test"
 # A sample grid and a checkpoint every 2 steps; the first run stops at 4, the resumed one at 8.
@@ -299,17 +299,14 @@ def _dumped_state(workdir: str, out, env) -> tuple[dict, list[np.ndarray]]:
 
 
 @pytest.mark.slow
-def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_dir, gcs_server):
+def test_two_processes_sigkilled_in_a_bucket_resume_bit_exactly(tmp_path, cache_dir, gcs_server,
+                                                                 two_process_reference):
   """2 processes x 2 CPU devices train into gs://, are SIGKILLed mid-run, and the resumed run equals
-  an uninterrupted local 2-process run in every state leaf."""
+  an uninterrupted local 2-process run (conftest.two_process_reference) in every state leaf."""
   env = _gcs_env(gcs_server)
   fs = _gcs_fs(gcs_server)
-  extra = {"train.num_steps": 100, "train.checkpoint_every": 20, "train.log_every": 10}
-  reference = tmp_path / "reference"
-  procs = two_processes(train_command(reference, cache_dir, **extra), free_port())
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+  extra = TWO_PROCESS_RUN
+  reference = two_process_reference.workdir
 
   workdir = f"gs://{BUCKET}/run2"
 

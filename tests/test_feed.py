@@ -3,7 +3,6 @@ host path, bit for bit, in both placements, on 1 and 4 devices and on 2 processe
 data position is the position of what was trained, not of what was prefetched."""
 
 import json
-import subprocess
 
 import jax
 import numpy as np
@@ -13,7 +12,7 @@ from ddim_jax import data
 from ddim_jax.core import models, step as step_lib
 from ddim_jax.infra import parallel
 from ddim_jax.training import feed, trainer
-from train_helpers import (final_state, free_port, run, subprocess_env, tiny_config, train_command, two_processes,
+from train_helpers import (TWO_PROCESS_RUN, final_state, free_port, run, subprocess_env, tiny_config, train_command, two_processes,
                            assert_same_state)
 
 
@@ -152,20 +151,18 @@ def test_a_host_placement_run_resumes_exactly(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_in_both_placements(tmp_path, cache_dir):
+def test_two_processes_train_the_same_in_both_placements(tmp_path, cache_dir, two_process_reference):
   """2 processes x 2 devices: the uint8 batches each process uploads == the indices into the set on
-  the devices, bit for bit."""
-  states = {}
-  for placement in ("device", "host"):
-    workdir = tmp_path / placement
-    procs = two_processes(train_command(workdir, cache_dir, **{"train.num_steps": 4,
-                                                               "train.data_placement": placement}), free_port())
-    for p in procs:
-      _, err = p.communicate(timeout=600)
-      assert p.returncode == 0, err[-3000:]
-    states[placement] = final_state(workdir)
-  (step_a, a, _), (step_b, b, _) = states["device"], states["host"]
-  assert step_a == step_b == 4
+  the devices (the shared 2-process run, conftest.two_process_reference), bit for bit."""
+  assert "input      on the devices" in two_process_reference.stdout[0]
+  workdir = tmp_path / "host"
+  procs = two_processes(train_command(workdir, cache_dir, **{**TWO_PROCESS_RUN, "train.data_placement": "host"}),
+                        free_port())
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  (step_a, a, _), (step_b, b, _) = final_state(two_process_reference.workdir), final_state(workdir)
+  assert step_a == step_b == TWO_PROCESS_RUN["train.num_steps"]
   for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
 

@@ -19,8 +19,8 @@ from ddim_jax.inference import grids
 from ddim_jax.infra import parallel
 from ddim_jax.interop import parity, parity_fixtures, weight_files
 from ddim_jax.training import trainer
-from train_helpers import (assert_same_state, final_state, final_weights, free_port, run, subprocess_env,
-                           tiny_config, tiny_overrides, train_command, two_processes, wait_until)
+from train_helpers import (TWO_PROCESS_RUN, assert_same_state, final_state, final_weights, free_port, run,
+                           subprocess_env, tiny_config, tiny_overrides, train_command, two_processes, wait_until)
 
 
 @pytest.fixture(scope="session")
@@ -373,19 +373,17 @@ def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_prepare_the_data_once(tmp_path):
-  """Process 0 builds the data cache while process 1 waits, then process 1 reads it; when process 0
-  fails to prepare the data, process 1 stops with one line pointing at it (exit 2, no traceback)."""
-  cache = tmp_path / "fresh_cache"
-  procs = two_processes(train_command(tmp_path / "run", cache, **{"train.num_steps": 2}), free_port())
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  assert "process 0: prepared the data cache" in outputs[0][0], outputs[0][0][-2000:]
-  assert "prepared the data cache" not in outputs[1][0], outputs[1][0][-2000:]  # it found process 0's
+def test_two_processes_prepare_the_data_once(tmp_path, two_process_reference):
+  """Process 0 builds the data cache while process 1 waits, then process 1 reads it (the shared
+  2-process run started with an empty cache); when process 0 fails to prepare the data, process 1
+  stops with one line pointing at it (exit 2, no traceback)."""
+  stdout = two_process_reference.stdout
+  assert "process 0: prepared the data cache" in stdout[0], stdout[0][-2000:]
+  assert "prepared the data cache" not in stdout[1], stdout[1][-2000:]  # it found process 0's
+  cache = two_process_reference.cache_dir
   assert len([d for d in os.listdir(cache) if not d.startswith(".")]) == 1
 
-  procs = two_processes(train_command(tmp_path / "bad", cache, **{"data.dataset": "folder",
+  procs = two_processes(train_command(tmp_path / "bad", tmp_path / "cache", **{"data.dataset": "folder",
                                                                    "data.folder": str(tmp_path / "missing")}),
                         free_port())
   outputs = [p.communicate(timeout=600) for p in procs]
@@ -442,20 +440,15 @@ def test_sigterm_saves_current_step_and_resume_is_exact(tmp_path, cache_dir, uni
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir, two_process_reference):
   """A SIGTERM to ONE process makes both save the same step and exit 0; the resumed run equals an
   uninterrupted one bit for bit.
 
-  Two steps per call: JAX's preemption sync point is matched by the loop's call counter, which a
-  step number (advancing by 2) would never equal, so the run would not stop mid-way.
+  Two steps per call (conftest.TWO_PROCESS_RUN): JAX's preemption sync point is matched by the
+  loop's call counter, which a step number (advancing by 2) would never equal.
   """
-  extra = {"train.num_steps": 200, "train.checkpoint_every": 100, "train.log_every": 10, "train.steps_per_call": 2}
-  reference_dir, workdir = tmp_path / "reference", tmp_path / "run"
-  procs = two_processes(train_command(reference_dir, cache_dir, **extra), free_port())
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-  cmd = train_command(workdir, cache_dir, **extra)
+  workdir = tmp_path / "run"
+  cmd = train_command(workdir, cache_dir, **TWO_PROCESS_RUN)
   procs = two_processes(cmd, free_port())
   assert wait_until(lambda: _training_under_way(workdir), procs[0]), "training never started"
   procs[1].send_signal(signal.SIGTERM)
@@ -463,13 +456,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   steps = _checkpoint_steps(workdir)
-  assert steps and 0 < steps[-1] < 200, steps  # mid-run
+  assert steps and 0 < steps[-1] < 100, steps  # mid-run
   assert f"preemption notice: saved step {steps[-1]}, exiting cleanly" in outputs[0][0], outputs[0][0][-2000:]
   procs = two_processes(cmd, free_port())
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-  assert_same_state(final_state(workdir), final_state(reference_dir))
+  assert_same_state(final_state(workdir), final_state(two_process_reference.workdir))
 
 
 @pytest.mark.slow

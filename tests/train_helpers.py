@@ -23,6 +23,13 @@ def tiny_overrides(cache_dir, **extra) -> list[str]:
   return [f"--config.{k}={v}" for k, v in values.items()]
 
 
+# The uninterrupted 2-process run (conftest.two_process_reference) that the SIGTERM and the bucket
+# SIGKILL tests resume against: 2 steps per call (JAX's preemption sync point is matched by the
+# loop's call counter), checkpoints mid-run.
+TWO_PROCESS_RUN = {"train.num_steps": 100, "train.checkpoint_every": 20, "train.log_every": 10,
+                   "train.steps_per_call": 2}
+
+
 def tiny_config(cache_dir, **extra):
   """The tiny config as a ConfigDict."""
   from ddim_jax import configs

@@ -13,6 +13,7 @@ feeds its own slice of each global batch (``data.BatchIterator`` with ``process_
 A leaf module: it imports no other module of ddim_jax.
 """
 
+import itertools
 import os
 import warnings
 
@@ -121,21 +122,37 @@ def process_zero_first(fn, what: str):
   For work that must happen once per run and that the others then read: a dataset download or a
   data-cache build (on a shared file system the others find it; on per-host disks each host then
   builds its own, one process per host at a time being the usual pod layout). One process: just
-  ``fn()``. If process 0 fails, the others stop with an error that points at process 0's.
+  ``fn()``. If process 0 fails, the others stop at once with an error that points at process 0's.
+
+  The outcome travels through the coordination service's key-value store, not a device collective:
+  a failure on process 0 reaches the others immediately (a collective left them waiting ~30 s for
+  the coordination service to notice that process 0 was gone).
   """
   if jax.process_count() == 1:
     return fn()
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  barrier = f"ddim_jax: {what} ready"
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  client = distributed.global_state.client
+  key = f"ddim_jax/process_zero_first/{next(_PROCESS_ZERO_FIRST_CALLS)}"  # every process counts its calls alike
   if jax.process_index() == 0:
-    result = fn()
-    multihost_utils.sync_global_devices(barrier)
+    try:
+      result = fn()
+    except BaseException as e:
+      client.key_value_set(key, f"failed: {type(e).__name__}")
+      raise
+    client.key_value_set(key, "ok")
     return result
   try:
-    multihost_utils.sync_global_devices(barrier)
-  except Exception as e:  # noqa: BLE001  (whatever the collective raises when process 0 is gone)
-    raise PeerProcessError(f"process 0 did not finish {what}; its own error says why ({type(e).__name__})") from e
+    outcome = client.blocking_key_value_get(key, PROCESS_ZERO_FIRST_TIMEOUT_MS)
+  except Exception as e:  # noqa: BLE001  (whatever the client raises when process 0 is gone)
+    outcome = f"failed: {type(e).__name__}"
+  if outcome != "ok":
+    raise PeerProcessError(f"process 0 did not finish {what}; its own error says why ({outcome.removeprefix('failed: ')})")
   return fn()
+
+
+_PROCESS_ZERO_FIRST_CALLS = itertools.count()
+# How long the other processes wait for process 0's ``process_zero_first`` work (a dataset download can take hours).
+PROCESS_ZERO_FIRST_TIMEOUT_MS = 24 * 3600 * 1000
 
 
 def create_mesh(devices=None) -> Mesh:
