@@ -221,7 +221,7 @@ def test_convert_a_plain_state_dict_with_its_config(tmp_path):
   """torch.save(model.state_dict()) says nothing of its model or data: --config does, and the
   normaliser is the data's (the bundled digits here, built into a cache under tmp_path)."""
   from ddim_jax import configs, data
-  overrides = ["--config.model.widths=(8,16)", "--config.model.block_depth=1",
+  overrides = ["--config.model.image_size=16", "--config.model.widths=(8,16)", "--config.model.block_depth=1",
                f"--config.data.cache_dir={tmp_path / 'cache'}"]
   twin = torch_models.create_model("keras", **SMALL)
   torch.save(twin.state_dict(), tmp_path / "plain.pt")
