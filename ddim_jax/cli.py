@@ -11,6 +11,7 @@
   ddim-jax evaluate --workdir DIR --steps 5,10,20,50 [--inception-weights FILE] [--metric auto|kid|digits]
                    KID per step count (the digits metric for the bundled digits)
   ddim-jax info    --weights FILE.safetensors          what a weight file holds
+  ddim-jax parity  --weights FILE | --workdir DIR [--layers]   JAX vs the torch twin on that model: a verdict
   ddim-jax convert FILE.safetensors --out FILE.pt       the weight file as a torch file of the twin, and back
                    (a plain state dict: --config PRESET_OR_FILE [--config.a.b=value ...])
   ddim-jax prepare-data --dataset NAME ...             prepare a TFDS dataset offline
@@ -258,6 +259,39 @@ def cmd_info(args) -> int:
   return 0
 
 
+def cmd_parity(args) -> int:
+  """ddim-jax parity: the model through JAX and the torch twin; exit 0 within the bounds, 1 outside."""
+  from ddim_jax.inference import evaluation, pipeline
+  from ddim_jax.interop import parity_check
+  check_output("--json", args.json)
+  import importlib.util
+  if importlib.util.find_spec("torch") is None:
+    raise errors.ConfigError("ddim-jax parity runs the torch twin: install PyTorch (pip install 'ddim-jax[torch]')")
+  source = pipeline.load_model(args.workdir, args.weights, None, args.cpu_devices, args.step)
+  result = parity_check.check_model(source.model, source.variables, source.image_size, steps=args.steps,
+                                    batch=args.batch_size, seed=args.seed, precision=args.precision,
+                                    layers=args.layers)
+  device = result.device
+  print(f"parity of {source.description}: JAX on {device['backend']} ({device['device_kind']}), precision "
+        f"{args.precision}; torch {device['torch']} on the CPU, float32; {args.batch_size} images at "
+        f"{source.image_size}x{source.image_size}, trajectories of {args.steps} steps")
+  print(f"{'comparison':34s} {'max |diff|':>11s} {'relative':>10s} {'bound':>8s}")
+  for row in result.rows:
+    print(f"{row.name:34s} {row.max_abs:11.2e} {row.max_rel:10.2e} {row.bound:8.0e} {'ok' if row.ok else 'OUTSIDE'}")
+  if result.layers is not None:
+    print(f"every module both twins share, in torch's order (relative bound {parity_check.LAYER_BOUND:.0e}):")
+    for row in result.layers:
+      print(f"  {row.name:48s} {row.max_abs:11.2e} {row.max_rel:10.2e} {'ok' if row.ok else 'OUTSIDE'}")
+    first = result.first_divergence
+    print(f"first module past the bound: {first.name}" if first else "no module past the bound")
+  if args.json:
+    with writing("--json", args.json):
+      text = evaluation.write_json(prepare_output(args.json), result.record())
+    print(text if args.json == "-" else f"wrote {args.json}")
+  print("verdict: " + ("within the float32 bounds" if result.passed else "OUTSIDE the float32 bounds (exit 1)"))
+  return 0 if result.passed else 1
+
+
 def cmd_convert(args, overrides) -> int:
   """ddim-jax convert: a weight file to a torch file (.pt/.pth) of the twin, or back."""
   from ddim_jax.interop import torch_files
@@ -461,6 +495,21 @@ def add_info_parser(sub) -> None:
   p.set_defaults(fn=cmd_info)
 
 
+def add_parity_parser(sub) -> None:
+  p = sub.add_parser("parity", help="the model through JAX and the torch twin: agreement and a verdict (exit 1 "
+                                    "outside the bounds)")
+  add_source_arguments(p, config_help=False)
+  p.add_argument("--steps", type=step_count, default=20, help="DDIM steps of the compared trajectories")
+  p.add_argument("--batch-size", type=positive_int, default=4, help="images of each comparison")
+  p.add_argument("--seed", type=seed_int, default=1, help="seed of the NumPy inputs and noises")
+  p.add_argument("--precision", default="highest", choices=("highest", "default"),
+                 help="JAX's float32 matmul/convolution precision (default: TF32 on GPUs, bf16 passes on TPUs)")
+  p.add_argument("--layers", action="store_true",
+                 help="also compare every module's output and name the first past the bound")
+  p.add_argument("--json", default=None, help="also write the record as JSON here ('-': print it)")
+  p.set_defaults(fn=cmd_parity)
+
+
 def add_convert_parser(sub) -> None:
   p = sub.add_parser("convert", help="a weight file to a torch file (.pt/.pth) of the twin, or back",
                      epilog="A torch file written here records the model and its data; a plain state dict "
@@ -498,7 +547,7 @@ def add_prepare_data_parser(sub) -> None:
 
 SUBCOMMAND_PARSERS = (add_demo_parser, add_train_parser, add_export_parser, add_sample_parser, add_figures_parser,
                       add_invert_parser, add_interpolate_parser, add_evaluate_parser, add_info_parser,
-                      add_convert_parser, add_prepare_data_parser)
+                      add_parity_parser, add_convert_parser, add_prepare_data_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from ddim_jax import cli
 from ddim_jax.inference import evaluation
 from train_helpers import REPO, subprocess_env
 
-COMMANDS = ("demo", "train", "export", "sample", "figures", "invert", "interpolate", "evaluate", "info", "convert",
+COMMANDS = ("demo", "train", "export", "sample", "figures", "invert", "interpolate", "evaluate", "info", "parity", "convert",
             "prepare-data")
 
 

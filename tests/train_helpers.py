@@ -16,10 +16,10 @@ def tiny_overrides(cache_dir, **extra) -> list[str]:
   """``--config.*`` overrides that make the demo preset a seconds-long CPU run (16x16, widths 8/16,
   the Keras learning rate: what the tests were written against, whatever the demo's own recipe)."""
   values = {
-      "model.image_size": "16", "model.widths": "(8,16)", "model.block_depth": "1", "train.batch_size": "8",
-      "train.learning_rate": "1e-3", "train.num_steps": "8",
+      "model.widths": "(8,16)", "model.block_depth": "1", "train.batch_size": "8", "train.num_steps": "8",
       "train.checkpoint_every": "2", "train.log_every": "2", "train.sample_every": "0",
       "data.cache_dir": str(cache_dir), "sample.num_images": "4", "sample.steps": "3",
+      "model.image_size": "16", "train.learning_rate": "1e-3",
   }
   values.update({k: str(v) for k, v in extra.items()})
   return [f"--config.{k}={v}" for k, v in values.items()]

@@ -49,7 +49,8 @@ class WeightFileError(errors.InputError):
   """A weight file that cannot be used: the message names the tensor or field and the fix."""
 
 
-def _torch_name(path) -> str:
+def torch_name(path) -> str:
+  """The torch name of a Flax path: keys joined with '.', every ``name_<i>`` as ``name.<i>``."""
   keys = [getattr(k, "key", str(k)) for k in path]
   name = ".".join(keys)
   return re.sub(r"_(\d+)(?=\.|$)", r".\1", name)
@@ -75,7 +76,7 @@ def flax_to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarr
       value = np.asarray(value, dtype=np.float32)
       if leaf == "kernel":
         value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-      state[_torch_name(prefix) + "." + leaves[leaf]] = np.ascontiguousarray(value)
+      state[torch_name(prefix) + "." + leaves[leaf]] = np.ascontiguousarray(value)
   return state
 
 
@@ -101,7 +102,7 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], reference_variables:
 
     def convert_leaf(path, ref_leaf, leaves=leaves):
       *prefix, leaf = [getattr(k, "key", str(k)) for k in path]
-      name = _torch_name(prefix) + "." + leaves[leaf]
+      name = torch_name(prefix) + "." + leaves[leaf]
       expected = tuple(ref_leaf.shape)
       torch_shape = (expected[3], expected[2], expected[0], expected[1]) if leaf == "kernel" else expected
       if name not in state:

@@ -1,0 +1,157 @@
+"""``ddim-jax parity``: any model through both twins, with a verdict; ``--layers``: where they part.
+
+``check_model`` runs a user's weights (not only the project's fixtures) through the JAX model and
+the torch twin (``ddim_torch_ref``) on the same inputs: the noise prediction with BatchNorm in eval
+and in train mode, and DDIM trajectories at eta 0 and 1 from the same NumPy noise (every state
+compared). Each difference is relative to the largest value of the torch side, against a float32
+bound; the check passes when every row is within its bound.
+
+``layer_differences`` feeds the same batch through both twins and compares the output of every
+module the two share (the flax path and the torch name map mechanically, as the weight file's
+tensor names do), in the order torch runs them: the first module past the bound is where a port
+went wrong (a BatchNorm epsilon, an upsampling, a skip order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from ddim_jax.interop import parity, weight_files
+
+# Relative to the largest |value| of the torch side. float32 on a CPU, measured on the project's
+# fixtures: forward <= ~1e-6, 50-step trajectories <= ~2e-5 (docs/parity.md); the bounds leave 10x.
+FORWARD_BOUND = 1e-5
+TRAJECTORY_BOUND = 1e-4
+LAYER_BOUND = 1e-5
+
+
+@dataclasses.dataclass
+class Row:
+  """One comparison: max |JAX - torch|, that over max |torch|, and the bound of the latter."""
+  name: str
+  max_abs: float
+  max_rel: float
+  bound: float
+
+  @property
+  def ok(self) -> bool:
+    return bool(self.max_rel <= self.bound)
+
+  def to_json(self) -> dict:
+    return {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel, "bound": self.bound,
+            "ok": self.ok}
+
+
+@dataclasses.dataclass
+class ParityCheck:
+  """What ``check_model`` measured; ``passed`` is the verdict."""
+  rows: list[Row]
+  device: dict
+  precision: str
+  image_size: int
+  steps: int
+  batch: int
+  layers: list[Row] | None = None
+
+  @property
+  def passed(self) -> bool:
+    return all(row.ok for row in self.rows)
+
+  @property
+  def first_divergence(self) -> Row | None:
+    """The first module (in torch's order) past ``LAYER_BOUND``, when the layers were compared."""
+    return next((row for row in self.layers or [] if not row.ok), None)
+
+  def record(self) -> dict:
+    """The JSON record of ``parity --json``."""
+    first = self.first_divergence
+    return {"passed": self.passed, "rows": [r.to_json() for r in self.rows], "device": self.device,
+            "precision": self.precision, "image_size": self.image_size, "steps": self.steps, "batch": self.batch,
+            **({"layers": [r.to_json() for r in self.layers], "first_divergence": first and first.name}
+               if self.layers is not None else {})}
+
+
+def _row(name: str, max_abs: float, scale: float, bound: float) -> Row:
+  return Row(name, float(max_abs), float(max_abs / scale) if scale > 0 else float(max_abs), bound)
+
+
+def check_model(model, variables, image_size: int, *, steps: int = 20, batch: int = 4, seed: int = 1,
+                precision: str = "highest", layers: bool = False) -> ParityCheck:
+  """The model through both twins: forward (BN eval and train), trajectories (eta 0 and 1), verdict.
+
+  Args:
+    model, variables: the ddim_jax UNet and its Flax variables (e.g. ``pipeline.load_model``'s).
+    image_size: the side of the inputs.
+    steps: DDIM steps of the trajectories.
+    batch: images of each comparison.
+    seed: of the NumPy inputs and noises.
+    precision: JAX's float32 matmul/convolution precision (``parity.PRECISIONS``).
+    layers: also compare every shared module's output (``layer_differences``).
+  """
+  with parity.precision(precision):
+    forward = parity.forward_parity(model, variables, image_size, batch=batch, seed=seed)
+    trajectories = parity.trajectory_parities(model, variables, image_size, steps, etas=(0.0, 1.0), batch=batch,
+                                              seed=seed + 1)
+    scale = forward["output_max_abs"]
+    rows = [_row("forward, BN eval", forward["forward_max_abs"], scale, FORWARD_BOUND),
+            Row("forward, BN train", forward["forward_bn_train_max_abs"], forward["forward_bn_train_max_rel"],
+                FORWARD_BOUND)]
+    for eta, result in trajectories.items():
+      rows.append(Row(f"trajectory eta={eta:g}, every state", result["max_abs"], result["max_rel"], TRAJECTORY_BOUND))
+    per_layer = layer_differences(model, variables, image_size, batch=batch, seed=seed) if layers else None
+  return ParityCheck(rows, parity.device_description(), precision, image_size, steps, batch, per_layer)
+
+
+def _flax_outputs(tree, path=()) -> dict[str, Any]:
+  """{torch-style name: output} of every module call that ``capture_intermediates`` recorded."""
+  out = {}
+  for key, value in tree.items():
+    if key == "__call__":
+      out[weight_files.torch_name(path)] = value[0]
+    elif isinstance(value, dict):
+      out.update(_flax_outputs(value, path + (key,)))
+  return out
+
+
+def layer_differences(model, variables, image_size: int, *, batch: int = 4, seed: int = 1,
+                      train: bool = False) -> list[Row]:
+  """Every module both twins share, in torch's order: its output's max |JAX - torch| (relative to
+  max |torch|) on the same noisy batch (``parity.mixed_noise_inputs``). The whole network is "output".
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  images, noise_variances = parity.mixed_noise_inputs(batch, image_size, model.channels, seed)
+  mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
+  _, state = model.apply(variables, images, noise_variances, train=train, capture_intermediates=True,
+                         mutable=mutable)
+  flax_outputs = {name: np.asarray(v) for name, v in _flax_outputs(jax.device_get(state["intermediates"])).items()
+                  if hasattr(v, "shape")}
+  twin = parity.torch_twin(model, variables).train(train)
+  torch_outputs: dict[str, np.ndarray] = {}
+
+  def record(name):
+    def hook(module, inputs, output):  # pylint: disable=unused-argument
+      if isinstance(output, torch.Tensor) and name not in torch_outputs:  # first call only
+        torch_outputs[name] = output.detach().numpy()
+    return hook
+
+  handles = [module.register_forward_hook(record(name)) for name, module in twin.named_modules()]
+  try:
+    with torch.no_grad():
+      twin(torch.from_numpy(parity.nchw(images)), torch.from_numpy(noise_variances.copy()))
+  finally:
+    for handle in handles:
+      handle.remove()
+  rows = []
+  for name, ref in torch_outputs.items():  # the order torch finished them in
+    if name not in flax_outputs:
+      continue
+    ref = parity.nhwc(ref) if ref.ndim == 4 else ref
+    got = flax_outputs[name]
+    if got.shape != ref.shape:
+      continue
+    rows.append(_row(name or "output", np.max(np.abs(got - ref)), np.max(np.abs(ref)), LAYER_BOUND))
+  return rows
