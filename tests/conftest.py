@@ -73,6 +73,21 @@ def _session_dir(tmp_path_factory):
   return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+def _once_per_session(root, build):
+  """``build(root)`` into the empty folder ``root`` once per test session, whichever xdist worker asks
+  first (a file lock; a finished build leaves a marker, a half-finished one is started again)."""
+  from filelock import FileLock
+  done = root / "built"
+  with FileLock(str(root) + ".lock"):
+    if not done.exists():
+      import shutil
+      shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way in another worker
+      root.mkdir()
+      build(root)
+      done.write_text("ok")
+  return root
+
+
 @pytest.fixture(scope="session")
 def trained_weights(tmp_path_factory):
   """Path-returning factory of the briefly trained parity models, built once per test session.
@@ -137,21 +152,16 @@ def two_process_reference(tmp_path_factory):
   Returns:
     ``.workdir``, ``.cache_dir`` and ``.stdout`` (of process 0 and process 1).
   """
-  from filelock import FileLock
   from train_helpers import TWO_PROCESS_RUN, free_port, train_command, two_processes
-  root = _session_dir(tmp_path_factory) / "two_process_reference"
-  done = root / "trained"
-  with FileLock(str(root) + ".lock"):
-    if not done.exists():
-      import shutil
-      shutil.rmtree(root, ignore_errors=True)  # a run that failed half-way in another worker
-      root.mkdir()
-      procs = two_processes(train_command(root / "run", root / "data_cache", **TWO_PROCESS_RUN), free_port())
-      outputs = [p.communicate(timeout=600) for p in procs]
-      for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, err[-3000:]
-        (root / f"stdout_{i}.txt").write_text(out)
-      done.write_text("ok")
+
+  def train(root):
+    procs = two_processes(train_command(root / "run", root / "data_cache", **TWO_PROCESS_RUN), free_port())
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+      assert p.returncode == 0, err[-3000:]
+      (root / f"stdout_{i}.txt").write_text(out)
+
+  root = _once_per_session(_session_dir(tmp_path_factory) / "two_process_reference", train)
   return types.SimpleNamespace(workdir=root / "run", cache_dir=root / "data_cache",
                                stdout=[(root / f"stdout_{i}.txt").read_text() for i in range(2)])
 
@@ -160,15 +170,6 @@ def two_process_reference(tmp_path_factory):
 def kid_run(tmp_path_factory, inception_file):
   """The workdir of the tiny KID run the command tests share (cli_helpers.train_kid_run), trained once
   per session even under pytest-xdist (a file lock; a finished run leaves a marker). Tests only read it."""
-  from filelock import FileLock
   from cli_helpers import train_kid_run
-  root = _session_dir(tmp_path_factory) / "kid_run"
-  done = root / "trained"
-  with FileLock(str(root) + ".lock"):
-    if not done.exists():
-      import shutil
-      shutil.rmtree(root, ignore_errors=True)  # a run that failed half-way in another worker
-      root.mkdir()
-      train_kid_run(root, inception_file)
-      done.write_text("ok")
+  root = _once_per_session(_session_dir(tmp_path_factory) / "kid_run", lambda root: train_kid_run(root, inception_file))
   return str(root / "run")
