@@ -167,6 +167,24 @@ def two_process_reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bucket_run_reference(tmp_path_factory):
+  """The uninterrupted local 8-step ``train_helpers.BUCKET_RUN`` that the gs:// and the s3:// runs of
+  tests/test_bucket_workdir.py must equal bit for bit: (workdir, its exported EMA weight file), built
+  once per session."""
+  from train_helpers import BUCKET_RUN, run, subprocess_env, train_command
+
+  def build(root):
+    result = run(train_command(root / "run", root / "data_cache", **{**BUCKET_RUN, "train.num_steps": "8"}),
+                 subprocess_env(1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    from ddim_jax.inference import pipeline
+    pipeline.export_weights(str(root / "run"), str(root / "run.safetensors"))
+
+  root = _once_per_session(_session_dir(tmp_path_factory) / "bucket_run_reference", build)
+  return root / "run", root / "run.safetensors"
+
+
+@pytest.fixture(scope="session")
 def kid_run(tmp_path_factory, inception_file):
   """The workdir of the tiny KID run the command tests share (cli_helpers.train_kid_run), trained once
   per session even under pytest-xdist (a file lock; a finished run leaves a marker). Tests only read it."""

@@ -20,11 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train_helpers import TWO_PROCESS_RUN, free_port, run, subprocess_env, train_command, two_processes
+from train_helpers import BUCKET_RUN, TWO_PROCESS_RUN, free_port, run, subprocess_env, train_command, two_processes
 
 BUCKET = "ddim-test"
-# A sample grid and a checkpoint every 2 steps; the first run stops at 4, the resumed one at 8.
-EXTRA = {"train.sample_every": "4", "train.checkpoint_every": "2", "train.log_every": "2"}
 
 
 @pytest.fixture(scope="session")
@@ -207,14 +205,14 @@ def _tensors(path) -> dict:
 
 
 @pytest.mark.slow
-def test_train_resume_export_and_sample_with_a_bucket_workdir(tmp_path, cache_dir, bucket):
+def test_train_resume_export_and_sample_with_a_bucket_workdir(tmp_path, cache_dir, bucket, bucket_run_reference):
   env, run_path = bucket.env, bucket.path("run")
   cwd = tmp_path / "cwd"
   cwd.mkdir()
 
   # 1. Four steps into the bucket.
-  first = subprocess.run(train_command(run_path, cache_dir, **{**EXTRA, "train.num_steps": "4"}), env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=600, check=False)
+  first = subprocess.run(train_command(run_path, cache_dir, **{**BUCKET_RUN, "train.num_steps": "4"}), env=env,
+                         cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
   _check(first, "train (4 steps) into the bucket")
   assert "resuming" not in first.stdout
   names = bucket.names("run")
@@ -232,8 +230,8 @@ def test_train_resume_export_and_sample_with_a_bucket_workdir(tmp_path, cache_di
   assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[-1] == 3
 
   # 2. Resumed to eight steps: the earlier metrics are kept (a bucket object cannot be appended to).
-  second = subprocess.run(train_command(run_path, cache_dir, **{**EXTRA, "train.num_steps": "8"}), env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=600, check=False)
+  second = subprocess.run(train_command(run_path, cache_dir, **{**BUCKET_RUN, "train.num_steps": "8"}), env=env,
+                          cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
   _check(second, "resumed training in the bucket")
   assert f"resuming from step 4 ({run_path}/checkpoints)" in second.stdout, second.stdout[-2000:]
   names = bucket.names("run")
@@ -259,13 +257,9 @@ def test_train_resume_export_and_sample_with_a_bucket_workdir(tmp_path, cache_di
               "--num-images", "4", "--steps", "2"], env), "sample from the bucket")
   assert Image.open(grid_path).size[0] > 0
 
-  # 4. The same run in a local workdir, uninterrupted: the storage must not change a single bit.
-  local = tmp_path / "local"
-  _check(run(train_command(local, cache_dir, **{**EXTRA, "train.num_steps": "8"}), subprocess_env(1)),
-         "train in a local workdir")
-  local_export = tmp_path / "local.safetensors"
-  _check(run([sys.executable, "-m", "ddim_jax.cli", "export", "--workdir", str(local), "--out", str(local_export)],
-             subprocess_env(1)), "export from the local workdir")
+  # 4. The same run in a local workdir, uninterrupted (conftest.bucket_run_reference, shared by gs://
+  # and s3://): the storage must not change a single bit.
+  local, local_export = bucket_run_reference
   got, want = _tensors(exported), _tensors(local_export)
   assert sorted(got) == sorted(want)
   for name in want:

@@ -10,8 +10,8 @@ from ddim_jax import cli
 from ddim_jax.inference import evaluation
 from train_helpers import REPO, subprocess_env
 
-COMMANDS = ("demo", "train", "export", "sample", "figures", "invert", "interpolate", "evaluate", "info", "parity", "convert",
-            "prepare-data")
+COMMANDS = ("demo", "train", "export", "sample", "figures", "invert", "interpolate", "evaluate", "info", "parity",
+            "convert", "prepare-data")
 
 
 def _subparsers():

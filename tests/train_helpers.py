@@ -32,6 +32,11 @@ TWO_PROCESS_RUN = {"train.num_steps": 100, "train.checkpoint_every": 20, "train.
                    "train.steps_per_call": 2}
 
 
+# The bucket workdir test's run (tests/test_bucket_workdir.py): a sample grid and a checkpoint every 2
+# steps; the first run stops at 4, the resumed one at 8.
+BUCKET_RUN = {"train.sample_every": "4", "train.checkpoint_every": "2", "train.log_every": "2"}
+
+
 def tiny_config(cache_dir, **extra):
   """The tiny config as a ConfigDict."""
   from ddim_jax import configs
