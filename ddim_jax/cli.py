@@ -12,8 +12,9 @@
                    KID per step count (the digits metric for the bundled digits)
   ddim-jax info    --weights FILE.safetensors          what a weight file holds
   ddim-jax parity  --weights FILE | --workdir DIR [--layers]   JAX vs the torch twin on that model: a verdict
-  ddim-jax convert FILE.safetensors --out FILE.pt       the weight file as a torch file of the twin, and back
-                   (a plain state dict: --config PRESET_OR_FILE [--config.a.b=value ...])
+  ddim-jax convert FILE.safetensors --out FILE.pt | FILE.weights.h5   the weight file as a torch file of the
+                   twin or as the Keras example's weights, and back (a plain state dict: --config PRESET_OR_FILE
+                   [--config.a.b=value ...]; a Keras file: [--network ema|raw])
   ddim-jax prepare-data --dataset NAME ...             prepare a TFDS dataset offline
 
 Every command reading a workdir takes ``--checkpoint latest|best|N``; every command takes ``--debug``.
@@ -293,16 +294,23 @@ def cmd_parity(args) -> int:
 
 
 def cmd_convert(args, overrides) -> int:
-  """ddim-jax convert: a weight file to a torch file (.pt/.pth) of the twin, or back."""
-  from ddim_jax.interop import torch_files
+  """ddim-jax convert: a weight file to a torch file (.pt/.pth) of the twin or a Keras .weights.h5, or back."""
+  from ddim_jax.interop import conversion
   check_output("--out", args.out)
-  result = torch_files.convert(args.source, args.out, args.config, overrides)
+  result = conversion.convert(args.source, args.out, args.config, overrides, args.network)
   meta = result["metadata"]
   model = ", ".join(f"{k}={meta[k]}" for k in ("variant", "widths", "block_depth", "embedding_dims", "channels"))
   print(f"wrote {args.out} ({model}, image_size={meta.get('image_size')}; normaliser {result['normalizer']})")
-  if os.path.splitext(args.out)[1].lower() != ".safetensors":
+  if "model" in result:
+    print(f"the Keras file's {meta.get('weights')} network; the architecture from {result['model']}, the image size, "
+          f"diffusion and data from {'the file' if result['model'] == 'recorded in the file' else 'the config'}")
+  kind = conversion.file_kind(args.out, "--out")
+  if kind == "torch":
     print("load it in PyTorch: model = ddim_torch_ref.models.create_model(...); "
           "model.load_state_dict(torch.load(path, weights_only=True)['state_dict'])")
+  elif kind == "keras":
+    print("load it in the Keras example: model = DiffusionModel(image_size, widths, block_depth); "
+          "model.normalizer.adapt(...) or build it; model.load_weights(path) (both networks get these weights)")
   return 0
 
 
@@ -511,15 +519,23 @@ def add_parity_parser(sub) -> None:
 
 
 def add_convert_parser(sub) -> None:
-  p = sub.add_parser("convert", help="a weight file to a torch file (.pt/.pth) of the twin, or back",
+  p = sub.add_parser("convert", help="a weight file to a torch file (.pt/.pth) of the twin or to the Keras "
+                                     "example's .weights.h5, or back",
                      epilog="A torch file written here records the model and its data; a plain state dict "
-                            "(torch.save(model.state_dict())) needs --config, and --config.* overrides as trained")
-  p.add_argument("source", help="a .safetensors weight file, or a .pt/.pth torch file (read with weights_only=True)")
-  p.add_argument("--out", required=True, help="the file to write: .pt/.pth for a weight file, .safetensors for a "
-                                              "torch file")
+                            "(torch.save(model.state_dict())) needs --config, and --config.* overrides as trained. "
+                            "A Keras .weights.h5 of the example gives its architecture and normaliser; the image "
+                            "size, diffusion and data are the example's (the default preset) unless --config says "
+                            "otherwise")
+  p.add_argument("source", help="a .safetensors weight file, a .pt/.pth torch file (read with weights_only=True), or "
+                                "the Keras example's .weights.h5")
+  p.add_argument("--out", required=True, help="the file to write: .pt/.pth or .weights.h5 for a weight file, "
+                                              ".safetensors for the others")
   p.add_argument("--config", default=None,
-                 help="a plain state dict only: the preset or config file it was trained with (model, image size, "
-                      "diffusion, data; the normaliser is computed from that data)")
+                 help="a plain state dict: the preset or config file it was trained with (model, image size, "
+                      "diffusion, data; the normaliser is computed from that data); a Keras file: its image size, "
+                      "diffusion and data (default: the default preset, the Keras example's)")
+  p.add_argument("--network", default=None, choices=("ema", "raw"),
+                 help="a Keras file: which of the example's networks to take (default: ema, what it samples with)")
   p.set_defaults(fn=cmd_convert, takes_overrides=True)
 
 

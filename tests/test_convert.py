@@ -252,9 +252,12 @@ def test_convert_refuses_bad_input_in_one_line(weight_file, tmp_path, monkeypatc
   torch.save({"state_dict": {}, "payload": _CodeOnUnpickle(marker)}, tmp_path / "code.pt")
   monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
   cases = [
-      ((weight_file, "--out", tmp_path / "w.npz"), "expected a .safetensors weight file or a .pt/.pth torch file"),
+      ((weight_file, "--out", tmp_path / "w.npz"),
+       "expected a .safetensors weight file, a .pt/.pth torch file, a Keras .weights.h5"),
       ((weight_file, "--out", tmp_path / "again.safetensors"), "from a weight file (.safetensors) to a torch file"),
       ((weight_file, "--out", tmp_path / "w.pt", "--config", "demo"), "drop --config"),
+      ((weight_file, "--out", tmp_path / "w.pt", "--network", "raw"), "only for a .weights.h5 input"),
+      ((tmp_path / "broken.pt", "--out", tmp_path / "w.weights.h5"), "convert to .safetensors first"),
       ((tmp_path / "missing.pt", "--out", tmp_path / "w.safetensors"), "does not exist"),
       ((tmp_path / "broken.pt", "--out", tmp_path / "w.safetensors"), "cannot read torch file"),
       ((tmp_path / "code.pt", "--out", tmp_path / "w.safetensors"), "weights_only=True"),

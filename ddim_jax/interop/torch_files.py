@@ -54,7 +54,7 @@ def weights_to_torch_file(weights_path: str, out: str) -> dict[str, str]:
                 if k not in weight_files.NORMALIZER_KEYS}
   normalizer = {key.split(".", 1)[1]: torch.from_numpy(np.ascontiguousarray(tensors[key]))
                 for key in weight_files.NORMALIZER_KEYS}
-  _atomic(out, lambda tmp: torch.save({"state_dict": state_dict, "normalizer": normalizer,
+  weight_files.write_atomically(out, lambda tmp: torch.save({"state_dict": state_dict, "normalizer": normalizer,
                                        "metadata": dict(metadata)}, tmp))
   return metadata
 
@@ -94,8 +94,8 @@ def _write_described(torch_path: str, loaded: Mapping[str, Any], out: str) -> di
     if key not in normalizer:
       raise errors.InputError(f"torch file {torch_path!r}: the normaliser lacks {key!r}")
     tensors[f"normalizer.{key}"] = weight_files.to_numpy(normalizer[key]).astype(np.float32).reshape(-1)
-  _atomic(out, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata)))
-  _check_written(out)
+  weight_files.write_atomically(out, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata)))
+  weight_files.check_written(out)
   return {"metadata": dict(metadata), "normalizer": f"recorded in {torch_path}"}
 
 
@@ -119,51 +119,5 @@ def _write_plain(torch_path: str, state_dict: Mapping[str, Any], out: str, confi
     source = f"computed from the training split of data.dataset={config.data.dataset!r}"
   weight_files.save_weights(out, model, variables, normalizer, image_size,
                             spec=schedules.DiffusionSpec.from_config(config), data=config.data)
-  _check_written(out)
+  weight_files.check_written(out)
   return {"metadata": weight_files.read_weight_file(out)[1], "normalizer": source}
-
-
-def _check_written(path: str) -> None:
-  """Reads ``path`` back as every command would; a file that does not load is removed, not left behind."""
-  try:
-    weight_files.load_weights(path)
-  except errors.Error:
-    os.remove(path)
-    raise
-
-
-def _atomic(path: str, write) -> None:
-  """``write(tmp)`` then renames ``tmp`` to ``path``: a failed write never leaves a half file at ``path``."""
-  if os.path.isdir(path):
-    raise errors.ConfigError(f"{path!r} is a folder; give the file's path")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def convert(src: str, out: str, config: str | None = None, overrides=()) -> dict[str, Any]:
-  """``ddim-jax convert``: a weight file to a torch file, or a torch file to a weight file, by suffix."""
-  src_kind, out_kind = _kind(src, "the input"), _kind(out, "--out")
-  if src_kind == out_kind:
-    raise errors.ConfigError(f"{src!r} -> {out!r}: convert goes from a weight file ({WEIGHT_SUFFIX}) to a torch "
-                             f"file ({'/'.join(TORCH_SUFFIXES)}) or back")
-  if src_kind == "weights":
-    if config is not None or overrides:
-      raise errors.ConfigError("a weight file records its model and data: drop --config and the --config.* overrides")
-    return {"metadata": weights_to_torch_file(src, out), "normalizer": f"recorded in {src}"}
-  return torch_file_to_weights(src, out, config, overrides)
-
-
-def _kind(path: str, what: str) -> str:
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix == WEIGHT_SUFFIX:
-    return "weights"
-  if suffix in TORCH_SUFFIXES:
-    return "torch"
-  raise errors.ConfigError(f"{what} {path!r}: expected a {WEIGHT_SUFFIX} weight file or a "
-                           f"{'/'.join(TORCH_SUFFIXES)} torch file")

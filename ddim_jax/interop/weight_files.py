@@ -316,6 +316,29 @@ def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], ima
       os.remove(tmp)
 
 
+def write_atomically(path: str, write) -> None:
+  """``write(tmp)`` then renames ``tmp`` to ``path``: a failed write never leaves a half file at ``path``."""
+  if os.path.isdir(path):
+    raise errors.ConfigError(f"{path!r} is a folder; give the file's path")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def check_written(path: str) -> None:
+  """Reads ``path`` back as every command would; a file that does not load is removed, not left behind."""
+  try:
+    load_weights(path)
+  except errors.Error:
+    os.remove(path)
+    raise
+
+
 def read_weight_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Reads a weight file's tensors (torch naming) and metadata, checking its format and metadata.
 
