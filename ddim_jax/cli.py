@@ -11,7 +11,8 @@
   ddim-jax evaluate --workdir DIR --steps 5,10,20,50 [--inception-weights FILE] [--metric auto|kid|digits]
                    KID per step count (the digits metric for the bundled digits)
   ddim-jax info    --weights FILE.safetensors          what a weight file holds
-  ddim-jax parity  --weights FILE | --workdir DIR [--layers]   JAX vs the torch twin on that model: a verdict
+  ddim-jax parity  --weights FILE | --workdir DIR [--layers] [--keras FILE.weights.h5]   JAX vs the torch twin
+                   (and Keras) on that model: a verdict
   ddim-jax convert FILE.safetensors --out FILE.pt | FILE.weights.h5   the weight file as a torch file of the
                    twin or as the Keras example's weights, and back (a plain state dict: --config PRESET_OR_FILE
                    [--config.a.b=value ...]; a Keras file: [--network ema|raw])
@@ -271,14 +272,16 @@ def cmd_parity(args) -> int:
   source = pipeline.load_model(args.workdir, args.weights, None, args.cpu_devices, args.step)
   result = parity_check.check_model(source.model, source.variables, source.image_size, steps=args.steps,
                                     batch=args.batch_size, seed=args.seed, precision=args.precision,
-                                    layers=args.layers)
+                                    layers=args.layers, keras_path=args.keras)
   device = result.device
   print(f"parity of {source.description}: JAX on {device['backend']} ({device['device_kind']}), precision "
         f"{args.precision}; torch {device['torch']} on the CPU, float32; {args.batch_size} images at "
         f"{source.image_size}x{source.image_size}, trajectories of {args.steps} steps")
-  print(f"{'comparison':34s} {'max |diff|':>11s} {'relative':>10s} {'bound':>8s}")
+  if args.keras:
+    print(f"Keras {device['keras']} on {device['keras_backend']}: the EMA network of {args.keras}")
+  print(f"{'comparison':38s} {'max |diff|':>11s} {'relative':>10s} {'bound':>8s}")
   for row in result.rows:
-    print(f"{row.name:34s} {row.max_abs:11.2e} {row.max_rel:10.2e} {row.bound:8.0e} {'ok' if row.ok else 'OUTSIDE'}")
+    print(f"{row.name:38s} {row.max_abs:11.2e} {row.max_rel:10.2e} {row.bound:8.0e} {'ok' if row.ok else 'OUTSIDE'}")
   if result.layers is not None:
     print(f"every module both twins share, in torch's order (relative bound {parity_check.LAYER_BOUND:.0e}):")
     for row in result.layers:
@@ -310,7 +313,9 @@ def cmd_convert(args, overrides) -> int:
           "model.load_state_dict(torch.load(path, weights_only=True)['state_dict'])")
   elif kind == "keras":
     print("load it in the Keras example: model = DiffusionModel(image_size, widths, block_depth); "
-          "model.normalizer.adapt(...) or build it; model.load_weights(path) (both networks get these weights)")
+          "model.normalizer.build((None, image_size, image_size, 3)); model.built = True; model.load_weights(path) "
+          "(before compile(); after it, load_weights(path, skip_mismatch=True): the file holds the two networks "
+          "(both these weights) and the normaliser, not the KID's Inception)")
   return 0
 
 
@@ -514,6 +519,9 @@ def add_parity_parser(sub) -> None:
                  help="JAX's float32 matmul/convolution precision (default: TF32 on GPUs, bf16 passes on TPUs)")
   p.add_argument("--layers", action="store_true",
                  help="also compare every module's output and name the first past the bound")
+  p.add_argument("--keras", default=None, metavar="FILE.weights.h5",
+                 help="also run the Keras example's network from this file (its EMA network; the same model as "
+                      "the weights, e.g. the file they were converted from) and compare it with JAX")
   p.add_argument("--json", default=None, help="also write the record as JSON here ('-': print it)")
   p.set_defaults(fn=cmd_parity)
 

@@ -20,13 +20,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddim_jax.interop import parity, weight_files
+from ddim_jax.core import sampling
+from ddim_jax.interop import keras_network, parity, weight_files
 
 # Relative to the largest |value| of the torch side. float32 on a CPU, measured on the project's
 # fixtures: forward <= ~1e-6, 50-step trajectories <= ~2e-5 (docs/parity.md); the bounds leave 10x.
 FORWARD_BOUND = 1e-5
 TRAJECTORY_BOUND = 1e-4
 LAYER_BOUND = 1e-5
+# Keras (TensorFlow) against JAX with batch statistics: TF reduces the batch moments in another order;
+# measured up to 2.6e-5 on a perturbed 64x64 Keras U-Net, 1.6e-6 at 16x16 (docs/parity.md).
+KERAS_BN_TRAIN_BOUND = 1e-4
 
 
 @dataclasses.dataclass
@@ -80,7 +84,7 @@ def _row(name: str, max_abs: float, scale: float, bound: float) -> Row:
 
 
 def check_model(model, variables, image_size: int, *, steps: int = 20, batch: int = 4, seed: int = 1,
-                precision: str = "highest", layers: bool = False) -> ParityCheck:
+                precision: str = "highest", layers: bool = False, keras_path: str | None = None) -> ParityCheck:
   """The model through both twins: forward (BN eval and train), trajectories (eta 0 and 1), verdict.
 
   Args:
@@ -91,6 +95,7 @@ def check_model(model, variables, image_size: int, *, steps: int = 20, batch: in
     seed: of the NumPy inputs and noises.
     precision: JAX's float32 matmul/convolution precision (``parity.PRECISIONS``).
     layers: also compare every shared module's output (``layer_differences``).
+    keras_path: the Keras example's ``.weights.h5`` of the same model: Keras too (``keras_rows``).
   """
   with parity.precision(precision):
     forward = parity.forward_parity(model, variables, image_size, batch=batch, seed=seed)
@@ -102,8 +107,41 @@ def check_model(model, variables, image_size: int, *, steps: int = 20, batch: in
                 FORWARD_BOUND)]
     for eta, result in trajectories.items():
       rows.append(Row(f"trajectory eta={eta:g}, every state", result["max_abs"], result["max_rel"], TRAJECTORY_BOUND))
+    device = parity.device_description()
+    if keras_path is not None:
+      rows += keras_rows(model, variables, image_size, keras_path, steps=steps, batch=batch, seed=seed)
+      device.update(keras_network.description())
     per_layer = layer_differences(model, variables, image_size, batch=batch, seed=seed) if layers else None
-  return ParityCheck(rows, parity.device_description(), precision, image_size, steps, batch, per_layer)
+  return ParityCheck(rows, device, precision, image_size, steps, batch, per_layer)
+
+
+def keras_rows(model, variables, image_size: int, keras_path: str, *, steps: int, batch: int, seed: int) -> list[Row]:
+  """JAX against Keras running the example's network from ``keras_path`` (its EMA network): the
+  prediction with BatchNorm in eval and in train mode, and the example's deterministic (eta 0)
+  trajectory, every state, relative to the largest value of the Keras side."""
+  network, kwargs = keras_network.load_network(keras_path, image_size)
+  mine = {k: (tuple(getattr(model, k)) if k == "widths" else getattr(model, k)) for k in kwargs}
+  if mine != kwargs:
+    raise weight_files.WeightFileError(f"Keras weights file {keras_path!r} holds another model ({kwargs}) than the "
+                                       f"weights compared ({mine}); give the .weights.h5 of the same model")
+  images, noise_variances = parity.mixed_noise_inputs(batch, image_size, model.channels, seed)
+  rows = []
+  for train, bound in ((False, FORWARD_BOUND), (True, KERAS_BN_TRAIN_BOUND)):
+    if train:
+      out, _ = model.apply(variables, images, noise_variances, train=True, mutable=["batch_stats"])
+    else:
+      out = model.apply(variables, images, noise_variances, train=False)
+    ref = keras_network.forward(network, images, noise_variances, train)
+    rows.append(_row(f"Keras: forward, BN {'train' if train else 'eval'}", np.max(np.abs(np.asarray(out) - ref)),
+                     np.max(np.abs(ref)), bound))
+  initial_noise = np.random.default_rng(seed + 2).standard_normal(images.shape).astype(np.float32)
+  ours = jax.tree.map(np.asarray, sampling.generate(model, variables, initial_noise, steps=steps,
+                                                    return_trajectory=True))
+  theirs = keras_network.reverse_diffusion(network, initial_noise, steps, sampling.DEFAULT_SPEC)
+  diff = max(np.max(np.abs(ours[k] - theirs[k])) for k in theirs)
+  scale = max(np.max(np.abs(theirs[k])) for k in theirs)
+  rows.append(_row("Keras: trajectory eta=0, every state", diff, scale, TRAJECTORY_BOUND))
+  return rows
 
 
 def _flax_outputs(tree, path=()) -> dict[str, Any]:
