@@ -274,14 +274,20 @@ def cmd_parity(args) -> int:
                                     batch=args.batch_size, seed=args.seed, precision=args.precision,
                                     layers=args.layers, keras_path=args.keras)
   device = result.device
+  bf16 = args.precision == "bf16"
   print(f"parity of {source.description}: JAX on {device['backend']} ({device['device_kind']}), precision "
-        f"{args.precision}; torch {device['torch']} on the CPU, float32; {args.batch_size} images at "
-        f"{source.image_size}x{source.image_size}, trajectories of {args.steps} steps")
+        f"{'highest' if bf16 else args.precision}; torch {device['torch']} on the CPU, float32; {args.batch_size} "
+        f"images at {source.image_size}x{source.image_size}, trajectories of {args.steps} steps")
+  if bf16:
+    print("then bfloat16: JAX with the computation in bfloat16 (model.dtype=bfloat16), torch under "
+          "autocast(bfloat16); each against the float32 JAX output and against each other")
   if args.keras:
     print(f"Keras {device['keras']} on {device['keras_backend']}: the EMA network of {args.keras}")
-  print(f"{'comparison':38s} {'max |diff|':>11s} {'relative':>10s} {'bound':>8s}")
+  width = max([38] + [len(row.name) for row in result.rows])
+  print(f"{'comparison':{width}s} {'max |diff|':>11s} {'relative':>10s} {'bound':>8s}")
   for row in result.rows:
-    print(f"{row.name:38s} {row.max_abs:11.2e} {row.max_rel:10.2e} {row.bound:8.0e} {'ok' if row.ok else 'OUTSIDE'}")
+    print(f"{row.name:{width}s} {row.max_abs:11.2e} {row.max_rel:10.2e} {row.bound:8.0e} "
+          f"{'ok' if row.ok else 'OUTSIDE'}")
   if result.layers is not None:
     print(f"every module both twins share, in torch's order (relative bound {parity_check.LAYER_BOUND:.0e}):")
     for row in result.layers:
@@ -292,7 +298,8 @@ def cmd_parity(args) -> int:
     with writing("--json", args.json):
       text = evaluation.write_json(prepare_output(args.json), result.record())
     print(text if args.json == "-" else f"wrote {args.json}")
-  print("verdict: " + ("within the float32 bounds" if result.passed else "OUTSIDE the float32 bounds (exit 1)"))
+  bounds = "float32 and bfloat16 bounds" if bf16 else "float32 bounds"
+  print("verdict: " + (f"within the {bounds}" if result.passed else f"OUTSIDE the {bounds} (exit 1)"))
   return 0 if result.passed else 1
 
 
@@ -515,8 +522,9 @@ def add_parity_parser(sub) -> None:
   p.add_argument("--steps", type=step_count, default=20, help="DDIM steps of the compared trajectories")
   p.add_argument("--batch-size", type=positive_int, default=4, help="images of each comparison")
   p.add_argument("--seed", type=seed_int, default=1, help="seed of the NumPy inputs and noises")
-  p.add_argument("--precision", default="highest", choices=("highest", "default"),
-                 help="JAX's float32 matmul/convolution precision (default: TF32 on GPUs, bf16 passes on TPUs)")
+  p.add_argument("--precision", default="highest", choices=("highest", "default", "bf16"),
+                 help="JAX's float32 matmul/convolution precision (default: TF32 on GPUs, bf16 passes on TPUs); "
+                      "bf16: also JAX in bfloat16 and torch under autocast(bfloat16), against float32 and each other")
   p.add_argument("--layers", action="store_true",
                  help="also compare every module's output and name the first past the bound")
   p.add_argument("--keras", default=None, metavar="FILE.weights.h5",

@@ -311,15 +311,6 @@ def test_a_project_file_exported_to_keras_loads_in_the_example(tmp_path):
     np.testing.assert_array_equal(again[name], value)
 
 
-def test_the_r_variant_has_no_keras_original(tmp_path):
-  jax_model = models.create_model("r", widths=(8, 16), block_depth=1)
-  path = str(tmp_path / "r.safetensors")
-  weight_files.save_weights(path, jax_model, models.init_variables(jax_model, jax.random.key(0), SIZE),
-                            {"mean": np.zeros(3, np.float32), "variance": np.ones(3, np.float32)}, SIZE)
-  with pytest.raises(Exception, match="R variant.*no Keras original"):
-    keras_files.weights_to_keras_file(path, str(tmp_path / "r.weights.h5"))
-
-
 def _convert(*argv):
   import contextlib
   import io
@@ -331,7 +322,7 @@ def _convert(*argv):
   return code, out.getvalue(), err.getvalue()
 
 
-def test_the_convert_command_both_ways_and_its_errors_in_one_line(example, tmp_path):
+def test_the_convert_command_both_ways_and_its_errors_in_one_line(example, trained_weights, tmp_path):
   import h5py
   _, path, converted = example
   code, out, err = _convert(path, "--out", tmp_path / "raw.safetensors", "--network", "raw",
@@ -345,10 +336,7 @@ def test_the_convert_command_both_ways_and_its_errors_in_one_line(example, tmp_p
   with h5py.File(tmp_path / "other.weights.h5", "w") as f:
     f.create_group("layers/dense/vars").create_dataset("0", data=np.zeros(3))
   (tmp_path / "broken.weights.h5").write_bytes(b"not hdf5")
-  r_path = tmp_path / "r.safetensors"
-  r_model = models.create_model("r", widths=(8, 16), block_depth=1)
-  weight_files.save_weights(str(r_path), r_model, models.init_variables(r_model, jax.random.key(0), SIZE),
-                            {"mean": np.zeros(3, np.float32), "variance": np.ones(3, np.float32)}, SIZE)
+  r_path = trained_weights("r")
   cases = [
       ((tmp_path / "other.weights.h5", "--out", tmp_path / "x.safetensors"), "has no 'ema_network'"),
       ((tmp_path / "broken.weights.h5", "--out", tmp_path / "x.safetensors"), "cannot read Keras weights file"),

@@ -55,6 +55,21 @@ def test_an_altered_twin_fails_and_the_layers_name_the_altered_block_first(train
   assert "verdict: OUTSIDE the float32 bounds (exit 1)" in printed
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["keras", "r"])
+def test_bf16_parity_holds_its_bounds_and_is_really_bfloat16(trained_weights, tmp_path, capsys, variant):
+  """JAX in bfloat16 and torch under autocast(bfloat16), against float32 and each other: within the
+  measured bounds, and far from float32 agreement (so bfloat16 did run on both sides)."""
+  code, record = _parity(trained_weights(variant), tmp_path, "--precision", "bf16", "--batch-size", "2")
+  printed = capsys.readouterr().out
+  assert code == 0 and record["passed"] and record["precision"] == "bf16", printed
+  bf16 = [r for r in record["rows"] if r["name"].startswith("bf16")]
+  assert len(bf16) == 9
+  for row in bf16:
+    assert 5e-4 < row["max_rel"] <= row["bound"], row  # bfloat16 keeps 8 bits: ~4e-3 per rounding
+  assert "verdict: within the float32 and bfloat16 bounds" in printed
+
+
 def test_rows_judge_the_relative_difference():
   assert parity_check.Row("x", 5.0, 1e-6, 1e-5).ok and not parity_check.Row("x", 1e-9, 2e-5, 1e-5).ok
   check = parity_check.ParityCheck([parity_check.Row("a", 0, 0, 1e-5)], {}, "highest", 16, 5, 4,

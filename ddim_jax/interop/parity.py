@@ -32,8 +32,8 @@ def precision(name: str = "highest"):
 
   'highest': ``jax.default_matmul_precision("highest")``, full float32 on GPUs and TPUs (what a
   float32 bound needs there). 'default': XLA's default (even where JAX_DEFAULT_MATMUL_PRECISION
-  says otherwise): TF32 on Ampere and later GPUs, bf16 passes on TPUs; on CPU float32 either way. In both cases torch's TF32 switches (CUDA matmuls, cuDNN
-  convolutions) are off inside the block and restored after: the twin is the float32 reference
+  says otherwise): TF32 on Ampere and later GPUs, bf16 passes on TPUs; on CPU float32 either way.
+  In both cases torch's TF32 switches (CUDA matmuls, cuDNN convolutions) are off inside the block and restored after: the twin is the float32 reference
   (it runs on the CPU here, where they do nothing).
   """
   if name not in PRECISIONS:

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax.core import sampling
@@ -31,6 +32,13 @@ LAYER_BOUND = 1e-5
 # Keras (TensorFlow) against JAX with batch statistics: TF reduces the batch moments in another order;
 # measured up to 2.6e-5 on a perturbed 64x64 Keras U-Net, 1.6e-6 at 16x16 (docs/parity.md).
 KERAS_BN_TRAIN_BOUND = 1e-4
+# bfloat16 (JAX: model.dtype=bfloat16; torch: autocast) against the float32 reference and against
+# each other. Measured on CPU (docs/parity.md): forward 5e-3 to 8e-3 (the trained 16x16 models) and
+# 1.5e-2 (the perturbed 64x64 Keras U-Net); trajectories (noisy states and final images) 1.2e-2 at
+# 50 steps, 1.8e-2 at 20, up to 9e-2 at 5: fewer, longer steps carry a prediction's rounding further.
+BF16_FORWARD_BOUND = 2e-2
+BF16_TRAJECTORY_BOUND = 1.5e-1
+PRECISION_CHOICES = parity.PRECISIONS + ("bf16",)
 
 
 @dataclasses.dataclass
@@ -93,11 +101,14 @@ def check_model(model, variables, image_size: int, *, steps: int = 20, batch: in
     steps: DDIM steps of the trajectories.
     batch: images of each comparison.
     seed: of the NumPy inputs and noises.
-    precision: JAX's float32 matmul/convolution precision (``parity.PRECISIONS``).
+    precision: JAX's float32 matmul/convolution precision (``parity.PRECISIONS``), or "bf16": the
+      float32 rows at "highest", then bfloat16 against them (``bf16_rows``).
     layers: also compare every shared module's output (``layer_differences``).
     keras_path: the Keras example's ``.weights.h5`` of the same model: Keras too (``keras_rows``).
   """
-  with parity.precision(precision):
+  if precision not in PRECISION_CHOICES:
+    raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISION_CHOICES}")
+  with parity.precision("highest" if precision == "bf16" else precision):
     forward = parity.forward_parity(model, variables, image_size, batch=batch, seed=seed)
     trajectories = parity.trajectory_parities(model, variables, image_size, steps, etas=(0.0, 1.0), batch=batch,
                                               seed=seed + 1)
@@ -107,12 +118,69 @@ def check_model(model, variables, image_size: int, *, steps: int = 20, batch: in
                 FORWARD_BOUND)]
     for eta, result in trajectories.items():
       rows.append(Row(f"trajectory eta={eta:g}, every state", result["max_abs"], result["max_rel"], TRAJECTORY_BOUND))
+    if precision == "bf16":
+      rows += bf16_rows(model, variables, image_size, steps=steps, batch=batch, seed=seed)
     device = parity.device_description()
     if keras_path is not None:
       rows += keras_rows(model, variables, image_size, keras_path, steps=steps, batch=batch, seed=seed)
       device.update(keras_network.description())
     per_layer = layer_differences(model, variables, image_size, batch=batch, seed=seed) if layers else None
   return ParityCheck(rows, device, precision, image_size, steps, batch, per_layer)
+
+
+def bf16_rows(model, variables, image_size: int, *, steps: int, batch: int, seed: int) -> list[Row]:
+  """bfloat16 against float32: JAX with the model's computation in bfloat16 (parameters float32, as
+  ``model.dtype=bfloat16`` trains) and the torch twin under ``torch.autocast(bfloat16)``, each against
+  the float32 JAX output (which is the twin's within the float32 bounds), and against each other.
+  Forward in both BatchNorm modes; the eta-0 trajectory's noisy states and final images (its early
+  predicted images divide by the signal rate 0.02, which magnifies any rounding 50x, and are not
+  what a sampler returns)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from ddim_torch_ref import sampling as torch_sampling  # pylint: disable=import-outside-toplevel
+  half = model.clone(dtype=jnp.bfloat16)
+  twin = parity.torch_twin(model, variables)
+  images, noise_variances = parity.mixed_noise_inputs(batch, image_size, model.channels, seed)
+  initial_noise = np.random.default_rng(seed + 3).standard_normal(images.shape).astype(np.float32)
+
+  def jax_forward(m, train):
+    if train:
+      return np.asarray(m.apply(variables, images, noise_variances, train=True, mutable=["batch_stats"])[0])
+    return np.asarray(m.apply(variables, images, noise_variances, train=False))
+
+  def trajectory_outputs(out):  # every noisy state, then the final predicted images
+    return np.concatenate([out["noisy_trajectory"].reshape(-1), out["pred_images"].reshape(-1)])
+
+  with parity.precision("highest"):
+    reference = {train: jax_forward(model, train) for train in (False, True)}
+    reference_trajectory = trajectory_outputs(jax.tree.map(np.asarray, sampling.generate(
+        model, variables, initial_noise, steps=steps, return_trajectory=True)))
+  ours = {train: jax_forward(half, train) for train in (False, True)}
+  our_trajectory = trajectory_outputs(jax.tree.map(np.asarray, sampling.generate(
+      half, variables, initial_noise, steps=steps, return_trajectory=True)))
+  theirs = {}
+  with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    out = torch_sampling.reverse_diffusion(twin.eval(), torch.from_numpy(parity.nchw(initial_noise)), steps,
+                                           return_trajectory=True)
+    their_trajectory = trajectory_outputs({k: parity.nhwc(out[k].float().numpy())
+                                           for k in ("noisy_trajectory", "pred_images")})
+    for train in (False, True):  # eval first: a train-mode call moves the twin's running statistics
+      theirs[train] = parity.nhwc(twin.train(train)(torch.from_numpy(parity.nchw(images)),
+                                                    torch.from_numpy(noise_variances.copy())).float().numpy())
+
+  def row(name, got, ref, bound):
+    return _row(name, np.max(np.abs(got - ref)), np.max(np.abs(ref)), bound)
+
+  rows = []
+  for train in (False, True):
+    mode = f"forward, BN {'train' if train else 'eval'}"
+    rows += [row(f"bf16 JAX vs float32: {mode}", ours[train], reference[train], BF16_FORWARD_BOUND),
+             row(f"bf16 torch vs float32: {mode}", theirs[train], reference[train], BF16_FORWARD_BOUND),
+             row(f"bf16 JAX vs bf16 torch: {mode}", ours[train], theirs[train], BF16_FORWARD_BOUND)]
+  name = "trajectory eta=0, states and images"
+  rows += [row(f"bf16 JAX vs float32: {name}", our_trajectory, reference_trajectory, BF16_TRAJECTORY_BOUND),
+           row(f"bf16 torch vs float32: {name}", their_trajectory, reference_trajectory, BF16_TRAJECTORY_BOUND),
+           row(f"bf16 JAX vs bf16 torch: {name}", our_trajectory, their_trajectory, BF16_TRAJECTORY_BOUND)]
+  return rows
 
 
 def keras_rows(model, variables, image_size: int, keras_path: str, *, steps: int, batch: int, seed: int) -> list[Row]:
