@@ -56,11 +56,11 @@ def test_an_altered_twin_fails_and_the_layers_name_the_altered_block_first(train
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["keras", "r"])
-def test_bf16_parity_holds_its_bounds_and_is_really_bfloat16(trained_weights, tmp_path, capsys, variant):
+def test_bf16_parity_holds_its_bounds_and_is_really_bfloat16(trained_weights, tmp_path, capsys):
   """JAX in bfloat16 and torch under autocast(bfloat16), against float32 and each other: within the
-  measured bounds, and far from float32 agreement (so bfloat16 did run on both sides)."""
-  code, record = _parity(trained_weights(variant), tmp_path, "--precision", "bf16", "--batch-size", "2")
+  measured bounds, and far from float32 agreement (so bfloat16 did run on both sides). (The r
+  variant's numbers, measured the same way, are in docs/parity.md.)"""
+  code, record = _parity(trained_weights("keras"), tmp_path, "--precision", "bf16", "--batch-size", "2")
   printed = capsys.readouterr().out
   assert code == 0 and record["passed"] and record["precision"] == "bf16", printed
   bf16 = [r for r in record["rows"] if r["name"].startswith("bf16")]
