@@ -227,6 +227,18 @@ MUTATIONS = (
              "ddim_jax/training/feed.py", "    if any(p > 0 and (end - 1) // p > step // p for p in self.intervals):\n",
              "    if False:\n",
              ("tests/test_feed.py::test_the_call_plan_lands_on_every_event",)),
+    Mutation("keras_order_ties_reversed", "Keras's layer order breaks ties the other way (a Keras file's groups "
+             "mapped to the wrong layers)",
+             "ddim_jax/interop/keras_files.py", "key=lambda i: (-depth[i], visit_index[i]))",
+             "key=lambda i: (-depth[i], -visit_index[i]))",
+             ("tests/test_keras_files.py::test_the_layer_order_rule_is_keras_own",)),
+    Mutation("keras_kernel_not_transposed", "a Keras kernel read HWIO -> OIWH (spatially transposed)",
+             "ddim_jax/interop/keras_files.py", "values[0].transpose(3, 2, 0, 1)  # HWIO -> OIHW",
+             "values[0].transpose(3, 2, 1, 0)  # HWIO -> OIHW",
+             ("tests/test_keras_files.py::test_keras_jax_and_torch_agree_on_the_converted_model",)),
+    Mutation("bf16_rows_in_float32", "parity --precision bf16 runs JAX in float32 (the bf16 rows compare nothing)",
+             "ddim_jax/interop/parity_check.py", "half = model.clone(dtype=jnp.bfloat16)", "half = model",
+             ("tests/test_parity_check.py::test_bf16_parity_holds_its_bounds_and_is_really_bfloat16",)),
 )
 
 

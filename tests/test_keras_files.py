@@ -26,7 +26,13 @@ from ddim_jax.interop import keras_files, parity, parity_fixtures, weight_files 
 from ddim_torch_ref import sampling as torch_sampling  # noqa: E402
 from ddim_torch_ref import weight_files as torch_weight_files  # noqa: E402
 
-pytestmark = pytest.mark.slow  # TensorFlow and Keras start in seconds, and every test builds a Keras model
+pytestmark = [
+    pytest.mark.slow,  # TensorFlow and Keras start in seconds, and every test builds a Keras model
+    # Keras 3.15's TensorFlow backend and NumPy 2, in every conversion to NumPy: not ours to fix.
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    # Loading into a compiled model: its optimiser has no variables in any weights file.
+    pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer:UserWarning"),
+]
 ops, layers = keras.ops, keras.layers
 EMBEDDING_DIMS = 32
 SIZE = 16
@@ -294,7 +300,8 @@ def test_a_project_file_exported_to_keras_loads_in_the_example(tmp_path):
   model.kid = KIDLike()
   with pytest.raises(ValueError, match="could not be loaded"):
     model.load_weights(out)
-  model.load_weights(out, skip_mismatch=True)
+  with pytest.warns(UserWarning, match="A total of 1 objects could not be loaded"):  # the encoder's conv only
+    model.load_weights(out, skip_mismatch=True)
   np.testing.assert_array_equal(np.asarray(model.normalizer.mean).reshape(-1), normalizer["mean"])
   np.testing.assert_array_equal(np.asarray(model.normalizer.variance).reshape(-1), normalizer["variance"])
   images, variances = inputs()
