@@ -517,6 +517,7 @@ def test_folder_build_skips_a_fifo_a_dangling_link_and_an_oversized_file(tmp_pat
 # Files the commands write, and the loaders' checks.
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_save_weights_leaves_no_temporary_file_and_creates_missing_folders(tmp_path, trained_model):
   model, variables, normalizer = trained_model("keras")
   target = tmp_path / "exists_as_folder.safetensors"
@@ -588,6 +589,7 @@ def test_bad_overrides_keep_the_config_and_good_ones_still_parse():
     ("variance_zero", ["normalizer.variance", "> 0"]),
     ("max_rate_text", ["max_signal_rate='high'"]),
 ])
+@pytest.mark.slow  # its fixture trains a model
 def test_torch_twin_sample_refuses_the_same_weight_files(name, needles, inputs, tmp_path, capsys):
   from ddim_torch_ref import sample as ref_sample
   assert ref_sample.main(["--weights", getattr(inputs, f"w_{name}"), "--num-images", "1", "--steps", "1",
@@ -598,6 +600,7 @@ def test_torch_twin_sample_refuses_the_same_weight_files(name, needles, inputs, 
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_torch_twin_sample_refuses_bad_noise_files_and_numbers(inputs, tmp_path, capsys):
   from ddim_torch_ref import sample as ref_sample
   for noise in ("archive.npz", "objects.npy", "nan.npy", "integers.npy"):

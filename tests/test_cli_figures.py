@@ -74,6 +74,7 @@ def test_invert_reports_errors_and_writes_a_figure(kid_run, tmp_path, capsys):
   assert errors["10"] < errors["2"], errors  # more steps, a closer reconstruction
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_interpolate_endpoints_are_the_samples_of_the_same_noise(kid_run, tmp_path):
   strip, grid, arrays = tmp_path / "strip.png", tmp_path / "grid.png", tmp_path / "a.npy"
   assert cli.main(["interpolate", "--workdir", kid_run, "--num-frames", "5", "--pairs", "2", "--steps", "3",

@@ -222,6 +222,7 @@ def test_torch_twin_sample_command_matches_ddim_jax(trained_weights, tmp_path):
   assert np.max(np.abs(np.load(jax_arr) - a[:3])) > 1e-2  # another noise: other images
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_noise_file_of_the_wrong_shape_is_a_clear_error(trained_weights, tmp_path, capsys):
   bad = tmp_path / "bad.npy"
   np.save(bad, np.zeros((2, 8, 8, 3), np.float32))

@@ -305,6 +305,7 @@ def test_missing_tfds_extra_is_one_line_naming_the_extra(tmp_path, monkeypatch, 
   assert err.count("\n") == 1 and "pip install 'ddim-jax[tfds]'" in err, err
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_missing_torch_for_inception_weights_is_one_line(tmp_path, trained_weights, monkeypatch, capsys):
   pth = tmp_path / "inception_v3_google-0cc3c7bd.pth"
   pth.write_bytes(b"present")

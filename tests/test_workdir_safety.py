@@ -125,6 +125,7 @@ def test_readers_work_on_a_read_only_workdir_and_change_nothing(trained, tmp_pat
     assert not (workdir / "checkpoints" / checkpointing.QUARANTINE_DIRNAME).exists()
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_export_falls_back_past_a_newest_step_without_metadata(trained, tmp_path, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
@@ -138,6 +139,7 @@ def test_export_falls_back_past_a_newest_step_without_metadata(trained, tmp_path
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_the_checkpoint_digest_covers_the_normaliser(trained, tmp_path, capsys):
   """A normaliser edited on disk (the weights then mean other images) is caught like a flipped weight bit."""
   workdir = tmp_path / "run"
@@ -287,6 +289,7 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume(trained, tmp_path, cac
   assert metric_steps(workdir) == [2, 4, 6, 8, 10]
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_a_start_that_fails_before_training_leaves_no_run_record(trained, tmp_path, cache_dir, monkeypatch):
   from ddim_jax.infra import parallel
   workdir = tmp_path / "run"
@@ -368,6 +371,7 @@ def test_enospc_inside_a_save_is_one_line_naming_the_last_checkpoint(trained, tm
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_a_read_only_workdir_is_refused_for_training_in_one_line(trained, tmp_path, cache_dir, capsys):
   with read_only_copy(trained, tmp_path) as workdir:
     before = snapshot(workdir)
@@ -383,6 +387,7 @@ def test_a_read_only_workdir_is_refused_for_training_in_one_line(trained, tmp_pa
 # Starting over in a used workdir: --fresh sets the old run aside, whole.
 
 
+@pytest.mark.slow  # its fixture trains a model
 def test_fresh_sets_the_previous_run_aside_whole_and_starts_at_step_0(trained, tmp_path, cache_dir, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
