@@ -15,19 +15,23 @@ SMALL = dict(widths=(8, 16), block_depth=1)
 NORMALIZER = {"mean": np.array([0.1, 0.2, 0.3], np.float32), "variance": np.array([0.04, 0.05, 0.06], np.float32)}
 
 
-@pytest.fixture(params=["keras", "r"])
-def small(request):
-  """A small model with random numbers in every tensor (BatchNorm variances positive): the file's
-  round trips need distinct values, not a calibrated network, and nothing here compiles."""
-  model = models.create_model(request.param, **SMALL)
+def random_variables(model, seed=3):
+  """Random numbers in every tensor of ``model`` (BatchNorm variances positive): the file's round
+  trips and checks need distinct values, not a calibrated network, and nothing here compiles."""
   shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 16))
-  rng = np.random.default_rng(3)
+  rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
     value = rng.standard_normal(leaf.shape).astype(np.float32)
     return np.abs(value) + np.float32(0.5) if getattr(path[-1], "key", "") == "var" else value
 
-  return model, jax.tree_util.tree_map_with_path(fill, shapes)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(params=["keras", "r"])
+def small(request):
+  model = models.create_model(request.param, **SMALL)
+  return model, random_variables(model)
 
 
 @pytest.mark.slow
@@ -89,7 +93,7 @@ def _rewrite(path, out, mutate_tensors=None, mutate_meta=None):
 def weight_file(tmp_path):
   model = models.create_model("keras", **SMALL)
   path = str(tmp_path / "good.safetensors")
-  weight_files.save_weights(path, model, models.init_variables(model, jax.random.key(0), 16), NORMALIZER, 16)
+  weight_files.save_weights(path, model, random_variables(model), NORMALIZER, 16)
   return path
 
 
