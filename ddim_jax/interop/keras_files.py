@@ -4,8 +4,9 @@ The Keras DDIM example saves its ``DiffusionModel`` with ``save_weights("....wei
 ``network``, the ``ema_network`` (a ``clone_model`` of it) and the ``normalizer`` (a
 ``layers.Normalization`` adapted to the training images). Keras 3 writes one HDF5 group per layer
 that holds variables, named by the layer's class in the order of the functional model's ``layers``
-(``network/layers/conv2d_7/vars/0`` is the kernel of the eighth ``Conv2D`` in that order), never by
-the layer's own name. That order is Keras's: by the longest path to the output, ties broken by a
+(``ema_network/layers/conv2d_7/vars/0`` is the kernel of the EMA network's eighth ``Conv2D`` in that
+order), never by the layer's own name; where each part lands is ``NETWORK_PATHS`` and
+``NORMALIZER_PATHS``. That order is Keras's: by the longest path to the output, ties broken by a
 depth-first walk from the output (``keras.src.ops.function.map_graph``). ``keras_layer_names``
 rebuilds the example's graph (``get_network``: stem, down blocks, middle blocks, up blocks, head) and
 applies the same rule, so reading and writing need h5py only, not Keras; the tests check the rule
@@ -15,7 +16,7 @@ against real Keras.
   Conv2D vars/0 kernel (kh, kw, in, out), vars/1 bias   <-> .../weight (out, in, kh, kw), .../bias
   BatchNormalization (center=False, scale=False)
     vars/0 moving_mean, vars/1 moving_variance          <-> .../norm.running_mean, .../norm.running_var
-  normalizer/vars/0 mean, /1 variance, /2 count         <-> normalizer.mean, normalizer.variance
+  normaliser vars/0 mean, /1 variance, /2 count         <-> normalizer.mean, normalizer.variance
 
 A weight file holds one network: reading takes the ``ema_network`` (what the example samples with)
 or, with ``network="raw"``, the ``network``; writing puts the file's weights into both (and a
