@@ -57,7 +57,12 @@ def spec_embedding(x):
 
 
 def example_network(image_size, widths, block_depth, embedding=spec_embedding):
-  """``get_network`` of the example; returns (model, {id(layer): the twin's module name})."""
+  """``get_network`` of the example; returns (model, {id(layer): the twin's module name}).
+
+  Written here from the specification on purpose, not imported from ``interop/keras_network.py``:
+  the files Keras saves from this network are what the package must read, and the package's own
+  Keras network, filled from such a file, must compute what this one computes
+  (``test_the_packages_keras_network_is_the_examples``)."""
   tags = {}
 
   def tag(layer, name):
@@ -237,6 +242,21 @@ def test_keras_jax_and_torch_agree_on_the_converted_model(example, training):
   assert rel(torch_out, keras_out) <= 1e-5
 
 
+@pytest.mark.parametrize("network", ["ema", "raw"])
+def test_the_packages_keras_network_is_the_examples(example, network):
+  """``interop/keras_network.py`` (what ``parity --keras`` runs), filled from the example's saved
+  file through the layer-order rule, computes what the example's network computes."""
+  from ddim_jax.interop import keras_network
+  model, path, _ = example
+  ours, kwargs = keras_network.load_network(path, SIZE, network)
+  assert kwargs["widths"] == SMALL["widths"] and kwargs["block_depth"] == SMALL["block_depth"]
+  theirs = model.ema_network if network == "ema" else model.network
+  images, variances = inputs()
+  for train in (False, True):
+    want = keras_network.forward(theirs, images, variances, train)
+    assert rel(keras_network.forward(ours, images, variances, train), want) <= 1e-6, train
+
+
 def test_the_examples_own_float32_embedding_moves_the_prediction_a_little(example, tmp_path):
   """The example forms its angular speeds in float32 (exp of a linspace, times 2*pi): up to 4 ulps
   from the correctly rounded speeds the twins share, ~2e-3 rad at the top frequency. That alone,
@@ -318,15 +338,20 @@ def test_a_project_file_exported_to_keras_loads_in_the_example(tmp_path):
     np.testing.assert_array_equal(again[name], value)
 
 
-def _convert(*argv):
+def _cli(command, *argv):
+  """``ddim-jax COMMAND ARGV`` in process: (exit status, stdout, stderr)."""
   import contextlib
   import io
 
   from ddim_jax import cli
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main(["convert", *map(str, argv)])
+    code = cli.main([command, *map(str, argv)])
   return code, out.getvalue(), err.getvalue()
+
+
+def _convert(*argv):
+  return _cli("convert", *argv)
 
 
 def test_the_convert_command_both_ways_and_its_errors_in_one_line(example, trained_weights, tmp_path):
@@ -359,14 +384,7 @@ def test_the_convert_command_both_ways_and_its_errors_in_one_line(example, train
 
 
 def _parity(*argv):
-  import contextlib
-  import io
-
-  from ddim_jax import cli
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main(["parity", *map(str, argv)])
-  return code, out.getvalue(), err.getvalue()
+  return _cli("parity", *argv)
 
 
 def test_parity_with_keras_passes_on_the_same_model_and_fails_on_an_altered_file(trained_weights, example, tmp_path):
