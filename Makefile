@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 # TensorFlow + TFDS: only needed to PREPARE TFDS datasets (and by the tests of that path).
 $(VENV)/.installed-tfds: $(VENV)/.installed
-	$(PIP) install -q -e ".[torch,tfds,dev]"
+	$(PIP) install -q -e ".[torch,tfds,keras,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

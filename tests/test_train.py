@@ -346,13 +346,7 @@ def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
   single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
   result = run(train_command(single_dir, cache_dir, **extra), subprocess_env(4))
   assert result.returncode == 0, result.stderr[-3000:]
-  port = free_port()
-  procs = []
-  for pid in range(2):
-    env = subprocess_env(2)
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(train_command(multi_dir, cache_dir, **extra), env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  procs = two_processes(train_command(multi_dir, cache_dir, **extra), free_port())
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -365,7 +359,7 @@ def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
   for step in (2, 4):  # the sample grids (written by process 0) are the single process's
     pngs = [_png(d / "samples" / f"step_{step:07d}.png").astype(int) for d in (single_dir, multi_dir)]
     assert np.abs(pngs[0] - pngs[1]).max() <= 1, step
-  kids = [{r["step"]: r["val_kid"] for r in map(json.loads, open(d / "metrics.jsonl", encoding="utf-8"))
+  kids = [{r["step"]: r["val_kid"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
            if "val_kid" in r} for d in (single_dir, multi_dir)]
   assert sorted(kids[1]) == [2, 4] and kids[1][2] != kids[1][4]
   for step, value in kids[0].items():

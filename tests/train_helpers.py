@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -132,14 +133,36 @@ def wait_until(predicate, proc, timeout=300) -> bool:
   return False
 
 
+class FileOutputProcess(subprocess.Popen):
+  """A process whose stdout and stderr go to temporary files, not pipes: the two processes of one
+  distributed run are waited for one after the other, and a pipe the test is not reading yet fills
+  at 64 KiB, blocks its writer and with it both processes at their next collective. ``communicate``
+  waits, then returns the two files' text."""
+
+  def __init__(self, cmd, **kwargs):
+    self._files = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+    super().__init__(cmd, stdout=self._files[0], stderr=self._files[1], text=True, **kwargs)
+
+  def communicate(self, input=None, timeout=None):  # pylint: disable=redefined-builtin
+    del input
+    self.wait(timeout)
+    texts = []
+    for f in self._files:
+      f.seek(0)
+      texts.append(f.read())
+      f.close()
+    return tuple(texts)
+
+
 def two_processes(cmd, port, env=None):
   """Starts ``cmd`` as processes 0 and 1 of a jax.distributed run (2 CPU devices each) on 127.0.0.1.
 
-  ``env``: extra environment variables (a bucket's endpoint settings, ...).
+  ``env``: extra environment variables (a bucket's endpoint settings, ...). Their output goes to
+  files (``FileOutputProcess``).
   """
   procs = []
   for pid in range(2):
     env_pid = {**subprocess_env(2), **(env or {})}
     env_pid.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(cmd, env=env_pid, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs.append(FileOutputProcess(cmd, env=env_pid))
   return procs
