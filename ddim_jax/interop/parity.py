@@ -33,8 +33,9 @@ def precision(name: str = "highest"):
   'highest': ``jax.default_matmul_precision("highest")``, full float32 on GPUs and TPUs (what a
   float32 bound needs there). 'default': XLA's default (even where JAX_DEFAULT_MATMUL_PRECISION
   says otherwise): TF32 on Ampere and later GPUs, bf16 passes on TPUs; on CPU float32 either way.
-  In both cases torch's TF32 switches (CUDA matmuls, cuDNN convolutions) are off inside the block and restored after: the twin is the float32 reference
-  (it runs on the CPU here, where they do nothing).
+  In both cases torch's TF32 switches (CUDA matmuls, cuDNN convolutions) are off inside the block
+  and restored after: the twin is the float32 reference (it runs on the CPU here, where they do
+  nothing).
   """
   if name not in PRECISIONS:
     raise ValueError(f"unknown precision {name!r}; choose one of {PRECISIONS}")
@@ -142,6 +143,12 @@ def _apply(model, variables, images, noise_variances, train: bool):
   if train:
     return model.apply(variables, images, noise_variances, train=True, mutable=["batch_stats"])
   return model.apply(variables, images, noise_variances, train=False)
+
+
+def predict(model, variables, images, noise_variances, train: bool) -> np.ndarray:
+  """The model's noise prediction (BatchNorm on the batch's statistics when ``train``), as NumPy."""
+  out = _apply(model, variables, images, noise_variances, train)
+  return np.asarray(out[0] if train else out)
 
 
 def _apply_executable(model, train: bool, timer=no_timer, **inputs):

@@ -142,19 +142,14 @@ def bf16_rows(model, variables, image_size: int, *, steps: int, batch: int, seed
   images, noise_variances = parity.mixed_noise_inputs(batch, image_size, model.channels, seed)
   initial_noise = np.random.default_rng(seed + 3).standard_normal(images.shape).astype(np.float32)
 
-  def jax_forward(m, train):
-    if train:
-      return np.asarray(m.apply(variables, images, noise_variances, train=True, mutable=["batch_stats"])[0])
-    return np.asarray(m.apply(variables, images, noise_variances, train=False))
-
   def trajectory_outputs(out):  # every noisy state, then the final predicted images
     return np.concatenate([out["noisy_trajectory"].reshape(-1), out["pred_images"].reshape(-1)])
 
   with parity.precision("highest"):
-    reference = {train: jax_forward(model, train) for train in (False, True)}
+    reference = {train: parity.predict(model, variables, images, noise_variances, train) for train in (False, True)}
     reference_trajectory = trajectory_outputs(jax.tree.map(np.asarray, sampling.generate(
         model, variables, initial_noise, steps=steps, return_trajectory=True)))
-  ours = {train: jax_forward(half, train) for train in (False, True)}
+  ours = {train: parity.predict(half, variables, images, noise_variances, train) for train in (False, True)}
   our_trajectory = trajectory_outputs(jax.tree.map(np.asarray, sampling.generate(
       half, variables, initial_noise, steps=steps, return_trajectory=True)))
   theirs = {}
@@ -195,12 +190,9 @@ def keras_rows(model, variables, image_size: int, keras_path: str, *, steps: int
   images, noise_variances = parity.mixed_noise_inputs(batch, image_size, model.channels, seed)
   rows = []
   for train, bound in ((False, FORWARD_BOUND), (True, KERAS_BN_TRAIN_BOUND)):
-    if train:
-      out, _ = model.apply(variables, images, noise_variances, train=True, mutable=["batch_stats"])
-    else:
-      out = model.apply(variables, images, noise_variances, train=False)
+    out = parity.predict(model, variables, images, noise_variances, train)
     ref = keras_network.forward(network, images, noise_variances, train)
-    rows.append(_row(f"Keras: forward, BN {'train' if train else 'eval'}", np.max(np.abs(np.asarray(out) - ref)),
+    rows.append(_row(f"Keras: forward, BN {'train' if train else 'eval'}", np.max(np.abs(out - ref)),
                      np.max(np.abs(ref)), bound))
   initial_noise = np.random.default_rng(seed + 2).standard_normal(images.shape).astype(np.float32)
   ours = jax.tree.map(np.asarray, sampling.generate(model, variables, initial_noise, steps=steps,
