@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ddim_jax.data.images import BadImageError, preprocess_image
+from ddim_jax.data.images import BadImageError, ScaledImage, preprocess_image
 from ddim_jax.data.options import NUM_NAMES_IN_WARNING
 
 try:
@@ -32,11 +32,16 @@ def _single_threaded_blas():
   return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
-def preprocess_many(loaders: Sequence[Callable[[], np.ndarray]], names: Sequence[str], image_size: int,
-                     antialias: bool, desc: str) -> tuple[np.ndarray, list[tuple[str, str]], int]:
+def preprocess_many(loaders: Sequence[Callable[[], np.ndarray | ScaledImage]], names: Sequence[str],
+                    image_size: int, antialias: bool, desc: str) -> tuple[np.ndarray, list[tuple[str, str]], int]:
   """Runs every loader (decode) and `preprocess_image` in a thread pool, keeping the order.
 
-  PIL's decoders and NumPy's matrix products release the GIL, so threads scale on CPU cores.
+  PIL's decoders and NumPy's matrix products release the GIL, so threads scale on CPU cores. A
+  loader returns uint8 (H, W, 3) or a `ScaledImage` (`images.decode_scaled`). Memory: each thread
+  holds one decoded image, so the peak grows with the thread count (`_num_workers`). Images over
+  `images.max_image_pixels` are refused unread and those decoded whole beyond
+  `images.FULL_DECODE_PIXELS` take turns: at most one thread holds an image at the cap, the others
+  at most 16.8 MP each.
 
   Returns:
     (uint8 (n_ok, S, S, 3) in input order, [(name, reason) of skipped items], number upsampled).
@@ -46,7 +51,8 @@ def preprocess_many(loaders: Sequence[Callable[[], np.ndarray]], names: Sequence
       image = loader()
     except BadImageError as e:
       return None, str(e), False
-    return preprocess_image(image, image_size, antialias), None, min(image.shape[:2]) < image_size
+    shape = image.full_shape if isinstance(image, ScaledImage) else image.shape[:2]
+    return preprocess_image(image, image_size, antialias), None, min(shape) < image_size
 
   out = np.empty((len(loaders), image_size, image_size, 3), np.uint8)
   keep = np.zeros(len(loaders), bool)

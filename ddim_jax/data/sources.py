@@ -20,7 +20,7 @@ import numpy as np
 
 from ddim_jax import errors
 from ddim_jax.data.decode_pool import preprocess_many, warn_skipped
-from ddim_jax.data.images import decode_image, quantize, read_image_file, resize_weights
+from ddim_jax.data.images import ScaledImage, decode_scaled, quantize, read_image_file, resize_weights
 from ddim_jax.data.options import IMAGE_EXTENSIONS, NUM_NAMES_IN_WARNING, DataOptions
 from ddim_jax.data.splits import random_split
 
@@ -53,9 +53,10 @@ def folder_fingerprint(folder: str, files: Sequence[str]) -> str:
   return digest.hexdigest()[:16]
 
 
-def _read_file(path: str) -> Callable[[], np.ndarray]:
+def _read_file(path: str, image_size: int, antialias: bool) -> Callable[[], ScaledImage]:
   def load():  # a FIFO, device, dangling link or oversized file raises BadImageError (skipped)
-    return decode_image(read_image_file(path), exif_transpose=True)
+    # Decoded for its output size: a large photo at reduced scale, a pixel bomb refused unread.
+    return decode_scaled(read_image_file(path), image_size, exif_transpose=True, antialias=antialias)
   return load
 
 
@@ -75,7 +76,7 @@ def build_folder(options: DataOptions, image_size: int) -> tuple[dict, dict]:
   arrays, skipped, upsampled = {}, [], 0
   for split, idx in (("train", train_idx), ("validation", val_idx)):
     names = [files[i] for i in idx]
-    loaders = [_read_file(os.path.join(folder, name)) for name in names]
+    loaders = [_read_file(os.path.join(folder, name), image_size, options.antialias) for name in names]
     arrays[split], bad, small = preprocess_many(loaders, names, image_size, options.antialias, f"folder {split}")
     skipped += bad
     upsampled += small
