@@ -15,6 +15,7 @@ A leaf module: it imports no other module of ddim_jax.
 
 import itertools
 import os
+import re
 import warnings
 
 import jax
@@ -61,8 +62,35 @@ def configure_cpu_devices(spec, batch_size: int | None) -> int | None:
 
   Only the CPU client reads it (GPU/TPU devices are unaffected). Returns the count set, or None
   when left alone: ``XLA_FLAGS`` already forces a host device count (tests, users), or the
-  backend has already started (a warning says so).
+  backend has already started (a warning says so). Inference (``batch_size`` None: no
+  ``jax.distributed`` run to join before the backend starts) then starts the backend
+  (``start_backend``), so that a platform that does not start is one error here; training calls
+  ``start_backend`` itself, after ``initialize_distributed``.
   """
+  count = _set_cpu_devices(spec, batch_size)
+  if batch_size is None:
+    start_backend()
+  return count
+
+
+def start_backend() -> None:
+  """Starts JAX's backend now (after ``configure_cpu_devices`` and ``initialize_distributed``).
+
+  Raises:
+    errors.ConfigError: the platform ``JAX_PLATFORMS`` names (or an installed plugin's) does not
+      start here (``backend_error``); the message names it and the fix.
+  """
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:
+    error = backend_error(e)
+    if error is None:
+      raise
+    raise error from e
+
+
+def _set_cpu_devices(spec, batch_size: int | None) -> int | None:
+  """``configure_cpu_devices`` without starting the backend."""
   count = cpu_device_count(spec, batch_size, int(os.environ.get("JAX_NUM_PROCESSES", "1") or 1))  # validates
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return None
@@ -110,6 +138,51 @@ def initialize_distributed(enabled: bool | None = None, **kwargs) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
   jax.distributed.initialize(**kwargs)
   return True
+
+
+# JAX's message when a platform's backend does not start: "Unable to initialize backend 'tpu': <why>
+# (set JAX_PLATFORMS='' to ...)"; the advice in brackets is JAX's, replaced by ours.
+_BACKEND_FAILED = re.compile(r"Unable to initialize backend '([^']*)': (.*?)(?: \((?:set|you may need)[^()]*\))?$",
+                             re.S)
+# The JAX plugins of the accelerators (what to install when JAX_PLATFORMS names one).
+_PLUGINS = {"tpu": "jax[tpu]", "cuda": "jax[cuda12]", "gpu": "jax[cuda12]", "rocm": "the ROCm build of jaxlib"}
+
+
+def backend_error(error: BaseException, platforms: str | None = None) -> errors.ConfigError | None:
+  """The one-line error for JAX failing to start the platform it was asked for, or None for any other error.
+
+  JAX raises ``RuntimeError("Unable to initialize backend 'tpu': ...")`` at the first call that
+  needs devices when ``JAX_PLATFORMS`` names a platform that does not start here (no TPU, no
+  libtpu) or an installed plugin fails; with ``JAX_PLATFORMS=cuda`` and no NVIDIA GPU visible JAX
+  0.10 skips the platform and then fails a bare ``assert`` in ``xla_bridge``. The command's
+  one-line error names ``JAX_PLATFORMS`` and the fix instead of JAX's 40-line traceback.
+  ``platforms``: the value of ``JAX_PLATFORMS`` (None: JAX's setting, which it read from there).
+  """
+  platforms = str((jax.config.jax_platforms if platforms is None else platforms) or "").strip()
+  match = _BACKEND_FAILED.match(str(error)) if isinstance(error, RuntimeError) else None
+  if match:
+    platform, why = match.group(1), " ".join(match.group(2).split())
+  elif isinstance(error, AssertionError) and platforms and _raised_in(error, "xla_bridge.py"):
+    platform, why = platforms, "no device of that platform is visible"
+  else:
+    return None
+  plugin = _PLUGINS.get(platform.split(",")[0].strip().lower())
+  install = f"install JAX's plugin for it ({plugin})" if plugin else "install JAX's plugin for it"
+  if platforms:
+    return errors.ConfigError(
+        f"environment variable JAX_PLATFORMS={platforms!r}: JAX cannot start the {platform!r} backend ({why}); "
+        f"unset JAX_PLATFORMS (JAX then uses the devices it finds) or set it to cpu, or {install}")
+  return errors.ConfigError(
+      f"JAX cannot start the {platform!r} backend of an installed plugin ({why}); set JAX_PLATFORMS=cpu to skip "
+      f"it, or repair or uninstall that plugin")
+
+
+def _raised_in(error: BaseException, filename: str) -> bool:
+  """Whether the innermost frame of ``error``'s traceback is in a file named ``filename``."""
+  tb = error.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and os.path.basename(tb.tb_frame.f_code.co_filename) == filename
 
 
 class PeerProcessError(errors.Error, RuntimeError):

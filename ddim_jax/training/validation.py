@@ -5,6 +5,7 @@ compares the config with the newest checkpoint of the workdir, ``parse_profile_s
 ``train.profile_steps``. Every error is an ``errors.ConfigError``.
 """
 
+import numbers
 import warnings
 
 from etils import epath
@@ -12,7 +13,11 @@ from etils import epath
 from ddim_jax import errors
 from ddim_jax.core import models, sampling, schedules, step as step_lib
 from ddim_jax.infra import checkpointing, parallel, run_record
+from ddim_jax.quality import inception
 from ddim_jax.training import feed as feed_lib
+
+# Seeds: JAX keys and NumPy generators both take 0..2**32-1 (the --seed options' range, arguments.MAX_SEED).
+MAX_SEED = 2 ** 32 - 1
 
 
 def validate_config(config, num_devices: int) -> None:
@@ -57,6 +62,43 @@ def validate_config(config, num_devices: int) -> None:
   models.check_image_size(models.create_model(**config.model), int(config.model.image_size))
   require(int(config.sample.steps) >= 1, "sample.steps", config.sample.steps, "must be >= 1")
   parse_profile_steps(t.get("profile_steps", ""))
+  _validate_counts(config, require)
+
+
+def _is_int_in(value, low: int, high: float = float("inf")) -> bool:
+  """An integer (not a bool) in [low, high]."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= high
+
+
+def _validate_counts(config, require) -> None:
+  """The seeds, counts and sizes that were first read after the workdir was made (a traceback or a
+  late error then): every one here, before anything is created on disk."""
+  require(_is_int_in(config.seed, 0, MAX_SEED), "seed", config.seed, f"must be an integer in 0..{MAX_SEED}")
+  d, t, e = config.data, config.train, config.get("eval", {})
+  split_seed = d.get("split_seed", 1)
+  require(_is_int_in(split_seed, 0, MAX_SEED), "data.split_seed", split_seed, f"must be an integer in 0..{MAX_SEED}")
+  repetitions = d.get("repetitions", 1)
+  require(_is_int_in(repetitions, 1), "data.repetitions", repetitions,
+          "must be >= 1 (passes over the training images per epoch)")
+  fraction = d.get("validation_fraction", 0.2)
+  require(isinstance(fraction, numbers.Real) and not isinstance(fraction, bool) and 0 <= fraction < 1,
+          "data.validation_fraction", fraction,
+          "must be in [0, 1)")
+  keep = t.get("keep_checkpoints", 3)
+  require(_is_int_in(keep, 1), "train.keep_checkpoints", keep, "must be >= 1 (the newest checkpoints kept)")
+  require(_is_int_in(config.sample.num_images, 1), "sample.num_images", config.sample.num_images, "must be >= 1")
+  quality = e.get("num_quality_images", 500)  # the demo's digits metric
+  require(_is_int_in(quality, 2), "eval.num_quality_images", quality, "must be >= 2 (a metric compares sets)")
+  if int(t.get("kid_every", 0) or 0) > 0:  # read only when KID is on
+    # (key, the default that evaluation.make_training_kid reads, the least value, what it counts)
+    for key, default, low, what in (("kid_steps", 5, 1, "sampler steps"),
+                                    ("kid_batch_size", 64, 2, "images per KID batch"),
+                                    ("kid_image_size", 75, inception.MIN_IMAGE_SIZE, "Inception's input side")):
+      value = e.get(key, default)
+      require(_is_int_in(value, low), f"eval.{key}", value, f"must be an integer >= {low} ({what})")
+    num = e.get("num_kid_images")
+    require(num is None or _is_int_in(num, 2), "eval.num_kid_images", num,
+            "must be >= 2 or None (the whole validation split)")
 
 
 def check_resume_config(config, workdir: str) -> dict:
