@@ -8,8 +8,9 @@ import argparse
 import contextlib
 import math
 import os
+import stat
 
-from ddim_jax import errors
+from ddim_jax import errors, files
 
 # Argument types (argparse prints `ddim-jax CMD: error: argument --x: ...` and exits 2) and the
 # checks of what the parser cannot know (output paths, the environment).
@@ -103,6 +104,10 @@ def check_output(option: str, path: str | None, folder: bool = False) -> None:
   when the output is written (as the PNG writers do). Bucket paths and '-' (stdout) are not checked."""
   if not path or path == "-" or "://" in path:
     return
+  info = files.lstat_or_none(path)
+  if not folder and info is not None and not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+    # A link, a FIFO, a device: never written through or replaced (files.replace_file refuses it too).
+    raise files.unsafe(path, option, files.describe(info.st_mode), "it is left alone: remove it or choose another path")
   if folder and os.path.exists(path) and not os.path.isdir(path):
     raise errors.ConfigError(f"{option} {path!r} is a file; give a folder (it is created if missing)")
   if not folder and os.path.isdir(path):
@@ -128,8 +133,7 @@ def writing(option: str, path: str):
 def prepare_output(path: str) -> str:
   """Creates the missing folders of a local output file (PNG outputs do so themselves); returns ``path``."""
   if path and path != "-" and "://" not in path:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    files.ensure_parent(path)
   return path
 
 

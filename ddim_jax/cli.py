@@ -33,8 +33,8 @@ import time
 # Only light modules here: `ddim-jax --help` must not wait for JAX (each command imports what it
 # runs, inside its function).
 import ddim_jax
-from ddim_jax import errors
-from ddim_jax.infra import compilation_cache
+from ddim_jax import errors, files
+from ddim_jax.infra import compilation_cache, preemption
 from ddim_jax.arguments import (positive_int, nonnegative_int, seed_int, step_count, upscale_int, frame_count,
                                 cache_image_size, eta_float, step_counts, cpu_devices_arg, check_output, writing,
                                 prepare_output, check_environment, one_line, join_override_values,
@@ -61,6 +61,9 @@ EXPECTED_ERRORS = (errors.Error, FileNotFoundError, IsADirectoryError, NotADirec
 def cmd_train(args, overrides) -> int:
   """ddim-jax train: trains a config preset or file in a workdir (resuming from its checkpoints)."""
   from ddim_jax import configs
+  from ddim_jax.infra import object_store
+  # A bucket workdir that cannot be reached is one line within seconds, before JAX and the storage libraries start.
+  object_store.check_access(args.workdir)
   from ddim_jax.training import trainer
   config = configs.load_config(args.config, cpu_devices_override(args, overrides))
   trainer.train_and_evaluate(config, args.workdir, distributed=True if args.distributed else None,
@@ -70,8 +73,10 @@ def cmd_train(args, overrides) -> int:
 
 def cmd_export(args) -> int:
   """ddim-jax export: the newest checkpoint's EMA (or raw) weights as a safetensors weight file."""
-  from ddim_jax.inference import pipeline
+  from ddim_jax.infra import object_store
   check_output("--out", args.out)
+  object_store.check_access(args.workdir)  # a bucket that cannot be reached: one line, before JAX starts
+  from ddim_jax.inference import pipeline
   step, how = pipeline.export_weights(args.workdir, args.out, raw=args.raw, step=args.step)
   print(f"wrote {args.out} ({'raw' if args.raw else 'EMA'} weights of step {step}, {how})")
   return 0
@@ -115,8 +120,8 @@ def cmd_sample(args) -> int:
   print(f"wrote {args.out} ({len(images)} images of {source.description}, {args.steps} steps, eta={args.eta}, "
         f"batches split over {devices} device{'s' * (devices > 1)})")
   if args.array_out:
-    with writing("--array-out", args.array_out):
-      np.save(prepare_output(args.array_out), images)
+    files.ensure_parent(args.array_out, "--array-out")
+    files.replace_file(args.array_out, lambda f: np.save(f, images), "--array-out")
     print(f"wrote {args.array_out} (float32 images in [0, 1], NHWC)")
   if args.out_dir:
     with writing("--out-dir", args.out_dir):
@@ -601,9 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   """Entry point of the ``ddim-jax`` console script.
 
-  Exit status: 0 done, 2 an expected failure (one line naming the fix; ``errors.Error`` and missing
-  or unreadable paths), 3 a non-finite loss. Any other exception is a bug and keeps its traceback;
-  ``--debug`` or ``DDIM_JAX_DEBUG=1`` shows the traceback of expected failures too.
+  Exit status: 0 done, 2 an expected failure (one line naming the fix; ``errors.Error``, missing
+  or unreadable paths, a JAX_PLATFORMS whose backend does not start), 3 a non-finite loss, 130 Ctrl-C
+  (one line; training saves the step it is at first, a second Ctrl-C stops at once). Any other
+  exception is a bug and keeps its traceback; ``--debug`` or ``DDIM_JAX_DEBUG=1`` shows the
+  traceback of expected failures and of Ctrl-C too.
   """
   args, extra = build_parser().parse_known_args(argv)
   extra = join_override_values(extra)
@@ -611,14 +618,22 @@ def main(argv=None) -> int:
     build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
   debug = args.debug or os.environ.get(errors.DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
   try:
-    check_environment()
-    compilation_cache.enable()
-    return args.fn(args, extra) if getattr(args, "takes_overrides", False) else args.fn(args)
+    # Python's own SIGINT handler lost most Ctrl-Cs to JAX's gc callback and broke imports with them
+    # (preemption.raise_keyboard_interrupt); installed before JAX is imported.
+    with preemption.ctrl_c_raises_reliably():
+      check_environment()
+      compilation_cache.enable()
+      return args.fn(args, extra) if getattr(args, "takes_overrides", False) else args.fn(args)
   except EXPECTED_ERRORS as e:
     if debug:
       raise
     print(f"ddim-jax {args.command}: error: {one_line(e)}", file=sys.stderr)
     return getattr(e, "exit_status", 2)
+  except KeyboardInterrupt as e:  # Ctrl-C; training's says which step it saved (preemption.Interrupted)
+    if debug:
+      raise
+    print(f"ddim-jax {args.command}: interrupted{': ' + one_line(e) if str(e) else ''}", file=sys.stderr)
+    return 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 if __name__ == "__main__":

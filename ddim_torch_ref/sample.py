@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   """Entry point."""
   args = build_parser().parse_args(argv)
+  from ddim_jax import files  # pylint: disable=import-outside-toplevel  (the standard library only)
   from ddim_jax.inference import grids  # pylint: disable=import-outside-toplevel  (NumPy + Pillow only, no JAX)
   try:
     model, normalizer, metadata = weight_files.load_weights(args.weights)  # every metadata key validated
@@ -124,9 +125,14 @@ def main(argv=None) -> int:
     noise = numpy_noise(args.seed, (args.num_images, size, size, channels))
   images = sample_images(model, normalizer, noise, args.steps, args.eta, args.seed, args.batch_size,
                          schedules.DiffusionSpec.from_metadata(metadata))
-  grids.save_grid(images, args.out, rows=args.rows, upscale=grids.default_upscale(size, args.upscale))
-  if args.array_out:
-    np.save(args.array_out, images)
+  try:
+    grids.save_grid(images, args.out, rows=args.rows, upscale=grids.default_upscale(size, args.upscale))
+    if args.array_out:
+      files.ensure_parent(args.array_out, "--array-out")
+      files.replace_file(args.array_out, lambda f: np.save(f, images), "--array-out")
+  except ValueError as e:  # ddim_jax.files' one-line errors (a link, a FIFO, a full disk at the output)
+    print(f"ddim_torch_ref.sample: error: {e}", file=sys.stderr)
+    return 2
   print(f"wrote {args.out} ({len(images)} images, {args.steps} steps, eta={args.eta}, torch)")
   return 0
 

@@ -23,7 +23,8 @@ WEIGHT_KINDS = ("ema", "raw")
 
 def save_weights(path, model: models.UNet, normalizer, image_size: int, **extra) -> None:
   """Writes ``model``'s weights and the normaliser to ``path`` (atomically)."""
-  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.torch import save  # pylint: disable=import-outside-toplevel
+  from ddim_jax import files  # pylint: disable=import-outside-toplevel  (standard library only)
   tensors = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
   tensors["normalizer.mean"] = torch.as_tensor(np.asarray(normalizer["mean"], np.float32)).reshape(-1)
   tensors["normalizer.variance"] = torch.as_tensor(np.asarray(normalizer["variance"], np.float32)).reshape(-1)
@@ -33,9 +34,8 @@ def save_weights(path, model: models.UNet, normalizer, image_size: int, **extra)
       "embedding_dims": str(model.embedding_dims), "channels": str(model.channels), "image_size": str(image_size),
   }
   metadata.update({k: str(v) for k, v in extra.items() if v is not None})
-  tmp = f"{path}.tmp{os.getpid()}"
-  save_file(tensors, tmp, metadata=metadata)
-  os.replace(tmp, path)
+  files.ensure_parent(path)
+  files.replace_file(path, save(tensors, metadata=metadata))
 
 
 def _metadata_int(metadata, key: str, low: int, high: int, default=None) -> int:

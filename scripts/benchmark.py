@@ -805,8 +805,9 @@ def main(argv=None):
   if args.json == "-":
     print(text)
   else:
-    with open(args.json, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    from ddim_jax import files  # pylint: disable=import-outside-toplevel
+    files.ensure_parent(args.json, "--json")
+    files.replace_text(args.json, text + "\n", "--json")
 
 
 if __name__ == "__main__":

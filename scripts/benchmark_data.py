@@ -104,8 +104,9 @@ def main():
         f"{r['cache_load_seconds'] * 1e3:.1f} ms)")
     print(f"{r['what']:<62} {r['images_per_s']:>12,.0f} images/s{extra}")
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
+    from ddim_jax import files  # pylint: disable=import-outside-toplevel
+    files.ensure_parent(args.json, "--json")
+    files.replace_text(args.json, json.dumps(results, indent=1), "--json")
 
 
 if __name__ == "__main__":

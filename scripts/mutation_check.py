@@ -222,6 +222,38 @@ MUTATIONS = (
              "ddim_jax/training/reporting.py", "  steps = [_record_step(line) if line.strip() else None for line in lines]\n",
              "  steps = [json.loads(line)[\"step\"] if line.strip() else None for line in lines]\n",
              ("tests/test_workdir_safety.py::test_a_partial_last_metrics_line_is_dropped_on_resume",)),
+    # --- one owner for every file (ddim_jax/files.py, infra/run_dir.py, the lock) ---------------
+    Mutation("append_follows_links", "records are appended without O_NOFOLLOW (through a link, to a file outside)",
+             "ddim_jax/files.py",
+             "fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, 0o666)",
+             "fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _O_NONBLOCK | _O_CLOEXEC, 0o666)",
+             ("tests/test_path_safety.py::test_primitives_never_write_through_or_wait",)),
+    Mutation("lock_follows_links", "the workdir lock is opened without O_NOFOLLOW (truncates a linked file)",
+             "ddim_jax/infra/workdir_lock.py",
+             'flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)',
+             'flags = os.O_RDWR | getattr(os, "O_NONBLOCK", 0)',
+             ("tests/test_path_safety.py::test_the_lock_never_writes_through_what_is_at_its_name",)),
+    Mutation("lock_released_without_token_check", "a trainer's exit removes whatever lock is there, another's too",
+             "ddim_jax/infra/workdir_lock.py", "      elif self._fd is not None and self._is_at_path(self._fd):\n",
+             "      elif self._fd is not None:\n",
+             ("tests/test_path_safety.py::test_the_lock_is_released_only_by_its_holder",)),
+    Mutation("runs_appended_as_rewrite", "runs.jsonl is rewritten in place (truncate, then write it all) per start",
+             "ddim_jax/infra/run_dir.py", '      files.append_record(self.runs, line, "the workdir\'s")',
+             '      (lambda text: open(self.runs, "w", encoding="utf-8").write(text))((self._read_text(self.RUNS) or "")'
+             ' + line)',
+             ("tests/test_path_safety.py::test_a_killed_runs_jsonl_write_loses_no_record",)),
+    Mutation("fresh_without_journal", "train --fresh moves the run without its journal (a kill leaves it split)",
+             "ddim_jax/infra/run_dir.py", '      files.replace_text(self.journal, journal, "the workdir\'s")\n'
+             "    return self.finish_set_aside()",
+             "      files.ensure_folder(self.path(self.PREVIOUS, dest))\n"
+             "      for name in moved:\n"
+             "        os.rename(self.path(name), self.path(self.PREVIOUS, dest, name))\n"
+             "    return self.path(self.PREVIOUS, dest)",
+             ("tests/test_path_safety.py::test_a_fresh_killed_at_any_step_is_finished_by_the_next_start",)),
+    Mutation("retention_deletes_any_step_folder", "retention counts a user's checkpoints/7/ as a step (and deletes it)",
+             "ddim_jax/infra/checkpointing.py", "    if (epath.Path(metadata.path) / STEP_MARK).exists():\n",
+             "    if True:\n",
+             ("tests/test_path_safety.py::test_retention_and_restore_never_touch_a_users_step_named_folder",)),
     # --- the accelerator path ------------------------------------------------------------------
     Mutation("calls_pass_over_events", "a call of K steps runs past a log or checkpoint step",
              "ddim_jax/training/feed.py", "    if any(p > 0 and (end - 1) // p > step // p for p in self.intervals):\n",
@@ -369,8 +401,9 @@ def main(argv=None) -> int:
   print(f"\n{len(results) - len(survived)} of {len(results)} mutants killed"
         + (f"; SURVIVED: {', '.join(survived)}" if survived else ""))
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    from ddim_jax import files  # pylint: disable=import-outside-toplevel
+    files.ensure_parent(args.json, "--json")
+    files.replace_text(args.json, json.dumps(results, indent=2), "--json")
   return 1 if survived else 0
 
 

@@ -89,6 +89,24 @@ def _once_per_session(root, build):
 
 
 @pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  """One preprocessed-data cache (the bundled digits) shared by every training test, across the xdist
+  workers (the parent of each worker's base temp)."""
+  return tmp_path_factory.getbasetemp().parent / "data_cache"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+  """A finished tiny run (one per test module that asks): checkpoints at steps 4, 6 and 8 (every 2, the
+  last 3 kept)."""
+  from train_helpers import run, subprocess_env, train_command  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  result = run(train_command(workdir, cache_dir), subprocess_env(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="session")
 def trained_weights(tmp_path_factory):
   """Path-returning factory of the briefly trained parity models, built once per test session.
 

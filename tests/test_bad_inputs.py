@@ -21,7 +21,6 @@ import pickle
 import stat
 import subprocess
 import sys
-import threading
 import types
 
 import numpy as np
@@ -31,11 +30,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from ddim_jax import cli, configs, data, errors
+from ddim_jax import cli, configs, data, errors, files
 from ddim_jax.core import models
 from ddim_jax.interop import weight_files
 from ddim_jax.quality import inception, inception_weights
 from ddim_jax.data import images as image_io
+from train_helpers import run_with_deadline
 
 
 class _CodeOnUnpickle:
@@ -458,36 +458,19 @@ def test_bad_input_is_one_line_and_exit_status_2(case, inputs, workdir_inputs, c
 # The image-folder reader.
 
 
-def _run_with_deadline(fn, seconds=60):
-  """``fn()`` in a thread; fails (instead of hanging the suite) when it does not return in time."""
-  result = {}
-
-  def target():
-    try:
-      result["value"] = fn()
-    except BaseException as e:  # pylint: disable=broad-except
-      result["error"] = e
-
-  thread = threading.Thread(target=target, daemon=True)
-  thread.start()
-  thread.join(seconds)
-  assert not thread.is_alive(), f"still running after {seconds}s (blocked reading a FIFO?)"
-  if "error" in result:
-    raise result["error"]
-  return result["value"]
 
 
 def test_read_image_file_refuses_fifos_links_folders_and_oversized_files(tmp_path):
   good = tmp_path / "good.png"
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(good)
-  assert _run_with_deadline(lambda: image_io.read_image_file(str(good))) == good.read_bytes()
+  assert run_with_deadline(lambda: image_io.read_image_file(str(good))) == good.read_bytes()
   os.mkfifo(tmp_path / "fifo.png")
   os.symlink(tmp_path / "nowhere.png", tmp_path / "dangling.png")
   (tmp_path / "folder.png").mkdir()
   for name, reason in [("fifo.png", "not a regular file"), ("dangling.png", "dangling symbolic link"),
                        ("folder.png", "not a regular file")]:
     with pytest.raises(image_io.BadImageError, match=reason):
-      _run_with_deadline(lambda name=name: image_io.read_image_file(str(tmp_path / name)))
+      run_with_deadline(lambda name=name: image_io.read_image_file(str(tmp_path / name)))
   with pytest.raises(image_io.BadImageError, match="over the limit"):
     image_io.read_image_file(str(good), max_bytes=good.stat().st_size - 1)
   assert image_io.read_image_file(str(good), max_bytes=good.stat().st_size) == good.read_bytes()
@@ -503,7 +486,7 @@ def test_folder_build_skips_a_fifo_a_dangling_link_and_an_oversized_file(tmp_pat
   with open(folder / "huge.png", "wb") as f:
     f.truncate(image_io.MAX_IMAGE_BYTES + 1)  # sparse: no disk space used
   with pytest.warns(RuntimeWarning, match=r"skipped 3 of 8 files") as caught:
-    cache = _run_with_deadline(lambda: data.build_cache("folder", 8, folder=str(folder),
+    cache = run_with_deadline(lambda: data.build_cache("folder", 8, folder=str(folder),
                                                         cache_dir=str(tmp_path / "cache")))
   message = str(caught[0].message)
   for name, reason in [("x.png", "not a regular file"), ("link.jpg", "a dangling symbolic link"),
@@ -525,17 +508,17 @@ def test_save_weights_leaves_no_temporary_file_and_creates_missing_folders(tmp_p
   with pytest.raises(errors.ConfigError, match="is a folder"):
     weight_files.save_weights(str(target), model, variables, normalizer, 16)
   blocked = tmp_path / "blocked.safetensors"
-  original = weight_files.os.replace
+  original = files.os.rename  # every output is a temporary renamed over its path (ddim_jax.files)
 
-  def failing_replace(src, dst):
+  def failing_rename(src, dst):
     assert os.path.exists(src)  # the temporary file was written...
     raise OSError(28, "No space left on device")
-  weight_files.os.replace = failing_replace
+  files.os.rename = failing_rename
   try:
     with pytest.raises(errors.InputError, match="No space left"):
       weight_files.save_weights(str(blocked), model, variables, normalizer, 16)
   finally:
-    weight_files.os.replace = original
+    files.os.rename = original
   assert sorted(os.listdir(tmp_path)) == ["exists_as_folder.safetensors"]  # ...and removed
   nested = tmp_path / "new" / "folder" / "w.safetensors"
   weight_files.save_weights(str(nested), model, variables, normalizer, 16)

@@ -25,12 +25,6 @@ from train_helpers import BUCKET_RUN, TWO_PROCESS_RUN, free_port, run, subproces
 BUCKET = "ddim-test"
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  """One preprocessed-data cache (the bundled digits), the one of tests/test_train.py."""
-  return tmp_path_factory.getbasetemp().parent / "data_cache"
-
-
 # gcp-storage-emulator (2026.7.19) omits the x-goog-generation header of object downloads, which
 # GCS always sends; tensorstore's gcs driver needs it to re-read OCDBT manifests ("Malformed
 # StorageGeneration" on the second write of a checkpoint). The server is started with that header
@@ -400,13 +394,13 @@ def test_s3_lock_creation_is_atomic(s3_server):
 SET_ASIDE_SCRIPT = """
 import json, sys
 from etils import epath
-from ddim_jax.infra import workdir
+from ddim_jax.infra.run_dir import RunDir
 root = epath.Path(sys.argv[1])
 (root / "checkpoints" / "4").mkdir(parents=True, exist_ok=True)
 (root / "checkpoints" / "4" / "state").write_text("state of step 4")
 (root / "metrics.jsonl").write_text("metrics")
 (root / "train.lock").write_text("lock")
-print(json.dumps({"moved": workdir.set_aside_run(sys.argv[1], keep=("train.lock",))}))
+print(json.dumps({"moved": RunDir(sys.argv[1]).set_aside()}))
 """
 
 

@@ -16,12 +16,6 @@ from train_helpers import (TWO_PROCESS_RUN, final_state, free_port, run, subproc
                            assert_same_state)
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  """One preprocessed-data cache (the bundled digits), the one of tests/test_train.py."""
-  return tmp_path_factory.getbasetemp().parent / "data_cache"
-
-
 def test_to_unit_float_is_the_host_division_for_every_byte():
   values = np.arange(256, dtype=np.uint8)
   host = values.astype(np.float32) / np.float32(255.0)

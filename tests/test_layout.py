@@ -6,7 +6,7 @@
   (``ddim_jax``); ``from ddim_jax import x`` is an edge to ``ddim_jax.x`` when x is a submodule or
   subpackage, else to ``ddim_jax``.
 * The layers (``LAYERS``): each folder of ``ddim_jax`` imports only the folders below it: ``core``,
-  ``data``, ``infra`` and ``configs`` only ``errors``; ``quality`` and ``interop`` those; ``inference``
+  ``data``, ``infra`` and ``configs`` only the base (``errors``, and ``files``, which imports ``errors``); ``quality`` and ``interop`` those; ``inference``
   everything but ``training``; ``training`` everything but the command line. A planted upward
   import fails (tested on the real graph).
 * ``ddim_torch_ref`` never imports jax, flax or ddim_jax (but ``ddim_jax.inference.grids``, NumPy and
@@ -285,10 +285,13 @@ def test_no_import_cycles():
 
 
 # What each top-level module or folder of ddim_jax may import besides itself (bottom up).
-_BASE = {"errors"}
+# errors (the exception classes) and files (the only module that opens a path for writing) are the base
+# every layer stands on: every layer raises expected errors and writes files.
+_BASE = {"errors", "files"}
 LAYERS = {
     "ddim_jax": set(),  # the package __init__: a docstring and the version
     "errors": set(),
+    "files": {"errors"},
     "configs": _BASE,
     "core": _BASE,
     "data": _BASE,
@@ -339,13 +342,15 @@ def test_a_planted_upward_import_breaks_the_layers():
   graph["ddim_jax.core.models"]["ddim_jax.training.trainer"] = 7
   graph["ddim_jax.inference.pipeline"]["ddim_jax.training.feed"] = 9
   assert layer_violations(graph) == [
-      "ddim_jax.core.models (line 7) imports ddim_jax.training.trainer: core may import ['errors']",
+      "ddim_jax.core.models (line 7) imports ddim_jax.training.trainer: core may import ['errors', 'files']",
       "ddim_jax.inference.pipeline (line 9) imports ddim_jax.training.feed: inference may import "
-      "['configs', 'core', 'data', 'errors', 'infra', 'interop', 'quality']"]
+      "['configs', 'core', 'data', 'errors', 'files', 'infra', 'interop', 'quality']"]
 
 
 FORBIDDEN_IN_TWIN = ("jax", "flax", "ddim_jax")
-ALLOWED_IN_TWIN = ("ddim_jax.inference.grids",)  # NumPy + Pillow: the same PNG grids as ddim-jax sample
+# NumPy + Pillow: the same PNG grids as ddim-jax sample; and the standard-library file primitives, so
+# that the twin's outputs are written as safely as the package's.
+ALLOWED_IN_TWIN = ("ddim_jax.inference.grids", "ddim_jax.files")
 
 
 def test_torch_twin_never_imports_jax():
@@ -440,8 +445,11 @@ def test_a_planted_sampler_import_in_the_cli_is_caught():
 
 
 LEAVES = ("ddim_jax.infra.parallel", "ddim_jax.infra.checkpointing", "ddim_jax.data", "ddim_jax.errors", "ddim_jax.infra.workdir",
-          "ddim_jax.infra.flops", "ddim_jax.infra.digests", "ddim_jax.infra.preemption", "ddim_jax.infra.object_store")
-SHARED = "ddim_jax.errors"  # the exception classes: the one module every leaf may import
+          "ddim_jax.infra.flops", "ddim_jax.infra.digests", "ddim_jax.infra.preemption", "ddim_jax.infra.object_store",
+          "ddim_jax.files")
+# The base every leaf may import: the exception classes (which import nothing of ddim_jax) and the file
+# primitives (which import only the exception classes).
+SHARED = {"ddim_jax.errors": (), "ddim_jax.files": ("ddim_jax.errors",)}
 # The leaves a leaf is made of (and may import): the Checkpointer's digests, preemption and bucket paths.
 LEAF_PARTS = {"ddim_jax.infra.checkpointing": ("ddim_jax.infra.digests", "ddim_jax.infra.preemption",
                                                "ddim_jax.infra.object_store")}
@@ -449,13 +457,14 @@ LEAF_PARTS = {"ddim_jax.infra.checkpointing": ("ddim_jax.infra.digests", "ddim_j
 
 def test_parallel_checkpointing_and_data_are_leaves():
   """The modules the trainer calls import nothing else of ddim_jax (the data package only itself),
-  except the errors module, which imports nothing of ddim_jax at all, and their parts (``LEAF_PARTS``)."""
+  except the base (``SHARED``: errors, which imports nothing of ddim_jax at all, and files, which imports
+  only errors) and their parts (``LEAF_PARTS``)."""
   graph = import_graph(REPO)
   for name, imports in graph.items():
     leaf = next((l for l in LEAVES if name == l or name.startswith(l + ".")), None)
     if leaf is None:
       continue
-    allowed = () if leaf == SHARED else (SHARED, *LEAF_PARTS.get(leaf, ()))
+    allowed = SHARED[leaf] if leaf in SHARED else (*SHARED, *LEAF_PARTS.get(leaf, ()))
     outside = sorted(m for m in imports if m.startswith("ddim_jax") and m not in allowed
                      and not (m == leaf or m.startswith(leaf + ".")))
     assert not outside, f"{name} should be a leaf but imports {outside}"

@@ -23,12 +23,6 @@ from train_helpers import (TWO_PROCESS_RUN, assert_same_state, final_state, fina
                            subprocess_env, tiny_config, tiny_overrides, train_command, two_processes, wait_until)
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  """One preprocessed-data cache (the bundled digits) shared by every training test."""
-  return tmp_path_factory.getbasetemp().parent / "data_cache"
-
-
 # ------------------------------------------------------------------------------------------------
 # Parity with the torch training step.
 

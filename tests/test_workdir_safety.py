@@ -20,22 +20,8 @@ import pytest
 
 from ddim_jax import cli
 from ddim_jax.infra import checkpointing, workdir as workdir_lib, workdir_lock
+from ddim_jax.infra.run_dir import RunDir
 from train_helpers import free_port, run, subprocess_env, tiny_overrides, train_command, two_processes, wait_until
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  """One preprocessed-data cache (the bundled digits), the one of tests/test_train.py."""
-  return tmp_path_factory.getbasetemp().parent / "data_cache"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
-  """A finished tiny run: checkpoints at steps 4, 6 and 8 (every 2, the last 3 kept)."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  result = run(train_command(workdir, cache_dir), subprocess_env(1))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
 
 
 def snapshot(root) -> dict:
@@ -400,7 +386,7 @@ def test_fresh_sets_the_previous_run_aside_whole_and_starts_at_step_0(trained, t
 
   assert cli.main(["train", "--config", "demo", "--workdir", str(workdir), "--fresh", *other]) == 0
   moved = [line for line in capsys.readouterr().out.splitlines() if line.startswith("starting fresh")]
-  previous = workdir / workdir_lib.PREVIOUS_RUNS
+  previous = workdir / RunDir.PREVIOUS
   (stamp,) = os.listdir(previous)
   assert moved == [f"starting fresh: the previous run in {workdir} moved to {previous / stamp}"]
   assert snapshot(previous / stamp) == before  # every file, its size and its mtime: renamed, not rewritten
@@ -410,16 +396,20 @@ def test_fresh_sets_the_previous_run_aside_whole_and_starts_at_step_0(trained, t
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
-def test_set_aside_run_keeps_what_it_is_told_and_never_overwrites(tmp_path):
-  assert workdir_lib.set_aside_run(str(tmp_path / "missing")) is None
-  assert workdir_lib.set_aside_run(str(tmp_path)) is None  # empty
+def test_set_aside_moves_the_run_only_and_never_overwrites(tmp_path):
+  assert RunDir(tmp_path / "missing").set_aside() is None
+  assert RunDir(tmp_path).set_aside() is None  # empty
   (tmp_path / "metrics.jsonl").write_text("first")
   (tmp_path / workdir_lock.LOCK_FILE).write_text("held")
-  first = workdir_lib.set_aside_run(str(tmp_path), keep=(workdir_lock.LOCK_FILE,))
+  (tmp_path / "notes.txt").write_text("the user's")
+  with pytest.warns(UserWarning, match="notes.txt"):  # not the program's: left where it is, and said
+    first = RunDir(tmp_path).set_aside()
   (tmp_path / "metrics.jsonl").write_text("second")
-  second = workdir_lib.set_aside_run(str(tmp_path), keep=(workdir_lock.LOCK_FILE,))  # the same second: a suffix
+  with pytest.warns(UserWarning, match="notes.txt"):
+    second = RunDir(tmp_path).set_aside()  # the same second: a suffix
   assert first != second and os.path.dirname(first) == os.path.dirname(second) == str(tmp_path / "previous")
   assert open(os.path.join(first, "metrics.jsonl")).read() == "first"
   assert open(os.path.join(second, "metrics.jsonl")).read() == "second"
-  assert sorted(os.listdir(tmp_path)) == ["previous", workdir_lock.LOCK_FILE]
-  assert workdir_lib.set_aside_run(str(tmp_path), keep=(workdir_lock.LOCK_FILE,)) is None  # only earlier runs left
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt", "previous", workdir_lock.LOCK_FILE]
+  with pytest.warns(UserWarning, match="notes.txt"):
+    assert RunDir(tmp_path).set_aside() is None  # only earlier runs (and the user's file) left

@@ -166,3 +166,24 @@ def two_processes(cmd, port, env=None):
     env_pid.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
     procs.append(FileOutputProcess(cmd, env=env_pid))
   return procs
+
+
+def run_with_deadline(fn, seconds=60):
+  """``fn()`` in a thread; fails (instead of hanging the suite) when it does not return in time (a
+  command waiting on a FIFO, say)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  result = {}
+
+  def target():
+    try:
+      result["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      result["error"] = e
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert not thread.is_alive(), f"still running after {seconds}s (blocked reading a FIFO?)"
+  if "error" in result:
+    raise result["error"]
+  return result["value"]

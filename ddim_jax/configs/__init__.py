@@ -28,6 +28,9 @@ def config_path(spec: str) -> str:
     return spec
   if os.path.isdir(spec):
     raise errors.ConfigError(f"config {spec!r} is a folder; pass a preset {PRESETS} or a python file with get_config()")
+  if os.path.exists(spec):  # a FIFO, a device: never read (a FIFO would block the command)
+    raise errors.InputError(f"config file {spec!r} is not a regular file; pass a preset {PRESETS} or a python file "
+                            f"with get_config()")
   if os.sep in spec or spec.endswith(".py"):
     raise errors.MissingInputError(f"config file {spec!r} does not exist; pass a preset {PRESETS} or the path of a "
                                    f"python file with get_config()")
@@ -140,7 +143,33 @@ def load_config(spec: str, overrides=()):
   if not isinstance(config, ml_collections.ConfigDict):
     raise errors.ConfigError(f"config file {path!r}: get_config() returned a {type(config).__name__}, not an "
                              f"ml_collections.ConfigDict")
+  check_top_level_keys(config, path)
   return apply_overrides(config, overrides)
+
+
+# Top-level keys of the presets that the code reads with a default: a config file may leave them out.
+OPTIONAL_KEYS = ("cpu_devices",)
+
+
+def check_top_level_keys(config, path: str) -> None:
+  """Raises ``errors.ConfigError`` unless a config file's ``config`` has the presets' top-level keys.
+
+  The commands read ``config.train``, ``config.model``, ... directly: a file whose config lacks one
+  failed later with an AttributeError deep in a command. The ``default`` preset is the reference
+  (every preset starts from it); ``OPTIONAL_KEYS`` may be missing.
+  """
+  reference = get_preset("default")
+  missing = [key for key in reference.keys() if key not in config and key not in OPTIONAL_KEYS]
+  if missing:
+    raise errors.ConfigError(
+        f"config file {path!r}: get_config() returned a config without {', '.join(map(repr, missing))} (the presets "
+        f"have {', '.join(reference.keys())}); start from a preset in get_config(), e.g. `from ddim_jax.configs import "
+        f"default; config = default.get_config()`, then change what differs")
+  for key, value in reference.items():
+    if isinstance(value, ml_collections.ConfigDict) and not isinstance(config[key], ml_collections.ConfigDict):
+      raise errors.ConfigError(
+          f"config file {path!r}: config.{key} is a {type(config[key]).__name__}, not a group of keys (an "
+          f"ml_collections.ConfigDict like the presets' config.{key}); fix the file")
 
 
 def _first_line(error: BaseException) -> str:

@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-from ddim_jax import errors
+from ddim_jax import errors, files
 from ddim_jax.data.images import compute_normalizer
 from ddim_jax.data.options import CACHE_FORMAT, LOCAL_SOURCES, SPLITS, DataOptions, data_options
 from ddim_jax.data.sources import build_digits, build_folder, folder_fingerprint, list_image_files
@@ -68,15 +69,30 @@ def cache_path(options: DataOptions, image_size: int) -> str:
   return os.path.join(options.cache_dir, f"{name}-{image_size}px-{key['split']}-{aa}-{digest}")
 
 
-def _write_entry(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+def _move_aside(path: str, parent: str) -> str | None:
+  """A rebuild's old entry, renamed to a hidden name of this process; only a folder the cache wrote
+  (it holds meta.json) is moved, anything else at the entry's name is refused."""
+  info = files.lstat_or_none(path)
+  if info is None:
+    return None
+  if not stat.S_ISDIR(info.st_mode) or files.lstat_or_none(os.path.join(path, "meta.json")) is None:
+    raise files.unsafe(path, "the data cache entry", "not a cache entry (" + files.describe(info.st_mode) + ")",
+                       "it is left alone: move it away and run again")
+  old = os.path.join(parent, f".old-{os.getpid()}-{time.time_ns()}")
+  os.rename(path, old)
+  return old
+
+
+def _write_entry(path: str, arrays: dict[str, np.ndarray], meta: dict, force: bool = False) -> None:
   """Writes a cache entry atomically: a temporary directory renamed into place.
 
   Several processes may build the same entry at once (multi-host on a shared file system); the
-  first rename wins and the others discard their identical copy.
+  first rename wins and the others discard their identical copy. A rebuild (``force``) swaps the new
+  entry in and only then removes the old one: a failed rebuild keeps the old entry.
   """
   parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  files.ensure_folder(parent, "the data cache folder")
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)  # this process's own folder (0700 while it is written)
   try:
     for split, array in arrays.items():
       np.save(os.path.join(tmp, f"{split}.npy"), array)
@@ -85,21 +101,24 @@ def _write_entry(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
       json.dump({k: v.astype(float).tolist() for k, v in normalizer.items()}, f, indent=1)
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=1, sort_keys=True)
+    os.chmod(tmp, 0o777 & ~files.umask())  # readable as the user's umask allows, like any folder of theirs
+    old = _move_aside(path, parent) if force else None
     try:
       os.rename(tmp, path)
     except OSError:
       if not os.path.exists(os.path.join(path, "meta.json")):
         raise
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_meta(path: str) -> dict | None:
-  try:
-    with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
+  try:  # not through a link, never waiting on a FIFO: the cache folder may be shared
+    return json.loads(files.read_text(os.path.join(path, "meta.json"), follow=False, max_bytes=1 << 20))
+  except (OSError, ValueError, errors.Error):
     return None
 
 
@@ -149,8 +168,6 @@ def prepare_cache(config_data: Any, image_size: int, force: bool = False) -> Cac
   meta = None if force else _read_meta(path)
   if meta is not None:
     return CacheEntry(path, meta, built=False)
-  if force and os.path.exists(path):
-    shutil.rmtree(path)
   start = time.time()
   if options.dataset == "digits":
     arrays, info = build_digits(options, image_size)
@@ -160,7 +177,7 @@ def prepare_cache(config_data: Any, image_size: int, force: bool = False) -> Cac
     arrays, info = build_tfds(options, image_size)
   meta = {"key": cache_key(options, image_size), "splits": {k: int(len(v)) for k, v in arrays.items()},
           "seconds": round(time.time() - start, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-  _write_entry(path, arrays, meta)
+  _write_entry(path, arrays, meta, force)
   return CacheEntry(path, _read_meta(path) or meta, built=True)
 
 
@@ -180,8 +197,10 @@ def load_split(config_data: Any, split: str, image_size: int, mmap: bool = False
     raise errors.ConfigError(f"split must be one of {SPLITS}, got {split!r}")
   entry = prepare_cache(config_data, image_size)
   try:
+    with files.open_regular(entry.split_path(split), follow=False):  # a FIFO or a link there is refused
+      pass
     images = np.load(entry.split_path(split), mmap_mode="r" if mmap else None, allow_pickle=False)
-  except (OSError, ValueError, EOFError) as e:
+  except (OSError, ValueError, EOFError, errors.Error) as e:
     raise _damaged(entry.path, f"{split}.npy", e) from None
   if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
       or images.shape[1:] != (image_size, image_size, 3)):
@@ -195,13 +214,13 @@ def load_normalizer(config_data: Any, image_size: int) -> dict[str, np.ndarray]:
   """The stored per-channel {"mean", "variance"} (float32, (3,)) of the training split."""
   entry = prepare_cache(config_data, image_size)
   try:
-    with open(os.path.join(entry.path, "normalizer.json"), encoding="utf-8") as f:
-      stored = json.load(f)
+    stored = json.loads(files.read_text(os.path.join(entry.path, "normalizer.json"), follow=False,
+                                        max_bytes=1 << 20))
     normalizer = {k: np.asarray(stored[k], np.float32) for k in ("mean", "variance")}
     if any(v.shape != (3,) or not np.all(np.isfinite(v)) for v in normalizer.values()) or np.any(
         normalizer["variance"] < 0):
       raise ValueError(f"mean {stored['mean']}, variance {stored['variance']}: need 3 finite values each, "
                        f"variances >= 0")
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except (OSError, ValueError, KeyError, TypeError, errors.Error) as e:
     raise _damaged(entry.path, "normalizer.json", e) from None
   return normalizer

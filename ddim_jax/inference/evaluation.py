@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from ddim_jax import data, errors
+from ddim_jax import data, errors, files
 from ddim_jax.core import rng, sampling, schedules
 from ddim_jax.inference import pipeline, sharded
 from ddim_jax.infra import checkpointing
@@ -55,8 +55,8 @@ def write_json(path: str, record: dict) -> str:
   """Writes ``record`` as indented JSON to ``path`` (unless ``path`` is "-"); returns the JSON text."""
   text = json.dumps(record, indent=2, sort_keys=True)
   if path != "-":
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    files.ensure_parent(path, "--json")
+    files.replace_text(path, text + "\n", "--json")
   return text
 
 
@@ -110,27 +110,22 @@ def reference_features(real_images, feature_fn: FeatureFn, batch: int, mesh=None
   used = len(real_images) // batch * batch
   if cache_file is not None and os.path.exists(cache_file):
     try:
-      features = np.load(cache_file, allow_pickle=False)
+      with files.open_regular(cache_file, follow=False) as f:
+        features = np.load(f, allow_pickle=False)
       if features.ndim == 2 and len(features) == used and features.dtype == np.float32:
         return features
-    except (OSError, ValueError, EOFError):
-      pass  # damaged: computed again and rewritten below
+    except (OSError, ValueError, EOFError, errors.Error):
+      pass  # damaged (or not a file of ours): computed again and rewritten below
   real_images = data.unit_float(real_images)
   features = np.concatenate([np.asarray(sharded.map_rows(feature_fn, real_images[i:i + batch], mesh), np.float32)
                              for i in range(0, used, batch)])
   if cache_file is not None:
-    tmp = f"{cache_file}.tmp{os.getpid()}"
     try:
-      os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-      with open(tmp, "wb") as f:
-        np.save(f, features)
-      os.replace(tmp, cache_file)
-    except OSError as e:
-      warnings.warn(f"the real images' Inception features were not cached in {cache_file} ({e.strerror}); "
-                    "they are computed again next time", stacklevel=2)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+      files.ensure_folder(os.path.dirname(cache_file))
+      files.replace_file(cache_file, lambda f: np.save(f, features))
+    except errors.Error as e:
+      warnings.warn(f"the real images' Inception features were not cached in {cache_file} ({e}); they are computed "
+                    "again next time", stacklevel=2)
   return features
 
 

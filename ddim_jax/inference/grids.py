@@ -13,6 +13,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from ddim_jax import files
+
 
 def to_uint8(images) -> np.ndarray:
   """[0, 1] float images -> uint8 (values outside [0, 1] are clipped)."""
@@ -51,12 +53,17 @@ def make_grid(images, rows: int | None = None, pad: int = 2, upscale: int = 1) -
 
 def save_png(array: np.ndarray, path: str) -> str:
   """Writes a uint8 (H, W, 3) array as PNG (a local path or ``gs://...``), creating the parent folder."""
-  target = epath.Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Encoded in memory, then written as one object: a bucket has no seekable files for PIL.
+  # Encoded in memory, then written whole: a bucket has no seekable files for PIL, and a local file
+  # is replaced atomically (a full disk leaves the old PNG, a link or a FIFO at the path is refused).
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format="PNG")
-  target.write_bytes(buffer.getvalue())
+  if "://" in os.fspath(path):
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(buffer.getvalue())
+  else:
+    files.ensure_parent(path)
+    files.replace_file(path, buffer.getvalue())
   return path
 
 

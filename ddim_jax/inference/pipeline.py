@@ -16,6 +16,7 @@ those commands follows one of the conventions below, so that a run can be reprod
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -24,10 +25,10 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from ddim_jax import configs, data, errors
+from ddim_jax import configs, data, errors, files
 from ddim_jax.core import models, sampling, schedules, step as step_lib
 from ddim_jax.inference import sharded
-from ddim_jax.infra import checkpointing, parallel
+from ddim_jax.infra import checkpointing, object_store, parallel
 from ddim_jax.interop import weight_files
 from ddim_jax.infra import workdir as workdir_lib
 
@@ -65,10 +66,17 @@ def load_noise_file(path: str, num: int, image_shape) -> np.ndarray:
       an object array, text), another shape, fewer than ``num`` noises, or NaN/inf among them.
   """
   need = f"np.save a float32 array of shape (N >= {num}, {', '.join(map(str, image_shape))}) (NHWC)"
-  if not epath.Path(path).exists():
-    raise errors.MissingInputError(f"--noise-file {path!r} does not exist; {need}")
-  if not epath.Path(path).is_file():
-    raise errors.InputError(f"--noise-file {path!r} is not a regular file; {need}")
+  if "://" in path:
+    if not epath.Path(path).exists():
+      raise errors.MissingInputError(f"--noise-file {path!r} does not exist; {need}")
+  else:
+    try:  # opened without blocking and checked with fstat: a FIFO or a device is refused, never waited on
+      with files.open_regular(path, "--noise-file"):
+        pass
+    except errors.MissingInputError:
+      raise errors.MissingInputError(f"--noise-file {path!r} does not exist; {need}") from None
+    except files.UnsafePathError:
+      raise errors.InputError(f"--noise-file {path!r} is not a regular file; {need}") from None
   try:
     noise = np.load(path, mmap_mode="r", allow_pickle=False)  # mapped: only the first num rows are read
   except (ValueError, OSError, EOFError) as e:
@@ -173,6 +181,10 @@ def select_step(ckpt: checkpointing.Checkpointer, which: str | int | None = "lat
   except ValueError:
     raise errors.ConfigError(f"--checkpoint {which!r}: use latest, best or a step number") from None
   if step not in steps:
+    folder = epath.Path(ckpt.directory) / str(step)
+    if folder.exists():  # a folder of that name that is no checkpoint (a user's, a partial copy)
+      raise errors.MissingInputError(f"{folder} is not a checkpoint (orbax did not write it); the checkpoints there "
+                                     f"are steps {steps}")
     raise errors.MissingInputError(f"no checkpoint of step {step} in {ckpt.directory}; it holds steps {steps}")
   return step, f"step {step}"
 
@@ -190,33 +202,52 @@ def restore_checkpoint(workdir: str, ema: bool = True, step: str | int | None = 
 def restore_checkpoint_described(workdir: str, ema: bool = True, step: str | int | None = "latest"):
   """``restore_checkpoint`` plus how the step was chosen ("latest", "best: val_kid ...", "step N")."""
   workdir = workdir_lib.check_location(workdir)
+  # A bucket that cannot be reached (credentials, network, no such bucket) is one line within seconds; unchecked,
+  # epath's backends retry for up to minutes and then find "no checkpoints".
+  object_store.check_access(workdir)
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise errors.MissingInputError(f"no checkpoints in {workdir!r} (expected {directory}); train first with "
                                    f"`ddim-jax train --workdir {workdir}`")
-  # A reader: opens the checkpoints read-only (a live trainer may be writing the next step).
-  with checkpointing.Checkpointer(directory, best_metric=checkpointing.BEST_METRIC, async_save=False, read_only=True) as ckpt:
-    chosen, how = select_step(ckpt, step)
-    if how == "latest":  # the config of the newest step whose metadata reads (restore_latest falls back too)
-      newest = ckpt.newest_readable_meta()
-      if newest is None:
-        raise checkpointing.CheckpointRestoreError(
-            f"none of the checkpoints in {directory} (steps {ckpt.all_steps()}) has readable metadata; they are "
-            "damaged: train again, or restore the workdir from a copy")
-      meta = newest[1]
-    else:
-      meta = ckpt.read_meta(chosen)
-    config = ml_collections.ConfigDict(meta["config"])
-    model = models.create_model(**config.model)
-    step_config = step_lib.StepConfig.from_config(config)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = step_lib.abstract_train_state(model, step_config, int(config.model.image_size), jax.random.key(0), sharding)
-    if how == "latest":  # falls back to an older step if the newest does not restore
-      chosen, state, meta = ckpt.restore_latest(abstract)
-    else:
-      state, meta = ckpt.restore(chosen, abstract)
+  with warnings.catch_warnings():
+    if str(step).strip().isdigit():  # select_step's one error line names a folder of that name that is no step
+      warnings.filterwarnings("ignore", message=rf".*/{int(step)} is not a checkpoint",
+                              category=checkpointing.ForeignFolderWarning)
+    # A reader: opens the checkpoints read-only (a live trainer may be writing the next step).
+    with checkpointing.Checkpointer(directory, best_metric=checkpointing.BEST_METRIC, async_save=False,
+                                    read_only=True) as ckpt:
+      chosen, how, state, meta = _restore_selected(ckpt, step)
+  config = ml_collections.ConfigDict(meta["config"])
+  model = models.create_model(**config.model)
   normalizer = {k: np.asarray(v, np.float32) for k, v in meta["normalizer"].items()}
   return model, jax.device_get(state.variables(ema=ema)), normalizer, config, chosen, how
+
+
+def _restore_selected(ckpt: checkpointing.Checkpointer, step: str | int | None):
+  """(step, how, state, meta) of the checkpoint ``step`` selects (``select_step``) in a reader's ``ckpt``."""
+  chosen, how = select_step(ckpt, step)
+  # Each step is read with the model of its own config (from its metadata, checked against its digest):
+  # a damaged or edited newest step then never decides how the older ones are read.
+  if how == "latest":  # the newest step that restores; each step passed over is one warning line
+    restored = ckpt.restore_newest(_abstract_state_of)
+    if restored is None:  # the steps select_step saw are gone (a trainer's retention deleted them)
+      raise errors.MissingInputError(f"{ckpt.directory} holds no complete checkpoint any more; train first")
+    chosen, state, meta = restored
+    return chosen, how, state, meta
+  try:
+    state, meta = ckpt.restore_chosen(chosen, _abstract_state_of)
+  except checkpointing.CheckpointError as e:
+    raise type(e)(f"--checkpoint {step}: {e}; --checkpoint latest takes the newest step that restores") from e
+  return chosen, how, state, meta
+
+
+def _abstract_state_of(meta: dict):
+  """The abstract train state (on the first device) of a checkpoint's ``meta``: its config's model."""
+  config = ml_collections.ConfigDict(meta["config"])
+  model = models.create_model(**config.model)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return step_lib.abstract_train_state(model, step_lib.StepConfig.from_config(config), int(config.model.image_size),
+                                       jax.random.key(0), sharding)
 
 
 def export_weights(workdir: str, out: str, raw: bool = False, step: str | int | None = "latest") -> tuple[int, str]:

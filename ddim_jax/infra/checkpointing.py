@@ -14,15 +14,18 @@ import math
 import os
 import pathlib
 import shutil
+import sys
+import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from ddim_jax import errors
+from ddim_jax import errors, files
 from ddim_jax.infra import digests, object_store, preemption
 
 _STATE, _META, _INFO = "state", "meta", "info"
@@ -46,6 +49,100 @@ class CheckpointRestoreError(CheckpointError):
 
 class CheckpointRestoreWarning(UserWarning):
   """A checkpoint failed to restore and an older one is tried instead."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What a failed restore prints: one warning line, nothing else.
+
+
+def _reason(e: BaseException) -> str:
+  """``e`` as one short line: tensorstore's errors carry their whole multi-line spec after the message."""
+  text = str(e).split(" See full TensorStore details", 1)[0]
+  text = " ".join(text.split())
+  return f"{type(e).__name__}: {text[:300]}{' ...' if len(text) > 300 else ''}"
+
+
+def _warn(message: str, category: type[Warning] = CheckpointRestoreWarning) -> None:
+  """A warning of this module that shows as ONE line.
+
+  `warnings.warn` prints the caller's source line under the message; no source line exists for
+  line 0, so the warning is the message line alone (filters, ``-W`` and pytest.warns work as usual).
+  """
+  warnings.warn_explicit(message, category, filename="ddim-jax", lineno=0, module=__name__)
+
+
+# The reports that follow a failed restore. orbax reads a step's arrays concurrently; when one read
+# fails it closes its event loop and abandons the others, which tensorstore still completes: each
+# completion reports "RuntimeError: Event loop is closed" with a traceback (sys.unraisablehook with no
+# object, from tensorstore's threads, at any later moment; seen through sys.excepthook too), each
+# abandoned read an "Exception ignored in: <coroutine ...>" report when it is collected, and asyncio
+# logs "Future exception was never retrieved". Measured (docs/checkpoints.md): up to 18,000 lines for
+# a truncated newest step, after the one warning that says which step was skipped.
+_CLOSED_LOOP = "Event loop is closed"
+_READ_FAILED = "Encountered error while reading array index"
+# orbax's log lines of every read-only manager and of a step folder without its metadata file: a
+# reader's routine, or a step that the fallback names in its own warning.
+_READER_LOG_NOISE = ("CheckpointManagerOptions.read_only=True", "Given directory is read only",
+                     "Metadata file does not exist")
+
+
+def _is_abandoned_read_error(exc: BaseException | None) -> bool:
+  return exc is not None and (str(exc) == _CLOSED_LOOP or str(exc).startswith(_READ_FAILED))
+
+
+def _is_orbax_coroutine(obj: Any) -> bool:
+  code = getattr(obj, "cr_code", None)
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+class _FailedRestoreLogFilter(logging.Filter):
+  """Drops asyncio's reports of abandoned reads and orbax's routine reader lines (see above)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and _is_abandoned_read_error(record.exc_info[1]):
+      return False
+    text = record.getMessage()
+    if record.name == "asyncio" and (_CLOSED_LOOP in text or _READ_FAILED in text):
+      return False
+    return not text.startswith(_READER_LOG_NOISE)
+
+
+_LOG_FILTER = _FailedRestoreLogFilter()
+
+
+def quiet_failed_restores() -> None:
+  """Silences the reports of the abandoned reads of a failed restore, for this process (idempotent).
+
+  Only those are dropped: "Event loop is closed" errors, orbax coroutines collected unfinished, asyncio's
+  "Future exception was never retrieved" of a failed read, and orbax's routine reader log lines. Every
+  other report still reaches the previous hook. The failure itself is reported by the caller (one
+  warning line per skipped step, or one error line).
+  """
+  # Each hook is wrapped once; a hook someone set since (pytest does, per test) is wrapped again.
+  if not getattr(sys.excepthook, "_ddim_jax_quiet", False):
+    previous_excepthook = sys.excepthook
+
+    def excepthook(exc_type, exc, tb):
+      # From tensorstore's threads only: the main thread's own uncaught error is always shown.
+      if (exc_type is RuntimeError and str(exc) == _CLOSED_LOOP
+          and threading.current_thread() is not threading.main_thread()):
+        return
+      previous_excepthook(exc_type, exc, tb)
+
+    excepthook._ddim_jax_quiet = True
+    sys.excepthook = excepthook
+  if not getattr(sys.unraisablehook, "_ddim_jax_quiet", False):
+    previous_unraisablehook = sys.unraisablehook
+
+    def unraisablehook(unraisable):
+      if _is_abandoned_read_error(unraisable.exc_value) or _is_orbax_coroutine(unraisable.object):
+        return
+      previous_unraisablehook(unraisable)
+
+    unraisablehook._ddim_jax_quiet = True
+    sys.unraisablehook = unraisablehook
+  for name in ("asyncio", "absl"):
+    logging.getLogger(name).addFilter(_LOG_FILTER)  # the same object: added once
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,6 +176,15 @@ def _metric_score(metrics: Any, name: str, mode: str) -> float:
   return value
 
 
+def _check_meta_digest(meta: Mapping, info: Any) -> None:
+  """Raises `CheckpointCorruptError` when ``meta`` differs from the digest saved with it in ``info``."""
+  expected = info.get("meta_sha256") if isinstance(info, Mapping) else None
+  # Checkpoints written before the metadata digest existed have none: nothing to check then.
+  if expected and expected != digests.meta_digest(meta):
+    raise CheckpointCorruptError("restored metadata (normaliser, config, data position) differs from the "
+                                 "digest saved with it")
+
+
 def _prepare_directory(directory: str | os.PathLike, read_only: bool = False) -> str:
   """Absolute checkpoint directory; a writer's is created if needed and checked for writing.
 
@@ -86,6 +192,7 @@ def _prepare_directory(directory: str | os.PathLike, read_only: bool = False) ->
   """
   directory = os.fspath(directory)
   if object_store.is_remote(directory):  # gs:// and friends: let orbax/epath deal with remote storage.
+    object_store.check_access(directory)  # once per bucket and process: reachable, with credentials
     if directory.startswith("s3://"):
       object_store.route_s3_paths_to_tensorstore()
     return directory
@@ -103,6 +210,72 @@ def _prepare_directory(directory: str | os.PathLike, read_only: bool = False) ->
   if not os.access(path, os.W_OK | os.X_OK):
     raise PermissionError(f"checkpoint directory {path} is not writable")
   return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which folders are steps: only those orbax wrote.
+
+# The file orbax writes into every step folder it saves (and commits); a folder without it is not a
+# checkpoint of this program's, whatever its name.
+STEP_MARK = "_CHECKPOINT_METADATA"
+
+
+# What orbax puts in a step folder of this program's: its items and orbax's own files.
+ORBAX_STEP_NAMES = {_STATE, _META, _INFO, "commit_success.txt", "_METADATA", "_sharding"}
+
+
+class ForeignFolderWarning(UserWarning):
+  """A folder in checkpoints/ that looks like a step but was not written by orbax: left alone."""
+
+
+_warned_foreign: set[str] = set()
+
+
+class ProgramSteps(ocp.path.step.NameFormat):
+  """orbax's standard step names, restricted to folders orbax wrote (``STEP_MARK`` inside).
+
+  A user's ``checkpoints/7/`` (notes, a copy of something) is then no step: retention never deletes
+  it, a restore never tries it and a broken-step quarantine never moves it. It is named once in a
+  ``ForeignFolderWarning``.
+  """
+
+  def __init__(self, standard):
+    self._standard = standard
+
+  def build_name(self, step: int) -> str:
+    return self._standard.build_name(step)
+
+  def _is_orbax_step(self, metadata) -> bool:
+    path = epath.Path(metadata.path)
+    if (path / STEP_MARK).exists():
+      return True
+    # A step orbax was deleting (retention) when the process was killed has lost its mark but keeps
+    # orbax's items (or nothing at all): still orbax's, to restore-or-quarantine and delete as before.
+    names = {p.name for p in path.iterdir()} if path.is_dir() else {"?"}
+    if not names or names & ORBAX_STEP_NAMES:
+      return True
+    where = os.fspath(metadata.path)
+    if where not in _warned_foreign:
+      _warned_foreign.add(where)
+      _warn(f"{where} is not a checkpoint this program wrote (no {STEP_MARK} in it): it is left alone, "
+            "never restored, moved or deleted", ForeignFolderWarning)  # one line (see _warn)
+    return False
+
+  def find_all(self, base_path):
+    return (m for m in self._standard.find_all(base_path) if self._is_orbax_step(m))
+
+  def find_step(self, base_path, step: int):
+    metadata = self._standard.find_step(base_path, step)
+    if not self._is_orbax_step(metadata):
+      raise ValueError(f"no checkpoint of step {step} under {base_path}: {metadata.path} was not written by orbax")
+    return metadata
+
+  def __str__(self):
+    return f"ProgramSteps({self._standard})"
+
+
+def _step_format(atomicity_options=None):
+  return ProgramSteps(ocp.path.step.standard_name_format(atomicity_options=atomicity_options))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,6 +314,8 @@ class Checkpointer:
     if best_mode not in ("min", "max"):
       raise errors.ConfigError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     self.read_only = read_only
+    if read_only:  # before orbax opens the directory: its routine lines of a read-only manager are dropped
+      quiet_failed_restores()
     self.directory = _prepare_directory(directory, read_only)
     self.max_to_keep = max_to_keep
     self.best_metric = best_metric
@@ -154,7 +329,8 @@ class Checkpointer:
     if self.read_only:
       # No retention policy (a reader deletes nothing), no tmp clean-up, no directory creation.
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
-                                             max_to_keep=None, enable_async_checkpointing=False)
+                                             max_to_keep=None, enable_async_checkpointing=False,
+                                             step_name_format=_step_format())
       return ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META, _INFO))
     cm = ocp.checkpoint_managers
     policies = [cm.LatestN(n=self.max_to_keep)]
@@ -165,6 +341,8 @@ class Checkpointer:
       # BestN sorts ascending (descending with reverse) and keeps the tail: reverse for "min".
       policies.append(cm.BestN(get_metric_fn=best_fn, reverse=(mode == "min"), n=1,
                                keep_checkpoints_without_metrics=False))
+    atomicity = (ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+                 if self.directory.startswith("s3://") else None)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=cm.AnyPreservationPolicy(policies),
         # With best_fn set orbax writes the metrics (and reads them back on restart) that BestN ranks;
@@ -177,8 +355,9 @@ class Checkpointer:
         # commit_success.txt file. It does not know s3://, where its rename of a step's item folders
         # fails (s3fs 2026.9.0's mv(recursive=True) also copies the folder's own, nonexistent key:
         # NoSuchKey, after copying the files), so s3:// is committed the gs:// way too.
-        atomicity_options=(ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
-                           if self.directory.startswith("s3://") else None),
+        atomicity_options=atomicity,
+        # Only folders orbax wrote are steps: retention and quarantine never touch a user's folder.
+        step_name_format=_step_format(atomicity),
         create=True)
     return ocp.CheckpointManager(self.directory, options=options,
                                  item_names=(_STATE, _META, _INFO))
@@ -222,28 +401,54 @@ class Checkpointer:
     return bool(self._mngr.save(int(step), args=args, metrics=metrics, force=force))
 
   def read_meta(self, step: int) -> dict:
-    """The JSON ``meta`` item of ``step`` alone (e.g. the config, to build the abstract state)."""
-    restored = self._mngr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
-    return restored[_META]
+    """The JSON ``meta`` item of ``step`` alone (e.g. the config, to build the abstract state).
+
+    With ``verify`` it is checked against the digest saved with it (a step written before that digest
+    existed has none), so that an edited newest step never decides how the older ones are read.
+
+    Raises:
+      CheckpointCorruptError: the metadata is no JSON object or differs from its digest.
+      Exception: what orbax raises for a step that does not read (an item missing, invalid JSON).
+    """
+    items = {_META: ocp.args.JsonRestore(), **({_INFO: ocp.args.JsonRestore()} if self.verify else {})}
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    meta = restored[_META]
+    if not isinstance(meta, Mapping):
+      raise CheckpointCorruptError("its metadata is no JSON object")
+    if self.verify:
+      _check_meta_digest(meta, restored[_INFO])
+    return dict(meta)
 
   def newest_readable_meta(self) -> tuple[int, dict] | None:
     """(step, meta) of the newest step whose ``meta`` item reads, or None (no step, or none reads).
 
-    A step whose metadata is truncated or missing is passed over (with a `CheckpointRestoreWarning`),
-    as `restore_latest` passes over a step that does not restore.
+    A step whose metadata is truncated, missing or differs from its digest is passed over (with a
+    one-line `CheckpointRestoreWarning`), as `restore_latest` passes over a step that does not restore.
     """
+    quiet_failed_restores()
     self._mngr.reload()
     for step in sorted(self._mngr.all_steps(), reverse=True):
       try:
         meta = self.read_meta(step)
-        if not isinstance(meta, Mapping) or not isinstance(meta.get("config"), Mapping):
+        if not isinstance(meta.get("config"), Mapping):
           raise CheckpointCorruptError("its metadata holds no config")
-        return step, dict(meta)
+        return step, meta
       except Exception as e:  # noqa: BLE001  (any failure: try the previous step)
-        warnings.warn(f"checkpoint step {step} in {self.directory}: metadata unreadable "
-                      f"({type(e).__name__}: {str(e)[:300]}); trying the previous step", CheckpointRestoreWarning,
-                      stacklevel=2)
+        _warn(f"checkpoint step {step} in {self.directory}: metadata unreadable ({_reason(e)}); trying the "
+              "previous step")
     return None
+
+  def readable_steps(self) -> list[int]:
+    """The steps whose ``meta`` item reads (and matches its digest), ascending: the candidates a user may name."""
+    quiet_failed_restores()
+    steps = []
+    for step in self.all_steps():
+      try:
+        self.read_meta(step)
+      except Exception:  # noqa: BLE001  (a step that does not read is no candidate)
+        continue
+      steps.append(step)
+    return steps
 
   def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores one step and checks its digest; raises on any problem."""
@@ -261,17 +466,46 @@ class Checkpointer:
         raise CheckpointCorruptError(
             f"restored content differs from the digest saved with it at {len(bad)} leaves: "
             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    # Checkpoints written before the metadata digest existed have none: nothing to check then.
-    if self.verify and info.get("meta_sha256") and info["meta_sha256"] != digests.meta_digest(meta):
-      raise CheckpointCorruptError("restored metadata (normaliser, config, data position) differs from the "
-                                   "digest saved with it")
+    if self.verify:
+      _check_meta_digest(meta, info)
     return state, meta
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores checkpoint ``step`` (no fallback): (state, meta); see `restore_latest` for ``abstract_state``."""
     self.wait_until_finished()
     self._mngr.reload()
+    quiet_failed_restores()
     return self._restore_step(int(step), abstract_state)
+
+  def restore_chosen(self, step: int, abstract_for: Callable[[dict], Any]) -> tuple[Any, dict]:
+    """A reader's restore of a step the user named (no fallback), with the abstract state of its own config.
+
+    Args:
+      step: the step.
+      abstract_for: the abstract state (see `restore_latest`) of a step's ``meta`` (its config).
+
+    Returns:
+      (state, meta).
+
+    Raises:
+      CheckpointCorruptError: the step's content or metadata differs from the digest saved with it.
+      CheckpointRestoreError: it does not restore (damaged, or no checkpoint of this program).
+      Both in one line naming the step's folder and the steps whose metadata reads.
+    """
+    self.wait_until_finished()
+    self._mngr.reload()
+    quiet_failed_restores()
+    step = int(step)
+    try:
+      return self._restore_step(step, abstract_for(self.read_meta(step)))
+    except Exception as e:  # noqa: BLE001  (every failure of a named step is the same one line)
+      gc.collect()  # the abandoned reads of the failed restore, now (see quiet_failed_restores)
+      others = [s for s in self.readable_steps() if s != step]
+      valid = (f"the steps whose metadata reads: {', '.join(map(str, others))}" if others
+               else "no other step's metadata reads")
+      kind = CheckpointCorruptError if isinstance(e, CheckpointCorruptError) else CheckpointRestoreError
+      raise kind(f"checkpoint step {step} ({self.directory.rstrip('/')}/{step}) does not restore ({_reason(e)}); "
+                 f"{valid}") from e
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """Restores the newest checkpoint that restores cleanly.
@@ -287,22 +521,44 @@ class Checkpointer:
     Raises:
       CheckpointRestoreError: checkpoints exist but none restores (nothing is quarantined then).
     """
+    return self._restore_newest(lambda step: abstract_state, "is the abstract state right?")
+
+  def restore_newest(self, abstract_for: Callable[[dict], Any]) -> tuple[int, Any, dict] | None:
+    """A reader's `restore_latest`: each step is read with the abstract state of its own config.
+
+    The config comes from the step's own metadata, checked against its digest: a newest step whose
+    metadata was edited or damaged is skipped (one warning line) and never decides how the older
+    steps are read.
+
+    Args:
+      abstract_for: the abstract state (see `restore_latest`) of a step's ``meta``.
+
+    Returns:
+      (step, state, meta), or None when the directory holds no checkpoint.
+
+    Raises:
+      CheckpointRestoreError: checkpoints exist but none restores.
+    """
+    return self._restore_newest(lambda step: abstract_for(self.read_meta(step)),
+                                "they are damaged: train again, or restore the workdir from a copy")
+
+  def _restore_newest(self, abstract_of_step: Callable[[int], Any], hint: str) -> tuple[int, Any, dict] | None:
+    """`restore_latest` and `restore_newest`: newest first, one warning line per step passed over."""
     self.wait_until_finished()
     self._mngr.reload()  # The directory may have changed on disk since the manager opened it.
+    quiet_failed_restores()
     failed: list[int] = []
-    errors: list[str] = []
+    reasons: list[str] = []
     for step in sorted(self._mngr.all_steps(), reverse=True):
       try:
-        state, meta = self._restore_step(step, abstract_state)
+        state, meta = self._restore_step(step, abstract_of_step(step))
       except Exception as e:  # noqa: BLE001  (any failure means: try the previous checkpoint)
-        message = f"{type(e).__name__}: {str(e)[:500]}"
-        warnings.warn(f"checkpoint step {step} in {self.directory} failed to restore ({message}); "
-                      "falling back to the previous checkpoint", CheckpointRestoreWarning,
-                      stacklevel=2)
+        _warn(f"checkpoint step {step} in {self.directory} failed to restore ({_reason(e)}); falling back to the "
+              "previous checkpoint")
         failed.append(step)
-        errors.append(f"step {step}: {message}")
+        reasons.append(f"step {step}: {_reason(e)}")
         # orbax abandons the other array reads of a failed restore; collect them now, so that
-        # their "Exception ignored" reports appear here rather than at some later random point.
+        # their "Exception ignored" reports (silenced) happen here rather than at some later random point.
         gc.collect()
         continue
       if failed and not self.read_only:
@@ -310,15 +566,14 @@ class Checkpointer:
       return step, state, meta
     if failed:
       raise CheckpointRestoreError(
-          f"none of the {len(failed)} checkpoints in {self.directory} restored (is the abstract "
-          "state right?):\n" + "\n".join(errors))
+          f"none of the {len(failed)} checkpoints in {self.directory} restored ({hint}): " + "; ".join(reasons))
     return None
 
   def _quarantine(self, steps: Sequence[int]) -> None:
     """Moves broken step directories aside so that the resumed run can save those steps again."""
     if not object_store.is_remote(self.directory) and jax.process_index() == 0:
       target = pathlib.Path(self.directory) / QUARANTINE_DIRNAME
-      target.mkdir(exist_ok=True)
+      files.ensure_folder(str(target), "the checkpoints' quarantine folder")  # never a link to elsewhere
       for step in steps:
         source = pathlib.Path(self.directory) / str(step)
         if source.exists():
@@ -352,7 +607,11 @@ class Checkpointer:
     sign = 1.0 if self.best_mode == "min" else -1.0
     scores = {}
     for step in self.all_steps():
-      score = _metric_score(self.metrics(step), self.best_metric, self.best_mode)
+      try:
+        metrics = self.metrics(step)
+      except Exception:  # noqa: BLE001  (a step whose info does not read has no metric; it cannot be best)
+        continue
+      score = _metric_score(metrics, self.best_metric, self.best_mode)
       if math.isfinite(score):
         scores[step] = sign * score
     return min(scores, key=lambda s: (scores[s], s)) if scores else None

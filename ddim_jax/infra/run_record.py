@@ -1,7 +1,7 @@
 """The workdir as the record of a run: its config, its starts, and the resume guard.
 
 Besides ``checkpoints/`` (``checkpointing.py``) and the metrics (``reporting.MetricWriter``), every
-start of ``train_and_evaluate`` leaves (process 0, through ``etils.epath``, so a bucket works too):
+start of ``train_and_evaluate`` leaves (process 0, through ``run_dir.RunDir``, so a bucket works too):
 
   config.json   the resolved config of the newest start (every key, after overrides)
   runs.jsonl    one record per start: time, command line, where the config came from, the step it
@@ -22,12 +22,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-from etils import epath
 
 from ddim_jax import errors
+from ddim_jax.infra.run_dir import RunDir
 
-CONFIG_FILE = "config.json"
-RUNS_FILE = "runs.jsonl"
+CONFIG_FILE = RunDir.CONFIG
+RUNS_FILE = RunDir.RUNS
 
 # Keys (or key prefixes ending in ".") whose change makes a checkpoint meaningless for the run.
 INCOMPATIBLE = ("model.", "diffusion.", "data.", "train.batch_size", "train.lr_schedule", "train.warmup_steps")
@@ -125,22 +125,18 @@ def run_record(config_source: str | None, start_step: int, changes: Mapping[str,
 
 
 def write_run_files(workdir: str, config, record: Mapping[str, Any]) -> None:
-  """Writes ``config.json`` and adds ``record`` to ``runs.jsonl`` (process 0 only; a bucket works).
+  """Replaces ``config.json`` and appends ``record`` to ``runs.jsonl`` (process 0 only; a bucket works).
 
-  The record file is rewritten whole: bucket objects cannot be appended to.
+  Through ``RunDir``: the config is replaced atomically, the record appended in one write, so a kill at
+  any moment loses no earlier record.
   """
   if jax.process_index() != 0:
     return
-  root = epath.Path(workdir)
-  (root / CONFIG_FILE).write_text(config.to_json(indent=2, sort_keys=True) + "\n")
-  runs = root / RUNS_FILE
-  previous = runs.read_text() if runs.exists() else ""
-  runs.write_text(previous + json.dumps(dict(record), sort_keys=True) + "\n")
+  run_dir = RunDir(workdir)
+  run_dir.write_config(config.to_json(indent=2, sort_keys=True) + "\n")
+  run_dir.append_run(record)
 
 
 def read_runs(workdir: str) -> list[dict]:
-  """The records of ``runs.jsonl`` (empty when the workdir has none)."""
-  path = epath.Path(workdir) / RUNS_FILE
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The records of ``runs.jsonl`` (empty when the workdir has none; a partial last line is dropped)."""
+  return RunDir(workdir).read_runs()

@@ -4,13 +4,12 @@
   is refused before anything is read.
 - ``ensure_writable``: creates a trainer's workdir; a read-only filesystem, a folder of another user
   or a full disk is one line naming the folder and the fix.
-- ``set_aside_run``: ``train --fresh``: the run in a workdir moves to ``previous/<UTC time>/``, so a
-  new one starts there and nothing is lost.
 - ``is_disk_full`` / ``disk_full_error`` / ``check_room_for_checkpoint``: ENOSPC in any of its forms
   (Python, tensorstore's RESOURCE_EXHAUSTED with os_error_code 28, orbax's background threads)
   becomes one line naming the full device and the last good checkpoint.
 
-One trainer per workdir: ``workdir_lock``.
+What is in a workdir, and every write into it: ``run_dir.RunDir``. One trainer per workdir:
+``workdir_lock``.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import logging
 import os
 import shutil
 import sys
-import time
-from typing import Sequence
 
 from etils import epath
 
@@ -75,6 +72,10 @@ def _os_error_line(e: OSError, path: str) -> str | None:
     return f"{path}: a part of the path is a file, not a folder: give another --workdir"
   if e.errno == errno.ENOSPC:
     return f"no space left on the device of {path}: free some space or train in another --workdir"
+  if e.errno == errno.ENAMETOOLONG:
+    return f"{path}: a name in the path is too long for the filesystem: give a --workdir with shorter names"
+  if e.errno == errno.ELOOP:
+    return f"{path}: too many symbolic links in the path: give another --workdir"
   return None
 
 
@@ -98,64 +99,6 @@ def ensure_writable(workdir: str) -> None:
   if not os.access(workdir, os.W_OK | os.X_OK):
     read_only = bool(os.statvfs(workdir).f_flag & os.ST_RDONLY)
     raise errors.InputError(_os_error_line(OSError(errno.EROFS if read_only else errno.EACCES, ""), workdir))
-
-
-# ------------------------------------------------------------------------------------------------
-# Starting over in a used workdir.
-
-
-PREVIOUS_RUNS = "previous"  # workdir/previous/<UTC time>/: the runs that `train --fresh` set aside
-
-
-def set_aside_run(workdir: str, keep: Sequence[str] = ()) -> str | None:
-  """Moves everything in ``workdir`` but ``keep`` (and earlier set-aside runs) to ``previous/<UTC time>/``.
-
-  A new run then starts in ``workdir`` and the old one is kept whole (``--workdir`` of its folder
-  still evaluates, exports or resumes it). Local: renames, instant. Bucket: every object is copied
-  in the bucket (server-side), then the originals are deleted: an interruption leaves copies, never
-  a loss.
-
-  Returns:
-    The folder the run went to, or None when the workdir held nothing to set aside.
-  """
-  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-  if scheme_of(workdir) is not None:
-    return _set_aside_in_bucket(workdir, set(keep) | {PREVIOUS_RUNS}, stamp)
-  if not os.path.isdir(workdir):
-    return None
-  entries = sorted(name for name in os.listdir(workdir) if name not in {*keep, PREVIOUS_RUNS})
-  if not entries:
-    return None
-  dest, n = os.path.join(workdir, PREVIOUS_RUNS, stamp), 0
-  while os.path.exists(dest):
-    n += 1
-    dest = os.path.join(workdir, PREVIOUS_RUNS, f"{stamp}-{n}")
-  os.makedirs(dest)
-  for name in entries:
-    os.rename(os.path.join(workdir, name), os.path.join(dest, name))
-  return dest
-
-
-def _set_aside_in_bucket(workdir: str, skip: set[str], stamp: str) -> str | None:
-  """``set_aside_run`` in a bucket, with fsspec (a bucket has no rename: copy, then delete)."""
-  import fsspec  # pylint: disable=import-outside-toplevel
-  fs, root = fsspec.core.url_to_fs(workdir)
-  root = root.rstrip("/")
-  fs.invalidate_cache()
-  objects = sorted(o for o in fs.find(root) if o.startswith(root + "/")) if fs.exists(root) else []
-  moved = [o for o in objects if o[len(root) + 1:].split("/", 1)[0] not in skip]
-  if not moved:
-    return None
-  taken = {o[len(root) + 1:].split("/")[1] for o in objects if o[len(root) + 1:].startswith(PREVIOUS_RUNS + "/")}
-  name, n = stamp, 0
-  while name in taken:
-    n += 1
-    name = f"{stamp}-{n}"
-  dest = f"{root}/{PREVIOUS_RUNS}/{name}"
-  for obj in moved:
-    fs.copy(obj, f"{dest}/{obj[len(root) + 1:]}")
-  fs.rm(moved)
-  return f"{workdir.rstrip('/')}/{PREVIOUS_RUNS}/{name}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,9 +37,8 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
-from ddim_jax import configs, errors
+from ddim_jax import configs, errors, files
 from ddim_jax.core import models, schedules
 from ddim_jax.interop import weight_files
 
@@ -171,14 +170,107 @@ class KerasFile:
 
 
 def _first_group(f, paths):
-  return next((f[p] for p in paths if p in f), None)
+  # Only a group: iterating an h5py Dataset (or testing ``in`` on it) reads it row by row.
+  h5py = _h5py()
+  return next((f[p] for p in paths if p in f and isinstance(f[p], h5py.Group)), None)
+
+
+# What a .weights.h5 may declare, checked on the datasets' shapes and dtypes before a value is read
+# (a 170 KB file can declare a 2 GB dataset of compressed or never-written chunks, which h5py fills
+# with zeros on reading: 8.6 GB at the peak of a conversion). Keras writes its variables
+# uncompressed, so a real file holds the values it declares: at most DECLARED_PER_FILE_BYTE times its
+# size plus DECLARED_SLACK_BYTES (room for a recompressed file's zero vectors), and MAX_DECLARED_BYTES
+# in all (two networks of 256 M float32 parameters; the Keras example's file holds 15.6 MB).
+MAX_DECLARED_BYTES = 2 * 2 ** 30
+DECLARED_PER_FILE_BYTE = 4
+DECLARED_SLACK_BYTES = 16 * 2 ** 20
+# The widest channel count any U-Net the package accepts feeds a layer: an up block's input (its
+# width plus a skip) or the first block's (widths[0] + embedding_dims).
+_MAX_IN_CHANNELS = max(2 * models.MAX_WIDTH, models.MAX_WIDTH + models.MAX_EMBEDDING_DIMS)
+_MAX_VECTOR = _MAX_IN_CHANNELS  # a bias, a BatchNormalization statistic, a normaliser statistic
+
+
+def _byte_text(n: int) -> str:
+  return f"{n / 1e3:,.0f} KB" if n < 1e6 else f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.1f} GB"
+
+
+def _declared(dataset) -> str:
+  size = _byte_text(int(dataset.size) * dataset.dtype.itemsize)
+  return f"dataset {dataset.name.lstrip('/')!r} declares shape {tuple(dataset.shape)} {dataset.dtype} ({size})"
+
+
+def _variables(path: str, vars_group) -> list:
+  """The datasets of a layer's ``vars`` group in Keras's order (0, 1, ...), unread."""
+  h5py = _h5py()
+  items = []
+  for key in vars_group:
+    item = vars_group.get(key)
+    if not key.isdigit() or not isinstance(item, h5py.Dataset):
+      raise errors.InputError(f"Keras weights file {path!r}: {vars_group.name.lstrip('/')}/{key} is not a variable "
+                              f"(Keras writes datasets named 0, 1, ...); give the .weights.h5 that "
+                              f"`model.save_weights` of the Keras example wrote")
+    items.append((int(key), item))
+  return [item for _, item in sorted(items, key=lambda kv: kv[0])]
+
+
+def _check_declared(path: str, networks: Mapping[str, Mapping[str, list]], normalizer: list) -> None:
+  """Refuses, before a value is read, a dataset whose declared dtype or shape no layer of the package's
+  U-Nets has, one stored outside the file, and a file that declares more values than it can hold.
+
+  A Conv2D layer is a kernel (k, k, in, out) with k 1 or 3, in <= _MAX_IN_CHANNELS, out <=
+  models.MAX_WIDTH, and a bias (out,); a BatchNormalization layer two vectors of one length; other
+  datasets at most _MAX_VECTOR values. The exact shapes of the file's architecture are checked after
+  reading (`keras_network_to_state_dict`), as an override may give that architecture.
+  """
+  fix = "nothing was read: give the .weights.h5 that `model.save_weights` of the Keras example wrote"
+  total, largest = 0, None
+  for group_name, datasets in [(f"{net}/{name}", values) for net, groups in networks.items()
+                               for name, values in groups.items()] + [("normalizer", normalizer)]:
+    layer = group_name.rsplit("/", 1)[-1]
+    for i, dataset in enumerate(datasets):
+      if dataset.dtype.kind not in "fiu" or dataset.dtype.itemsize > 8:
+        raise errors.InputError(f"Keras weights file {path!r}: {_declared(dataset)}, not a number type Keras writes "
+                                f"(float32); {fix}")
+      if dataset.external or dataset.is_virtual:
+        raise errors.InputError(f"Keras weights file {path!r}: {_declared(dataset)} stored in other files (external "
+                                f"or virtual storage), which Keras never writes; {fix}")
+      shape, first = tuple(int(n) for n in dataset.shape), tuple(int(n) for n in datasets[0].shape)
+      if layer.startswith("conv2d") and i == 0:
+        ok = (len(shape) == 4 and shape[0] == shape[1] and shape[0] in (1, 3) and 1 <= shape[2] <= _MAX_IN_CHANNELS
+              and 1 <= shape[3] <= models.MAX_WIDTH)
+        expected = f"a Conv2D kernel (k, k, in, out) with k 1 or 3, in <= {_MAX_IN_CHANNELS}, out <= {models.MAX_WIDTH}"
+      elif layer.startswith("conv2d"):
+        ok, expected = i == 1 and shape == first[3:], f"only the bias {first[3:]} of the Conv2D kernel {first}"
+      elif layer.startswith("batch_normalization"):
+        ok = len(shape) == 1 and 1 <= shape[0] <= _MAX_IN_CHANNELS and shape == first
+        expected = f"BatchNormalization statistics of one shape (channels,), channels <= {_MAX_IN_CHANNELS}"
+      else:
+        ok, expected = dataset.size <= _MAX_VECTOR and len(shape) <= 4, f"at most {_MAX_VECTOR} values"
+      if not ok:
+        raise errors.InputError(f"Keras weights file {path!r}: {_declared(dataset)}, but the package's U-Nets need "
+                                f"{expected} there; {fix}")
+      size = int(dataset.size) * dataset.dtype.itemsize
+      total += size
+      if largest is None or size > largest[0]:
+        largest = (size, dataset)
+  file_size = os.path.getsize(path)
+  limit = min(MAX_DECLARED_BYTES, DECLARED_PER_FILE_BYTE * file_size + DECLARED_SLACK_BYTES)
+  if total > limit:
+    raise errors.InputError(
+        f"Keras weights file {path!r} declares {_byte_text(total)} of values in {_byte_text(file_size)} (the largest, "
+        f"{_declared(largest[1])}), over the {_byte_text(limit)} such a file can hold: compressed or unwritten data, "
+        f"not what Keras's save_weights writes; {fix}")
 
 
 def read_keras_file(path: str) -> KerasFile:
   """Reads the example's ``.weights.h5``: both networks' layer variables and the normaliser's.
 
+  Every dataset's declared shape and dtype is checked before any value is read (`_check_declared`):
+  reading costs at most the memory of the values a real file holds.
+
   Raises:
-    InputError: the file is missing, not HDF5, or lacks a network or the normaliser (naming it).
+    InputError: the file is missing, not HDF5, lacks a network or the normaliser (naming it), or
+      declares a dataset no U-Net of the package has or more values than the file can hold.
   """
   h5py = _h5py()
   if not os.path.isfile(path):
@@ -196,14 +288,19 @@ def read_keras_file(path: str) -> KerasFile:
         raise errors.InputError(f"Keras weights file {path!r} has no {network!r} (looked for {' or '.join(paths)}): "
                                 f"it is not the Keras DDIM example's DiffusionModel (normalizer, network, "
                                 f"ema_network) saved with save_weights")
-      networks[network] = {name: [np.asarray(v) for _, v in sorted(group[name]["vars"].items(),
-                                                                    key=lambda kv: int(kv[0]))]
-                           for name in group if "vars" in group[name] and len(group[name]["vars"])}
+      layers = {name: group.get(name) for name in group}
+      networks[network] = {name: _variables(path, layer["vars"]) for name, layer in layers.items()
+                           if isinstance(layer, h5py.Group) and isinstance(layer.get("vars"), h5py.Group)
+                           and len(layer["vars"])}
     norm = _first_group(f, NORMALIZER_PATHS)
     if norm is None:
       raise errors.InputError(f"Keras weights file {path!r} has no normalizer: save the example's DiffusionModel "
                               f"after model.normalizer.adapt(...)")
-    normalizer = [np.asarray(v) for _, v in sorted(norm.items(), key=lambda kv: int(kv[0]))]
+    normalizer = _variables(path, norm)
+    _check_declared(path, networks, normalizer)  # before a single value is read
+    networks = {network: {name: [np.asarray(v) for v in values] for name, values in groups.items()}
+                for network, groups in networks.items()}
+    normalizer = [np.asarray(v) for v in normalizer]
     raw = f.attrs.get(METADATA_ATTR)
     metadata = json.loads(raw) if raw is not None else None
   return KerasFile(path, networks, normalizer, metadata)
@@ -332,7 +429,7 @@ def _write_recorded(keras_file: KerasFile, weights, out: str) -> dict[str, Any]:
   tensors = keras_network_to_state_dict(weights, model_kwargs)
   normalizer = _normalizer(keras_file, int(model_kwargs["channels"]))
   tensors.update({f"normalizer.{k}": v for k, v in normalizer.items()})
-  weight_files.write_atomically(out, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata)))
+  weight_files.write_atomically(out, weight_files.safetensors_writer(tensors, metadata))
   weight_files.check_written(out)
   return {"metadata": dict(metadata), "normalizer": f"recorded in {keras_file.path}", "model": "recorded in the file"}
 
@@ -364,8 +461,8 @@ def weights_to_keras_file(weights_path: str, out: str) -> dict[str, str]:
     else:
       groups[group] = [state[f"{twin_name}.weight"].transpose(2, 3, 1, 0), state[f"{twin_name}.bias"]]
 
-  def write(tmp):
-    with h5py.File(tmp, "w") as f:
+  def write_h5(buffer):
+    with h5py.File(buffer, "w") as f:
       f.attrs[METADATA_ATTR] = json.dumps(dict(metadata), sort_keys=True)
       for paths in NETWORK_PATHS.values():
         for group, values in groups.items():
@@ -376,5 +473,8 @@ def weights_to_keras_file(weights_path: str, out: str) -> dict[str, str]:
       norm.create_dataset("0", data=np.asarray(normalizer["mean"], np.float32))
       norm.create_dataset("1", data=np.asarray(normalizer["variance"], np.float32))
       norm.create_dataset("2", data=np.int64(0))
-  weight_files.write_atomically(out, write)
+  # HDF5 seeks and reads back while it writes: it builds the file in memory (a few MB), then the
+  # bytes go to ``out`` as every other output does.
+  content = files.buffer_writer(write_h5)
+  weight_files.write_atomically(out, lambda f: f.write(content))
   return dict(metadata)

@@ -16,9 +16,10 @@ import os
 import jax
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import numpy as safetensors_numpy
+from safetensors.numpy import load_file
 
-from ddim_jax import data, errors
+from ddim_jax import data, errors, files
 from ddim_jax.core import models
 from ddim_jax.interop import weight_files
 from ddim_jax.interop.parity import batch_statistics, nchw, no_timer
@@ -70,12 +71,10 @@ def initial_variables(model, image_size: int, seed: int = 0, cache_dir: str = ""
             for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
     flat["__key__"] = np.frombuffer(json.dumps(key, sort_keys=True).encode(), np.uint8)
     try:
-      os.makedirs(cache_dir, exist_ok=True)
-      tmp = f"{path}.tmp{os.getpid()}"
-      save_file(flat, tmp)
-      os.replace(tmp, path)
-    except OSError:
-      pass  # an unwritable cache costs the next run a compile, nothing else
+      files.ensure_parent(path)
+      files.replace_file(path, safetensors_numpy.save(flat))
+    except (OSError, errors.Error):
+      pass  # an unwritable cache (or something else at its path) costs the next run a compile, nothing else
   return variables
 
 

@@ -17,7 +17,6 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
 from ddim_jax import configs, data, errors
 from ddim_jax.core import models, schedules
@@ -54,8 +53,8 @@ def weights_to_torch_file(weights_path: str, out: str) -> dict[str, str]:
                 if k not in weight_files.NORMALIZER_KEYS}
   normalizer = {key.split(".", 1)[1]: torch.from_numpy(np.ascontiguousarray(tensors[key]))
                 for key in weight_files.NORMALIZER_KEYS}
-  weight_files.write_atomically(out, lambda tmp: torch.save({"state_dict": state_dict, "normalizer": normalizer,
-                                       "metadata": dict(metadata)}, tmp))
+  weight_files.write_atomically(out, lambda f: torch.save({"state_dict": state_dict, "normalizer": normalizer,
+                                                          "metadata": dict(metadata)}, f))
   return metadata
 
 
@@ -94,7 +93,7 @@ def _write_described(torch_path: str, loaded: Mapping[str, Any], out: str) -> di
     if key not in normalizer:
       raise errors.InputError(f"torch file {torch_path!r}: the normaliser lacks {key!r}")
     tensors[f"normalizer.{key}"] = weight_files.to_numpy(normalizer[key]).astype(np.float32).reshape(-1)
-  weight_files.write_atomically(out, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata)))
+  weight_files.write_atomically(out, weight_files.safetensors_writer(tensors, metadata))
   weight_files.check_written(out)
   return {"metadata": dict(metadata), "normalizer": f"recorded in {torch_path}"}
 

@@ -29,9 +29,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors import numpy as safetensors_numpy
+from safetensors.numpy import load_file
 
-from ddim_jax import errors
+from ddim_jax import errors, files
 from ddim_jax.core import models, schedules
 
 FORMAT = "ddim-jax-weights"
@@ -299,43 +300,37 @@ def save_weights(path: str, model, variables, normalizer: Mapping[str, Any], ima
   if os.path.isdir(path):
     raise errors.ConfigError(f"{path!r} is a folder; give the weight file's path, e.g. {os.path.join(path, 'model')}"
                              f".safetensors")
-  parent = os.path.dirname(os.path.abspath(path))
-  try:
-    os.makedirs(parent, exist_ok=True)
-  except OSError as e:
-    raise errors.ConfigError(f"cannot create the folder of {path!r} ({e.strerror}); choose another path") from None
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    save_file(tensors, tmp, metadata=model_metadata(model, image_size, **extra))
-    os.replace(tmp, path)
-  except (OSError, SafetensorError) as e:
-    raise errors.InputError(f"cannot write the weight file {path!r} ({getattr(e, 'strerror', None) or e}); choose "
-                            f"another path") from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  write_atomically(path, safetensors_writer(tensors, model_metadata(model, image_size, **extra)), "weight file")
 
 
-def write_atomically(path: str, write) -> None:
-  """``write(tmp)`` then renames ``tmp`` to ``path``: a failed write never leaves a half file at ``path``."""
+def safetensors_writer(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None):
+  """A ``write(f)`` of a safetensors file of ``tensors`` (for ``write_atomically``)."""
+  def write(f) -> None:
+    try:
+      f.write(safetensors_numpy.save(dict(tensors), metadata=None if metadata is None else dict(metadata)))
+    except SafetensorError as e:
+      raise errors.InputError(f"cannot serialise the weight file ({e})") from None
+  return write
+
+
+def write_atomically(path: str, write, what: str = "--out") -> None:
+  """``write(f)`` (a binary file object) into a new temporary file, then renamed to ``path``
+  (``files.replace_file``): a failed write never leaves a half file at ``path``; a link, a FIFO or a
+  device at ``path`` is refused, never written through; an existing file keeps its mode, a new one
+  gets ``0666 & ~umask``."""
   if os.path.isdir(path):
     raise errors.ConfigError(f"{path!r} is a folder; give the file's path")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  files.ensure_parent(path, what)
+  files.replace_file(path, write, what)
 
 
 def check_written(path: str) -> None:
   """Reads ``path`` back as every command would; a file that does not load is removed, not left behind."""
+  written = os.lstat(path)
   try:
     load_weights(path)
   except errors.Error:
-    os.remove(path)
+    files.remove_own(path, written)  # the file this command wrote, nothing that replaced it since
     raise
 
 

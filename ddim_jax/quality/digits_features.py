@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax import data
+from ddim_jax import data, files
 from ddim_jax.quality import digits_metric
 
 # The training recipe of the shipped weights (``train_feature_params``' defaults).
@@ -93,12 +93,13 @@ def train_feature_params(seed: int = TRAIN_SEED, epochs: int = TRAIN_EPOCHS, bat
 
 def save_feature_params(path: str, params: Mapping[str, np.ndarray], record: Mapping[str, Any]) -> None:
   """Writes the weights as safetensors, with how they were made (``record``) as string metadata."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=import-outside-toplevel
   metadata = {"format": "ddim_jax.quality.digits_metric feature network",
               "produced_by": "python scripts/train_digits_features.py "
                              "(ddim_jax.quality.digits_features.train_feature_params)",
               "data": "sklearn.datasets.load_digits, 16x16 bilinear, training split of the demo preset "
                       "(random_split(1797, 0.8, split_seed=1)), sklearn labels"}
   metadata.update({k: str(v) for k, v in record.items()})
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}, path, metadata=metadata)
+  files.ensure_parent(path)
+  files.replace_file(path, safetensors_numpy.save({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()},
+                                                  metadata=metadata))

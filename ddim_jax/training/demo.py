@@ -10,11 +10,11 @@ it returns.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 from ddim_jax.core import schedules
 from ddim_jax.inference import grids, pipeline
+from ddim_jax.infra.run_dir import RunDir
 from ddim_jax.interop import weight_files
 from ddim_jax.quality import digits_metric
 from ddim_jax.training import trainer
@@ -65,15 +65,16 @@ def run_demo(config, workdir: str, config_source: str | None = None, fresh: bool
   start = time.time()
   trainer.train_and_evaluate(config, workdir, config_source=config_source, fresh=fresh)
   model, variables, normalizer, config, step = pipeline.restore_checkpoint(workdir)
-  weights = os.path.join(workdir, "demo.safetensors")
+  run_dir = RunDir(workdir)
+  weights = run_dir.path(RunDir.DEMO_WEIGHTS)
   spec = schedules.DiffusionSpec.from_config(config)
   weight_files.save_weights(weights, model, variables, normalizer, int(config.model.image_size), spec,
                             data=config.data, weights="ema", step=step)
   images = pipeline.sample_images(model, variables, normalizer, int(config.sample.num_images),
                                   int(config.model.image_size), int(config.sample.steps), 0.0, config.seed, 64, spec)
-  out = grids.save_grid(images, os.path.join(workdir, "samples.png"),
+  out = grids.save_grid(images, run_dir.path(RunDir.DEMO_GRID),
                         upscale=grids.default_upscale(int(config.model.image_size)))
-  result = DemoResult(out, weights, os.path.join(workdir, "metrics.jsonl"), step, 0.0, config.seed,
+  result = DemoResult(out, weights, run_dir.metrics, step, 0.0, config.seed,
                       int(config.sample.steps))
   if digits_metric.is_digits(config.data):
     num, steps = int(config.eval.num_quality_images), int(config.sample.steps)

@@ -44,8 +44,10 @@ _tensorboardx = _import_tensorboardx()
 SummaryWriter = _tensorboardx.SummaryWriter
 tensorboard_hparams = _tensorboardx.summary.hparams
 
+from ddim_jax import files
 from ddim_jax.inference import evaluation
 from ddim_jax.infra import checkpointing, object_store, run_record
+from ddim_jax.infra.run_dir import RunDir
 from ddim_jax.training import feed as feed_lib
 
 
@@ -62,13 +64,17 @@ def _record_step(line: str) -> int | None:
     return None
 
 
-def _truncate_records(path: pathlib.Path, last_step: int) -> None:
+# metrics.jsonl is read whole on resume: a run logging every step for millions of steps stays under this.
+METRICS_READ_CAP = 1 << 30
+
+
+def _truncate_records(path: str, last_step: int) -> None:
   """Keeps the records of ``path`` (JSON lines with a "step") up to ``last_step``; atomic rewrite.
 
   A line that does not parse (a crash or a full disk mid-write leaves a partial last line) is
   dropped with a warning instead of making every resume fail.
   """
-  lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+  lines = files.read_text(path, "the workdir's", follow=False, max_bytes=METRICS_READ_CAP).splitlines(keepends=True)
   steps = [_record_step(line) if line.strip() else None for line in lines]
   bad = [i + 1 for i, (line, step) in enumerate(zip(lines, steps)) if line.strip() and step is None]
   if bad:
@@ -77,9 +83,7 @@ def _truncate_records(path: pathlib.Path, last_step: int) -> None:
   kept = [line if line.endswith("\n") else line + "\n"
           for line, step in zip(lines, steps) if step is not None and step <= last_step]
   if kept != lines:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    files.replace_text(path, "".join(kept), "the workdir's")
 
 
 class MetricWriter:
@@ -102,22 +106,21 @@ class MetricWriter:
       self._staging = tempfile.mkdtemp(prefix="ddim_jax_metrics_") if object_store.is_remote(workdir) else None
       self._synced = {}  # staged file -> size last copied up
       self.local_dir = self._staging or os.fspath(workdir)
-      local_jsonl = pathlib.Path(self.local_dir, "metrics.jsonl")
-      remote_jsonl = self._workdir / "metrics.jsonl"
+      local = RunDir(self.local_dir)
+      remote_jsonl = epath.Path(RunDir(workdir).metrics)
       if self._staging and remote_jsonl.exists():  # a resumed run keeps the earlier records
-        local_jsonl.write_bytes(remote_jsonl.read_bytes())
-      if local_jsonl.exists():
-        _truncate_records(local_jsonl, start_step)
-      self._jsonl = open(local_jsonl, "a", encoding="utf-8")
+        files.replace_file(local.metrics, remote_jsonl.read_bytes())
+      if files.lstat_or_none(local.metrics) is not None:
+        _truncate_records(local.metrics, start_step)
+      self._jsonl = files.RecordFile(local.metrics, "the workdir's")
       # purge_step: TensorBoard hides the points of earlier event files at steps >= it.
-      self._tb = SummaryWriter(os.path.join(self.local_dir, "tensorboard"), purge_step=int(start_step) + 1)
+      self._tb = SummaryWriter(local.folder(RunDir.TENSORBOARD), purge_step=int(start_step) + 1)
 
   def write(self, step: int, metrics: dict) -> None:
     """Appends one record {step, **metrics}; TensorBoard tags ``train/<name>``, KID as ``val/kid``."""
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
     for name, value in metrics.items():
       self._tb.add_scalar(TENSORBOARD_TAGS.get(name, f"train/{name}"), float(value), int(step))
 
@@ -140,7 +143,6 @@ class MetricWriter:
     """Copies the staged files that changed up to a bucket workdir (nothing to do for a local one)."""
     if not (self.enabled and self._staging):
       return
-    self._jsonl.flush()
     self._tb.flush()
     self._upload()
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
 
 from ddim_jax import data, errors
 from ddim_jax.core import models, rng, schedules, step as step_lib
@@ -28,6 +27,7 @@ from ddim_jax.inference import evaluation, grids, sharded
 from ddim_jax.infra import checkpointing, parallel, preemption, run_record
 from ddim_jax.infra import workdir as workdir_lib
 from ddim_jax.infra import workdir_lock
+from ddim_jax.infra.run_dir import RunDir
 from ddim_jax.training import feed as feed_lib, init_weights, reporting, validation
 
 
@@ -128,6 +128,7 @@ class _Run:
   state_is_finite: Any
   state_bytes: int
   writer: reporting.MetricWriter
+  lock: workdir_lock.WorkdirLock | None  # checked before each save (one-process runs; see check_still_held)
   report: reporting.ProgressReport
   profile: reporting.ProfileWindow
   clock: reporting.TrainingClock
@@ -158,6 +159,7 @@ class _Run:
           f"train.learning_rate or check the data")
     # The previous save (and orbax's deletion of old steps) first: orbax would wait for it anyway.
     self.ckpt.wait_until_finished()
+    workdir_lock.check_still_held(self.lock, step, self.ckpt.latest_step())
     workdir_lib.check_room_for_checkpoint(self.workdir, self.state_bytes, step)
     self.ckpt.save(step, state, _checkpoint_meta(self.config, self.normalizer, data_position, step),
                    metrics={k: float(v) for k, v in host_metrics.items()}, force=force)
@@ -166,7 +168,7 @@ class _Run:
   def sample(self, step: int, state) -> None:
     """``samples/step_<n>.png`` and the TensorBoard image of the EMA weights' grid."""
     grid = write_sample_grid(self.eval_model, state.variables(ema=True), self.normalizer_dev, self.config, step,
-                             mesh=self.mesh, path=str(epath.Path(self.workdir) / "samples" / f"step_{step:07d}.png"))
+                             mesh=self.mesh, path=RunDir(self.workdir).sample_grid(step))
     self.writer.write_image("samples", step, grid)
 
   def close(self, failing: bool) -> None:
@@ -175,8 +177,13 @@ class _Run:
                + ([self.ckpt.abandon] if failing else [self.ckpt.wait_until_finished, self.ckpt.close]), failing)
 
 
-def _start_run(config, workdir: str, progress: bool, config_source: str | None) -> _Run:
-  """Mesh, models, data, KID, the restored or fresh state, the feed, the banner, the step and the outputs."""
+def _start_run(config, workdir: str, progress: bool, config_source: str | None,
+               lock: workdir_lock.WorkdirLock | None, signals: preemption.StopSignals) -> _Run:
+  """Mesh, models, data, KID, the restored or fresh state, the feed, the banner, the step and the outputs.
+
+  ``signals`` are installed once the data are ready: a Ctrl-C before then stops at once (nothing to
+  save), one after it saves the step the loop is at.
+  """
   is_main = jax.process_index() == 0
   # A workdir of another config is refused before anything is prepared, compiled or restored.
   changes = validation.check_resume_config(config, workdir)
@@ -201,11 +208,11 @@ def _start_run(config, workdir: str, progress: bool, config_source: str | None) 
 
   # State: the newest checkpoint that restores, or a fresh init.
   init_key = rng.purpose_key(config.seed, rng.INIT)
-  ckpt = checkpointing.Checkpointer(epath.Path(workdir) / "checkpoints",
+  ckpt = checkpointing.Checkpointer(RunDir(workdir).checkpoints,
                                     max_to_keep=int(config.train.get("keep_checkpoints", 3)),
                                     best_metric=checkpointing.BEST_METRIC if kid_fn is not None else None, best_mode="min")
-  if jax.process_count() == 1:  # several processes: JAX's preemption service owns SIGTERM
-    preemption.install_sigterm_handler()  # sets the flag that ckpt.reached_preemption reads
+  # They set the flag that ckpt.reached_preemption reads (several processes: JAX's service owns SIGTERM).
+  signals.install(multi_process=jax.process_count() > 1)
   restored = ckpt.restore_latest(step_lib.abstract_train_state(model, step_config, image_size, init_key,
                                                                parallel.replicated(mesh)))
   if restored is not None:
@@ -241,12 +248,12 @@ def _start_run(config, workdir: str, progress: bool, config_source: str | None) 
   writer.write_hparams(config)
   report = reporting.ProgressReport(int(config.train.num_steps), step, enabled=progress and is_main)
   profile = reporting.ProfileWindow(validation.parse_profile_steps(config.train.get("profile_steps", "")),
-                                    os.path.join(writer.local_dir, "profile") if is_main else None)
+                                    RunDir(writer.local_dir).path(RunDir.PROFILE) if is_main else None)
   return _Run(config=config, workdir=workdir, is_main=is_main, mesh=mesh, eval_model=eval_model, normalizer=normalizer,
               normalizer_dev=normalizer_dev, base_key=base_key, kid_fn=kid_fn, kid_every=kid_every, ckpt=ckpt,
               start_step=step, start_state=state, start_position=train_iter.get_state(), record=record, feed=feed,
               train_fn=train_fn, state_is_finite=jax.jit(step_lib.state_is_finite), state_bytes=state_bytes,
-              writer=writer, report=report, profile=profile,
+              writer=writer, lock=lock if jax.process_count() == 1 else None, report=report, profile=profile,
               clock=reporting.TrainingClock(step, int(config.train.batch_size)))
 
 
@@ -321,8 +328,9 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   normaliser, config, data-iterator position), ``metrics.jsonl``, ``tensorboard/`` (scalars, sample
   grids, hyper-parameters), ``samples/step_<n>.png`` (EMA samples) and, with
   ``train.profile_steps``, ``profile/``. A SIGTERM (or a preemption notice) finishes the current
-  step, saves a checkpoint and returns. A non-finite loss or state raises ``NonFiniteLossError``;
-  the last good checkpoint is kept. Resuming with an incompatible config raises
+  step, saves a checkpoint and returns; a Ctrl-C does the same, then raises ``preemption.Interrupted``
+  (a KeyboardInterrupt; a second Ctrl-C raises it at once, without saving). A non-finite loss or
+  state raises ``NonFiniteLossError``; the last good checkpoint is kept. Resuming with an incompatible config raises
   ``errors.ConfigError`` before anything is loaded. One trainer per workdir: while another live
   trainer holds ``train.lock`` this raises ``workdir_lock.WorkdirLockedError`` naming it; a full disk
   raises ``workdir.DiskFullError`` naming the device and the last good checkpoint.
@@ -342,36 +350,70 @@ def train_and_evaluate(config, workdir: str, *, distributed: bool | None = None,
   """
   parallel.configure_cpu_devices(config.get("cpu_devices", 1), int(config.train.batch_size))
   parallel.initialize_distributed(distributed)
+  parallel.start_backend()  # a JAX_PLATFORMS that does not start here: one error naming it
   validation.validate_config(config, jax.device_count())
   workdir = workdir_lib.check_location(workdir)
   workdir_lib.ensure_writable(workdir)
+  # A link, a FIFO or a device at one of the workdir's names is refused before anything is written.
+  RunDir(workdir).check_layout()
   # One trainer per workdir: a second one is refused here, before it reads or writes anything else.
   lock = workdir_lock.lock_for_training(workdir)
   progress_at = {"step": None}  # the loop's step, for the message of a full disk
   try:
-    if fresh:
-      _set_aside_previous_run(workdir)
+    _set_aside_previous_run(workdir, fresh)
     with _full_disk_said_once(workdir, progress_at):
-      return _train_locked(config, workdir, progress, config_source, progress_at)
+      return _train_locked(config, workdir, progress, config_source, progress_at, lock)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _set_aside_previous_run(workdir: str) -> None:
-  """``fresh``: process 0 (holding the lock) moves the workdir's run aside; the others wait for it."""
+def _set_aside_previous_run(workdir: str, fresh: bool) -> None:
+  """Process 0, holding the lock, finishes a ``--fresh`` that a crash interrupted (its journal says
+  what was being moved: the old run is never resumed half moved), then with ``fresh`` moves the
+  workdir's run to ``previous/<UTC time>/``; the other processes wait for it."""
   def set_aside():
     if jax.process_index() != 0:
-      return None
-    return workdir_lib.set_aside_run(workdir, keep=(workdir_lock.LOCK_FILE,))
-  moved = parallel.process_zero_first(set_aside, "setting the previous run aside")
+      return None, None
+    run_dir = RunDir(workdir)
+    finished = run_dir.finish_set_aside()
+    return finished, run_dir.set_aside() if fresh else None
+  finished, moved = parallel.process_zero_first(set_aside, "setting the previous run aside")
+  if finished is not None:
+    print(f"finished setting aside the run of an interrupted `train --fresh`: it is in {finished}")
   if moved is not None:
     print(f"starting fresh: the previous run in {workdir} moved to {moved}")
 
 
-def _train_locked(config, workdir: str, progress: bool, config_source: str | None, progress_at: dict):
-  """``train_and_evaluate`` once the workdir is checked and locked: the loop over the training calls."""
-  run = _start_run(config, workdir, progress, config_source)
+def _train_locked(config, workdir: str, progress: bool, config_source: str | None, progress_at: dict,
+                  lock: workdir_lock.WorkdirLock | None):
+  """``train_and_evaluate`` once the workdir is checked and locked: the loop, with SIGTERM and Ctrl-C handled.
+
+  A Ctrl-C raises ``preemption.Interrupted`` once the run is closed: after the save of the step the
+  loop was at, or, after a second Ctrl-C, at once, keeping the checkpoints saved before.
+  """
+  with preemption.StopSignals() as signals:
+    try:
+      state, step = _train_loop(config, workdir, progress, config_source, progress_at, lock, signals)
+    except preemption.Interrupted:
+      raise
+    except KeyboardInterrupt as e:
+      raise preemption.Interrupted(_stopped_at_once(workdir, progress_at["step"])) from e
+  if signals.interrupted:  # after the handlers are back: the command exits 130, not 0
+    raise preemption.Interrupted(f"saved step {step} in {workdir}/checkpoints; the same command resumes from it")
+  return state
+
+
+def _stopped_at_once(workdir: str, step: int | None) -> str:
+  """The message of a run stopped without a save (a second Ctrl-C, or one before the loop)."""
+  where = "before the first training step" if step is None else f"at step {step} without saving it"
+  return f"stopped {where}; the checkpoints saved before are kept in {workdir}/checkpoints"
+
+
+def _train_loop(config, workdir: str, progress: bool, config_source: str | None, progress_at: dict,
+                lock: workdir_lock.WorkdirLock | None, signals: preemption.StopSignals):
+  """The loop over the training calls; returns the final state and step."""
+  run = _start_run(config, workdir, progress, config_source, lock, signals)
   state, step, data_position, record = run.start_state, run.start_step, run.start_position, run.record
   calls, in_flight = 0, _CallsInFlight(run.report)
   pending = None  # (step, metrics) of a log step, copied to the host while the next call runs
@@ -408,9 +450,9 @@ def _train_locked(config, workdir: str, progress: bool, config_source: str | Non
         if due.sample:
           run.sample(step, state)
       if preempted:
-        if run.is_main:
+        if run.is_main and not signals.interrupted:  # a Ctrl-C says so in its Interrupted error
           print(f"preemption notice: saved step {step}, exiting cleanly")
         break
   finally:
     run.close(failing=sys.exc_info()[1] is not None)
-  return state
+  return state, step
