@@ -130,13 +130,6 @@ def writing(option: str, path: str):
     raise errors.InputError(f"{option} {path!r}: cannot write it ({e.strerror or e}); choose another path") from None
 
 
-def prepare_output(path: str) -> str:
-  """Creates the missing folders of a local output file (PNG outputs do so themselves); returns ``path``."""
-  if path and path != "-" and "://" not in path:
-    files.ensure_parent(path)
-  return path
-
-
 def check_environment() -> None:
   """The environment variables the commands read as numbers: one line each when they are not."""
   for name, low in (("JAX_NUM_PROCESSES", 1), ("JAX_PROCESS_ID", 0)):

@@ -37,7 +37,7 @@ from ddim_jax import errors, files
 from ddim_jax.infra import compilation_cache, preemption
 from ddim_jax.arguments import (positive_int, nonnegative_int, seed_int, step_count, upscale_int, frame_count,
                                 cache_image_size, eta_float, step_counts, cpu_devices_arg, check_output, writing,
-                                prepare_output, check_environment, one_line, join_override_values,
+                                check_environment, one_line, join_override_values,
                                 cpu_devices_override)
 
 # evaluation.DIGITS_METRIC_IMAGES, for the help text without importing JAX (a test holds them equal).
@@ -186,7 +186,7 @@ def cmd_invert(args, overrides) -> int:
     print(f"{steps:>6} {value:>10.6f} {'' if paper is None else paper:>22}")
   if args.json:
     with writing("--json", args.json):
-      text = evaluation.write_json(prepare_output(args.json), result.record())
+      text = evaluation.write_json(args.json, result.record())
     print(text if args.json == "-" else f"wrote {args.json}")
   if args.out:
     with writing("--out", args.out):
@@ -231,7 +231,7 @@ def cmd_evaluate(args, overrides) -> int:
     print(f"{steps:>6} {value:>10.5f} {result.fid[steps]:>10.3f}")
   if args.json:
     with writing("--json", args.json):
-      text = evaluation.write_json(prepare_output(args.json), result.record())
+      text = evaluation.write_json(args.json, result.record())
     print(text if args.json == "-" else f"wrote {args.json}")
   return 0
 
@@ -247,7 +247,7 @@ def cmd_evaluate_digits(args, result) -> int:
   print("\n".join(digits_metric.table_lines(result.calibration)))
   if args.json:
     with writing("--json", args.json):
-      text = evaluation.write_json(prepare_output(args.json), result.record())
+      text = evaluation.write_json(args.json, result.record())
     print(text if args.json == "-" else f"wrote {args.json}")
   return 0
 
@@ -301,7 +301,7 @@ def cmd_parity(args) -> int:
     print(f"first module past the bound: {first.name}" if first else "no module past the bound")
   if args.json:
     with writing("--json", args.json):
-      text = evaluation.write_json(prepare_output(args.json), result.record())
+      text = evaluation.write_json(args.json, result.record())
     print(text if args.json == "-" else f"wrote {args.json}")
   bounds = "float32 and bfloat16 bounds" if bf16 else "float32 bounds"
   print("verdict: " + (f"within the {bounds}" if result.passed else f"OUTSIDE the {bounds} (exit 1)"))
