@@ -41,6 +41,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance  # noqa: E402  pylint: disable=wrong-import-position
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("env", "host_time", "bench_bf16", "bench_fp32", "steps_per_call", "xla_flags", "throughput", "loop",
          "parity", "demo", "tests")
@@ -215,7 +218,11 @@ def main(argv=None) -> int:
   for step in args.steps:
     if step == "env":
       check.record(step, env_info())
-      check.log(f"env: {check.result['steps']['env']}")
+      env = check.result["steps"]["env"]
+      # The results file's provenance (scripts/docs_tables.py renders docs/results/ files with it).
+      check.result["provenance"] = provenance.collect(
+          device=None if env["backend"] == "cpu" else f"{env['device_kind']} x{env['device_count']}")
+      check.log(f"env: {env}")
     elif step == "host_time":
       path = os.path.join(args.out, "host_time.json")
       outcome = check.run(step, bench + ["--host-time", "--json", path], 120)

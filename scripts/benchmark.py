@@ -52,6 +52,8 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance  # noqa: E402  pylint: disable=wrong-import-position
 
 FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
 FLOPS_METHOD = ("jaxpr count (ddim_jax.infra.flops): 2 FLOPs per multiply-add of every conv_general_dilated and "
@@ -781,8 +783,9 @@ def main(argv=None):
     run_worker(args)
     return
   if args.cli_help:
-    result = cli_help_seconds(args.repeats)
-    table = "\n".join(f"{command}: {seconds:.3f} s (median of {args.repeats})" for command, seconds in result.items())
+    result = {"mode": "cli_help", "repeats": args.repeats, "seconds": cli_help_seconds(args.repeats)}
+    table = "\n".join(f"{command}: {seconds:.3f} s (median of {args.repeats})"
+                      for command, seconds in result["seconds"].items())
   elif args.host_time and not args.loop:
     result = host_time_per_step()
     table = format_host_time(result)
@@ -801,6 +804,9 @@ def main(argv=None):
     print(table)
     return
   print(table, file=sys.stderr)
+  device = result.get("device") if isinstance(result.get("device"), str) else None
+  result["provenance"] = provenance.collect(
+      device=device if device and not device.lower().startswith(("cpu", "tfrt_cpu")) else None)
   text = json.dumps(result, indent=1)
   if args.json == "-":
     print(text)

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance  # noqa: E402  pylint: disable=wrong-import-position
 from ddim_jax.data import BatchIterator, load_split, prepare_cache  # pylint: disable=wrong-import-position
 
 
@@ -106,7 +108,9 @@ def main():
   if args.json:
     from ddim_jax import files  # pylint: disable=import-outside-toplevel
     files.ensure_parent(args.json, "--json")
-    files.replace_text(args.json, json.dumps(results, indent=1), "--json")
+    rows = [dict(r, images_per_second=r["images_per_s"]) for r in results]
+    record = {"rows": rows, "config": vars(args), "provenance": provenance.collect()}
+    files.replace_text(args.json, json.dumps(record, indent=1) + "\n", "--json")
 
 
 if __name__ == "__main__":
