@@ -26,9 +26,12 @@ $(VENV)/.installed-demo: pyproject.toml | $(PY)
 	touch $@
 
 # Everything the tests, `make parity` and `make bench` use: torch (TORCH_SPEC) and the dev extra.
+# One pip command for torch and the extras: the dev extra's pytorch-fid needs torchvision, and each
+# torchvision release pins one torch release; resolved together, pip picks the torchvision that
+# matches TORCH_SPEC's torch. A second command could instead pick the newest torchvision and
+# replace the torch just installed with the one it pins (or a CUDA build of it).
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -q "$(TORCH_REQUIREMENT)" $(TORCH_PIP_OPTIONS)
-	$(PIP) install -q -e ".[torch,dev]"
+	$(PIP) install -q "$(TORCH_REQUIREMENT)" $(TORCH_PIP_OPTIONS) -e ".[torch,dev]"
 	touch $@
 
 # TensorFlow + TFDS: only needed to PREPARE TFDS datasets (and by the tests of that path).

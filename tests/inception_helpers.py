@@ -7,13 +7,15 @@ from ddim_jax.quality import inception
 from ddim_torch_ref import inception as ref_inception
 
 
-def random_torch_inception(flavour: str, seed: int) -> ref_inception.InceptionV3:
+def random_torch_inception(flavour: str, seed: int, image_size: int = inception.KERAS_IMAGE_SIZE,
+                           num_images: int = 16) -> ref_inception.InceptionV3:
   """A torch InceptionV3 with random weights and BN statistics that keep activations O(1).
 
   He-normal convs and random BN affines; each BN's running statistics are then set from the
   activations that reach it (a pre-hook in one eval pass, so later layers see the calibrated
   earlier ones), with the mean only partly removed and the variance jittered so that no
-  statistic is trivial. Calibrated at 75 px; at 299 px the features drift to ~1e5 (so compare
+  statistic is trivial. Calibrated at ``image_size`` (on ``num_images`` random 64x64 images resized
+  to it); at another size they drift (calibrated at 75 px, the features reach ~1e5 at 299 px: compare
   relative to scale there). Even so the net amplifies float32 rounding: torch float32 itself is
   ~1e-4 relative from torch float64 at the output, hence test_metrics.py compares in float64.
   """
@@ -37,7 +39,7 @@ def random_torch_inception(flavour: str, seed: int) -> ref_inception.InceptionV3
         module.weight.uniform_(0.5, 1.5)
         module.bias.normal_(0.0, 0.2)
         hooks.append(module.register_forward_pre_hook(calibrate))
-    model.features(torch.rand(16, 3, 64, 64), inception.KERAS_IMAGE_SIZE)
+    model.features(torch.rand(num_images, 3, 64, 64), image_size)
   for hook in hooks:
     hook.remove()
   return model

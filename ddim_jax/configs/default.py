@@ -96,11 +96,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.num_images = 18
 
   config.eval = ml_collections.ConfigDict()
-  # A torch InceptionV3 state dict (torchvision's or pytorch-fid's .pth); None: the torch hub cache.
+  # KID's InceptionV3: a torch state dict (torchvision's or pytorch-fid's .pth); None: the torch hub cache.
   config.eval.inception_weights = ml_collections.config_dict.placeholder(str)
-  config.eval.fid = True  # FID (val_fid) beside KID at every KID step (pytorch-fid's computation)
+  # FID beside KID at every KID step, with its own Inception: the standard FID (pytorch-fid's
+  # pt_inception-2015-12-05-6726825d.pth at 299 px), logged as val_fid; other weights or sides are
+  # logged by their settings (val_fid_torchvision_75px). fid_weights None: that file in the torch hub
+  # cache; absent: one warning, KID alone. docs/metrics.md.
+  config.eval.fid = True
+  config.eval.fid_weights = ml_collections.config_dict.placeholder(str)
+  config.eval.fid_image_size = 299  # the standard FID's input side
   config.eval.kid_steps = 5  # sampler steps of the generated images (Keras 5)
-  config.eval.kid_image_size = 75  # Inception input side: 75 (Keras) or 299 (R)
+  config.eval.kid_image_size = 75  # KID's Inception input side: 75 (Keras) or 299 (R)
   config.eval.num_kid_images = ml_collections.config_dict.placeholder(int)  # None: the whole validation split
   config.eval.kid_batch_size = 64  # images per KID batch (Keras 64, R 128)
   # `ddim-jax demo` on the bundled digits: samples scored by the digits metric at its end (ddim_jax.quality.digits_metric).

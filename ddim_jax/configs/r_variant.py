@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.ema_decay = 0.0  # R has no EMA: sampling uses the raw weights
   config.train.num_steps = 25_600
   config.train.kid_every = 512  # one epoch of batch 64 (25,600 = 50 epochs)
-  config.eval.kid_image_size = 299  # R's kid_img_size
+  # R's kid_img_size: KID (val_kid) at 299 px with eval.inception_weights (R: torchvision's). FID keeps
+  # its own Inception (eval.fid_weights at 299, the standard FID, val_fid), not KID's: with pytorch-fid's
+  # file as KID's weights too, both share one feature computation.
+  config.eval.kid_image_size = 299
   config.eval.kid_batch_size = 128  # R evaluates with batch_size 128
   return config

@@ -6,9 +6,16 @@ per-batch unbiased MMD^2 of their Inception features is averaged with equal weig
 (``metrics.KIDAccumulator``). Generated batch i always starts from the noise of
 ``fold_in(key(seed), i)``, so the KID of several step counts (or of successive epochs during
 training) is measured on the same real batches AND the same noises: the differences between them
-are not sampling noise. FID compares the Gaussian fits of the same features (pytorch-fid).
+are not sampling noise.
 
-The real images' features depend only on the data and the Inception weights: they are computed once
+FID compares the Gaussian fits of all the real and all the generated images' features (pytorch-fid),
+of the same images, but with its own Inception: by default the standard FID's (the 2015 FID Inception,
+``pt_inception-2015-12-05-6726825d.pth``, at 299 px, as pytorch-fid, clean-fid and torchmetrics), named
+``fid``; at other settings it is named by them (``metrics.fid_name``: ``fid_torchvision_75px``). KID
+keeps the Keras settings (its own weights file, 75 px). Without the FID weights file KID is reported
+alone and one line says where to get the file.
+
+The real images' features depend only on the data and the Inception weights and side: they are computed once
 and kept in the data cache entry (``features/``), read back by every later evaluation (``evaluate``,
 and KID during single-process training; a multi-process run computes them once per run in memory).
 
@@ -60,14 +67,21 @@ def write_json(path: str, record: dict) -> str:
   return text
 
 
+@functools.lru_cache(maxsize=2)
+def _inception(weights_path: str):
+  """(model, variables) of a weights file, read once per process."""
+  return inception_weights.load_inception_weights(weights_path)
+
+
 @functools.lru_cache(maxsize=4)
 def kid_feature_fn(weights_path: str, image_size: int) -> FeatureFn:
-  """The (jitted) Inception feature function of a weights file, built once per process.
+  """The (jitted) Inception feature function of a weights file at ``image_size`` px (KID's or FID's),
+  built once per process.
 
   Cached so that KID every epoch, or over several step counts, compiles InceptionV3 once (about
-  as long as a few hundred training steps on a CPU).
+  as long as a few hundred training steps on a CPU at 75 px; at 299 px every image costs ~16x).
   """
-  model, variables = inception_weights.load_inception_weights(weights_path)
+  model, variables = _inception(weights_path)
   return inception.feature_extractor(model, variables, image_size)
 
 
@@ -85,15 +99,92 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime:
   return digest.hexdigest()[:16]
 
 
+def weights_digest(path: str) -> str:
+  """The first 16 hex digits of the SHA-256 of a weights file (hashed once per process and version)."""
+  stat = os.stat(path)
+  return _file_digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclasses.dataclass(frozen=True)
+class InceptionSettings:
+  """The Inception of a metric: its weights file, their flavour and SHA-256 (16 hex), its input side.
+
+  The preprocessing is the same for all (bilinear resize without antialiasing, as pytorch-fid's
+  ``F.interpolate(align_corners=False)``, then ``2x - 1``), so these settings fix the features.
+  """
+  weights: str
+  flavour: str
+  image_size: int
+  sha256: str
+
+  @classmethod
+  def of(cls, weights: str, image_size: int) -> "InceptionSettings":
+    """The settings of a weights file (read once: its flavour) at ``image_size`` px."""
+    model, _ = _inception(weights)
+    return cls(weights, model.flavour, int(image_size), weights_digest(weights))
+
+  def feature_fn(self) -> FeatureFn:
+    """The jitted images -> features function (``kid_feature_fn``)."""
+    return kid_feature_fn(self.weights, self.image_size)
+
+  @property
+  def fid_name(self) -> str:
+    """The name of FID with these settings: "fid" for the standard ones (``metrics.fid_name``)."""
+    return metrics.fid_name(self.flavour, self.image_size)
+
+  @property
+  def published_fid_weights(self) -> bool:
+    """Whether the weights are pytorch-fid's published file (by its SHA-256), not just of its flavour."""
+    return self.flavour == "fid" and self.sha256.startswith(inception_weights.FID_WEIGHTS_SHA256_PREFIX)
+
+  def same_features(self, other: "InceptionSettings | None") -> bool:
+    """Whether ``other`` computes the same features (same weights content and side)."""
+    return other is not None and (self.sha256, self.image_size) == (other.sha256, other.image_size)
+
+  def record(self) -> dict:
+    """The settings in a JSON record."""
+    return {"inception_weights": self.weights, "flavour": self.flavour, "image_size": self.image_size,
+            "weights_sha256": self.sha256}
+
+
+def fid_settings(fid_weights: str | None, image_size: int = metrics.STANDARD_FID_IMAGE_SIZE
+                 ) -> "tuple[InceptionSettings | None, str | None]":
+  """FID's Inception: ``(settings, None)``, or ``(None, the one line that says where to get the file)``
+  when ``fid_weights`` is None and pytorch-fid's file is not in the torch hub cache.
+
+  Raises:
+    FileNotFoundError: ``fid_weights`` names no file (asked for, so not skipped).
+  """
+  try:
+    path = inception_weights.find_fid_weights(fid_weights)
+  except FileNotFoundError as e:
+    if fid_weights:
+      raise
+    return None, str(e)
+  return InceptionSettings.of(path, image_size), None
+
+
+def fid_comparability_note(settings: InceptionSettings) -> str | None:
+  """One line when a FID is not comparable with published numbers (None when it is)."""
+  if settings.fid_name != "fid":
+    return (f"{settings.fid_name}: FID at other settings than the standard one ({settings.flavour} weights at "
+            f"{settings.image_size} px); not comparable with pytorch-fid/clean-fid/torchmetrics numbers")
+  if not settings.published_fid_weights:
+    return (f"fid: {os.path.basename(settings.weights)} is not pytorch-fid's published "
+            f"{inception_weights.FID_WEIGHTS_FILE} (SHA-256 {settings.sha256}...); not comparable with published FIDs")
+  return None
+
+
 def reference_features_file(data_config, image_size: int, inception_weights: str, feature_image_size: int,
                             num_images: int) -> str:
   """Where the features of the first ``num_images`` validation images live in the data cache entry.
 
   The name holds all they depend on beyond the entry (the data and its image size): the Inception
-  weights (their SHA-256), its input side and the number of images.
+  weights (their SHA-256, which fixes the flavour), its input side and the number of images (the
+  preprocessing is the same for all, ``InceptionSettings``). KID's and FID's features share a file
+  when their settings are equal.
   """
-  stat = os.stat(inception_weights)
-  digest = _file_digest(os.path.abspath(inception_weights), stat.st_size, stat.st_mtime_ns)
+  digest = weights_digest(inception_weights)
   entry = data.prepare_cache(data_config, image_size)
   return os.path.join(entry.path, "features",
                       f"validation-{num_images}-inception-{digest}-{feature_image_size}px.npy")
@@ -146,12 +237,15 @@ def kid_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, 
 def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_images, feature_fn: FeatureFn,
                       steps_list: Sequence[int], *, batch_size: int = 64, seed: int = 0, progress: bool = False,
                       spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC, mesh=None,
-                      fid: bool = True, real_features: np.ndarray | None = None) -> dict[int, dict[str, float]]:
+                      fid: bool = True, real_features: np.ndarray | None = None,
+                      fid_feature_fn: FeatureFn | None = None,
+                      real_fid_features: np.ndarray | None = None) -> dict[int, dict[str, float]]:
   """KID (and FID) of EMA samples against ``real_images`` for each step count (same batches, same noises).
 
   KID is the mean over paired batches (Keras); FID compares the Gaussian fits of all the real and
   all the generated features at once (pytorch-fid), of the same images: the real ones of the
-  full batches and as many samples.
+  full batches and as many samples, with its own feature function (the standard FID's Inception at
+  299 px, ``fid_settings``) or KID's.
 
   Args:
     model, variables, normalizer: the UNet, its variables and the data normaliser.
@@ -167,9 +261,12 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
     fid: also FID.
     real_features: the features of ``real_images``' whole batches (``reference_features``), when
       known; computed here otherwise.
+    fid_feature_fn: FID's images -> features (None: KID's ``feature_fn``).
+    real_fid_features: ``fid_feature_fn``'s features of the real whole batches, when known.
 
   Returns:
-    {steps: {"kid": KID, "fid": FID (when ``fid``)}}.
+    {steps: {"kid": KID, "fid": FID (when ``fid``; of ``fid_feature_fn``'s features, whatever its
+    name, ``metrics.fid_name``)}}.
   """
   real_images = data.unit_float(real_images)
   batch = kid_batch_size(len(real_images), batch_size)
@@ -184,12 +281,18 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
     real_features = reference_features(real_images, feature_fn, batch, mesh)
   if len(real_features) != num_batches * batch:
     raise errors.InputError(f"{len(real_features)} real features for {num_batches} batches of {batch} images")
+  separate_fid = fid and fid_feature_fn is not None and fid_feature_fn is not feature_fn
+  if separate_fid:
+    if real_fid_features is None:
+      real_fid_features = reference_features(real_images, fid_feature_fn, batch, mesh)
+    if len(real_fid_features) != num_batches * batch:
+      raise errors.InputError(f"{len(real_fid_features)} real FID features for {num_batches} batches of {batch} images")
   all_real = real_features
   real_features = [all_real[i * batch:(i + 1) * batch] for i in range(num_batches)]
   results = {}
   for steps in steps_list:
     accumulator = metrics.KIDAccumulator()
-    generated_features = []
+    generated_features, generated_fid_features = [], []
     bar = tqdm(range(num_batches), desc=f"KID ({steps} steps, {mesh.size} devices)",
                disable=None if progress else True)  # None: only on a terminal (no carriage returns in logs)
     for i in bar:
@@ -197,10 +300,13 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
       generated = sharded.generate(model, variables, noise, normalizer, steps=int(steps), spec=spec, mesh=mesh)
       generated_features.append(sharded.map_rows(feature_fn, generated, mesh))
       accumulator.update(real_features[i], generated_features[-1])
+      if separate_fid:
+        generated_fid_features.append(sharded.map_rows(fid_feature_fn, generated, mesh))
     results[int(steps)] = {"kid": accumulator.result()}
     if fid:
       results[int(steps)]["fid"] = metrics.fid_from_features(
-          all_real, np.concatenate([np.asarray(f) for f in generated_features]))
+          real_fid_features if separate_fid else all_real,
+          np.concatenate([np.asarray(f) for f in (generated_fid_features if separate_fid else generated_features)]))
   return results
 
 
@@ -208,20 +314,31 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
 # KID during training.
 
 
-FID_METRIC = "val_fid"  # beside checkpointing.BEST_METRIC (val_kid) in the training metrics
+FID_METRIC = "val_fid"  # the standard FID beside checkpointing.BEST_METRIC (val_kid) in the training metrics
+
+
+def training_fid_metric(settings: InceptionSettings) -> str:
+  """The training metric of FID with ``settings``: ``val_fid`` (standard) or e.g. ``val_fid_torchvision_75px``."""
+  return f"val_{settings.fid_name}"
 
 
 def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
   """The training loop's KID and FID: ``fn(variables, normalizer) -> {val_kid, val_fid}``, or None
-  when KID is off (``config.eval.fid`` False: KID alone).
+  when KID is off.
 
   KID is on when ``config.train.kid_every > 0`` and an Inception weights file is found
   (``config.eval.inception_weights`` or the torch hub cache); without one a single warning says
-  how to get it and training goes on without KID. Settings: ``config.eval.kid_steps`` (Keras 5),
+  how to get it and training goes on without KID (and FID). Settings: ``config.eval.kid_steps`` (Keras 5),
   ``kid_image_size`` (75 Keras, 299 R), ``num_kid_images`` (None: the whole validation split),
   ``kid_batch_size`` (64). The same noises are used at every evaluation. ``mesh``: the training
   mesh, over which each KID batch is split (see ``kid_for_steps``). The real images' features are
   computed at the first evaluation and kept (in the data cache too, when one process trains).
+
+  FID (``config.eval.fid``, on by default) of the same images uses its own Inception:
+  ``eval.fid_weights`` (None: pytorch-fid's file in the torch hub cache) at ``eval.fid_image_size``
+  (299): logged as ``val_fid`` at the standard settings, else by its settings
+  (``val_fid_torchvision_75px``, ``metrics.fid_name``). Without its weights file one warning (one line)
+  says where to get it, and KID is logged alone.
   """
   kid_every = int(config.train.get("kid_every", 0) or 0)
   if kid_every <= 0:
@@ -235,27 +352,50 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
   image_size = int(eval_config.get("kid_image_size", 75))
   num = eval_config.get("num_kid_images")
   reals = val_images if num is None else val_images[:int(num)]
-  feature_fn = kid_feature_fn(weights, image_size)
+  kid_settings = InceptionSettings.of(weights, image_size)
+  feature_fn = kid_settings.feature_fn()
   batch_size = int(eval_config.get("kid_batch_size", 64))
   steps = int(eval_config.get("kid_steps", 5))
   spec = schedules.DiffusionSpec.from_config(config)
   seed = int(config.seed) + rng.KID_NOISE
 
-  with_fid = bool(eval_config.get("fid", True))
+  fid = None
+  if bool(eval_config.get("fid", True)):
+    fid_size = eval_config.get("fid_image_size", metrics.STANDARD_FID_IMAGE_SIZE)
+    if not isinstance(fid_size, int) or fid_size < inception.MIN_IMAGE_SIZE:
+      raise errors.ConfigError(f"eval.fid_image_size {fid_size!r}: must be an integer >= {inception.MIN_IMAGE_SIZE} "
+                               "(Inception's input side; 299: the standard FID)")
+    try:
+      fid, missing = fid_settings(eval_config.get("fid_weights"), fid_size)
+    except FileNotFoundError as e:
+      fid, missing = None, str(e)
+    if missing:
+      warnings.warn(f"{missing} Training logs KID alone.", stacklevel=2)
+  shared = kid_settings.same_features(fid)  # e.g. r_variant with the FID weights for KID: one computation
+  fid_feature_fn = None if fid is None else (feature_fn if shared else fid.feature_fn())
   batch = kid_batch_size(len(reals), batch_size)
+  used = len(reals) // batch * batch
   # Several processes compute them together (every batch is split over all their devices): a file
   # that one process finds and another does not would leave the other alone in the collective.
-  cache_file = (reference_features_file(config.data, int(config.model.image_size), weights, image_size,
-                                        len(reals) // batch * batch) if jax.process_count() == 1 else None)
+  one_process = jax.process_count() == 1
+
+  def cache_file(settings):
+    return (reference_features_file(config.data, int(config.model.image_size), settings.weights, settings.image_size,
+                                    used) if one_process else None)
+
   reference = {}  # the real images' features, from the first evaluation on
 
   def evaluate(variables, normalizer) -> dict[str, float]:
-    if "features" not in reference:
-      reference["features"] = reference_features(reals, feature_fn, batch, mesh, cache_file)
+    if "kid" not in reference:
+      reference["kid"] = reference_features(reals, feature_fn, batch, mesh, cache_file(kid_settings))
+      if fid is not None:
+        reference["fid"] = (reference["kid"] if shared else
+                            reference_features(reals, fid_feature_fn, batch, mesh, cache_file(fid)))
     values = quality_for_steps(model, variables, normalizer, reals, feature_fn, [steps], batch_size=batch,
-                               seed=seed, spec=spec, mesh=mesh, fid=with_fid,
-                               real_features=reference["features"])[steps]
-    return {checkpointing.BEST_METRIC: values["kid"], **({FID_METRIC: values["fid"]} if with_fid else {})}
+                               seed=seed, spec=spec, mesh=mesh, fid=fid is not None,
+                               real_features=reference["kid"], fid_feature_fn=fid_feature_fn,
+                               real_fid_features=reference.get("fid"))[steps]
+    return {checkpointing.BEST_METRIC: values["kid"], **({training_fid_metric(fid): values["fid"]} if fid else {})}
 
   return evaluate
 
@@ -271,13 +411,14 @@ class KidEvaluation:
   Attributes:
     description: the model, for messages.
     kid: {steps: KID}.
-    fid: {steps: FID} (the same samples and real images).
+    fid: {steps: FID} (the same samples and real images; {} when not computed).
     steps: the step counts, as asked.
     num_images: the validation images used (whole batches).
     batch_size: images per KID batch.
     devices: the devices each batch is split over.
-    image_size: the Inception input side (75 Keras, 299 R).
-    inception_weights: the Inception weights file.
+    kid_settings: KID's Inception (weights, flavour, side).
+    fid_settings: FID's Inception; None when FID was not computed.
+    fid_note: one line: why FID was not computed, or why it is not comparable with published FIDs.
     checkpoint_step: the training step of the weights, when known.
     seed: the seed of the generated batches' noises.
     seconds: of the measurement (after loading the model).
@@ -289,18 +430,46 @@ class KidEvaluation:
   num_images: int
   batch_size: int
   devices: int
-  image_size: int
-  inception_weights: str
+  kid_settings: InceptionSettings
+  fid_settings: InceptionSettings | None
+  fid_note: str | None
   checkpoint_step: int | None
   seed: int
   seconds: float
 
+  @property
+  def fid_name(self) -> str | None:
+    """FID's metric name: "fid" (standard) or e.g. "fid_torchvision_75px"; None when not computed."""
+    return None if self.fid_settings is None else self.fid_settings.fid_name
+
   def record(self) -> dict:
-    """The JSON record of ``evaluate --json``."""
-    return {"kid": {str(k): v for k, v in self.kid.items()}, "fid": {str(k): v for k, v in self.fid.items()},
-            "steps": self.steps, "num_images": self.num_images,
-            "batch_size": self.batch_size, "image_size": self.image_size, "inception_weights": self.inception_weights,
-            "checkpoint_step": self.checkpoint_step, "seed": self.seed, "seconds": self.seconds}
+    """The JSON record of ``evaluate --json``: ``kid`` and FID under its name (``fid`` only for the
+    standard FID), each with its settings."""
+    record = {"kid": {str(k): v for k, v in self.kid.items()},
+              "kid_settings": {**self.kid_settings.record(), "batch_size": self.batch_size},
+              "steps": self.steps, "num_images": self.num_images, "batch_size": self.batch_size,
+              "checkpoint_step": self.checkpoint_step, "seed": self.seed, "seconds": self.seconds}
+    if self.fid_settings is not None:
+      record[self.fid_name] = {str(k): v for k, v in self.fid.items()}
+      record["fid_settings"] = {**self.fid_settings.record(), "name": self.fid_name,
+                                "published_weights": self.fid_settings.published_fid_weights}
+    if self.fid_note:
+      record["fid_note"] = self.fid_note
+    return record
+
+  def table_lines(self) -> list[str]:
+    """The printed table: a heading that says what was measured, then one line per step count."""
+    k, f = self.kid_settings, self.fid_settings
+    fid_text = ("" if f is None else
+                f"; {'FID' if f.fid_name == 'fid' else f.fid_name}: {os.path.basename(f.weights)} at {f.image_size} px")
+    heading = (f"KID{' and FID' if f is not None else ''} of {self.description} against {self.num_images} validation "
+               f"images (batches of {self.batch_size} split over {self.devices} device{'s' * (self.devices > 1)}; "
+               f"KID: {os.path.basename(k.weights)} at {k.image_size} px{fid_text}):")
+    fid_column = "" if f is None else f" {'FID' if f.fid_name == 'fid' else f.fid_name:>10}"
+    lines = [heading, f"{'steps':>6} {'KID':>10}{fid_column}"]
+    for steps, value in self.kid.items():
+      lines.append(f"{steps:>6} {value:>10.5f}" + ("" if f is None else f" {self.fid[steps]:>10.3f}"))
+    return lines
 
 
 @dataclasses.dataclass
@@ -347,6 +516,8 @@ def evaluate_model(workdir: str | None = None, weights: str | None = None, confi
                    overrides: Sequence[str] = (), *,
                    steps_list: Sequence[int], metric: str = "auto", num_images: int | None = None,
                    batch_size: int = 64, inception_weights: str | None = None, image_size: int = 75,
+                   fid: bool = True, fid_weights: str | None = None,
+                   fid_image_size: int = metrics.STANDARD_FID_IMAGE_SIZE,
                    seed: int = 0) -> "KidEvaluation | DigitsEvaluation":
   """``ddim-jax evaluate``: the model of a workdir or weight file (``pipeline.load_model``), measured.
 
@@ -358,6 +529,9 @@ def evaluate_model(workdir: str | None = None, weights: str | None = None, confi
     batch_size: KID: images per batch (Keras 64, R 128); digits: images per sampling call.
     inception_weights: KID: the Inception weights file (None: the torch hub cache).
     image_size: KID: the Inception input side (75 Keras, 299 R).
+    fid: KID also gets FID beside it (``evaluate_kid``).
+    fid_weights: FID's Inception weights (None: pytorch-fid's file in the torch hub cache; absent: no FID).
+    fid_image_size: FID's Inception input side (299: the standard FID).
     seed: the seed of the samples' noises.
 
   Returns:
@@ -369,29 +543,53 @@ def evaluate_model(workdir: str | None = None, weights: str | None = None, confi
   if metric == "digits" or (metric == "auto" and digits_metric.is_digits(source.data_config)):
     return evaluate_digits(source, steps_list, num_images=num_images, batch_size=batch_size, seed=seed)
   return evaluate_kid(source, steps_list, num_images=num_images, batch_size=batch_size,
-                      inception_weights=inception_weights, image_size=image_size, seed=seed)
+                      inception_weights=inception_weights, image_size=image_size, fid=fid, fid_weights=fid_weights,
+                      fid_image_size=fid_image_size, seed=seed)
 
 
 def evaluate_kid(source: "pipeline.InferenceModel", steps_list: Sequence[int], *, num_images: int | None = None,
                  batch_size: int = 64, inception_weights: str | None = None, image_size: int = 75,
-                 seed: int = 0) -> KidEvaluation:
+                 fid: bool = True, fid_weights: str | None = None,
+                 fid_image_size: int = metrics.STANDARD_FID_IMAGE_SIZE, seed: int = 0) -> KidEvaluation:
   """KID and FID of ``source``'s EMA samples against its validation images, per step count
-  (``quality_for_steps``)."""
+  (``quality_for_steps``): KID with ``inception_weights`` at ``image_size``, FID with its own
+  Inception (``fid_settings``: the standard FID's by default; skipped, with a note, when its default
+  file is absent)."""
   if batch_size < 2:
     raise errors.ConfigError(f"--batch-size {batch_size}: KID needs batches of at least 2 images")
+  if fid_image_size < inception.MIN_IMAGE_SIZE:
+    raise errors.ConfigError(f"--fid-image-size {fid_image_size}: InceptionV3 needs >= {inception.MIN_IMAGE_SIZE}")
   weights = resolve_inception_weights(inception_weights)
+  kid_settings = InceptionSettings.of(weights, image_size)
+  fid_inception, note = fid_settings(fid_weights, fid_image_size) if fid else (None, None)
+  if fid_inception is not None:
+    note = fid_comparability_note(fid_inception)
   reals = source.real_images("validation", num_images)
   batch = kid_batch_size(len(reals), batch_size)
   used = len(reals) // batch * batch
-  feature_fn = kid_feature_fn(weights, image_size)
+  feature_fn = kid_settings.feature_fn()
   start = time.time()
-  features = reference_features(reals, feature_fn, batch, cache_file=reference_features_file(
-      source.data_config, source.image_size, weights, image_size, used))
+
+  def real_features(settings, fn):
+    return reference_features(reals, fn, batch, cache_file=reference_features_file(
+        source.data_config, source.image_size, settings.weights, settings.image_size, used))
+
+  features = real_features(kid_settings, feature_fn)
+  fid_feature_fn, fid_features = None, None
+  if fid_inception is not None:
+    if kid_settings.same_features(fid_inception):
+      fid_feature_fn, fid_features = feature_fn, features
+    else:
+      fid_feature_fn = fid_inception.feature_fn()
+      fid_features = real_features(fid_inception, fid_feature_fn)
   results = quality_for_steps(source.model, source.variables, source.normalizer, reals, feature_fn, steps_list,
-                              batch_size=batch, seed=seed, progress=True, spec=source.spec, real_features=features)
+                              batch_size=batch, seed=seed, progress=True, spec=source.spec, real_features=features,
+                              fid=fid_inception is not None, fid_feature_fn=fid_feature_fn,
+                              real_fid_features=fid_features)
   return KidEvaluation(source.description, {s: v["kid"] for s, v in results.items()},
-                       {s: v["fid"] for s, v in results.items()}, list(steps_list), used, batch,
-                       sharded.devices_for(batch), image_size, weights, source.step, seed, time.time() - start)
+                       {s: v["fid"] for s, v in results.items() if "fid" in v}, list(steps_list), used, batch,
+                       sharded.devices_for(batch), kid_settings, fid_inception, note, source.step, seed,
+                       time.time() - start)
 
 
 def evaluate_digits(source: "pipeline.InferenceModel", steps_list: Sequence[int], *, num_images: int | None = None,

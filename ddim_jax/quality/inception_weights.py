@@ -22,6 +22,8 @@ TORCHVISION_WEIGHTS_URL = "https://download.pytorch.org/models/inception_v3_goog
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
+# torch.hub names a download <name>-<first 8 hex digits of its SHA-256>.pth: those of the published file.
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
 # The classifier width tells the flavours apart: ImageNet's 1000 classes vs the 2015 TF graph's 1008.
 NUM_CLASSES = {"torchvision": 1000, "fid": 1008}
 
@@ -47,6 +49,32 @@ def missing_weights_message(looked_at: str) -> str:
       f"{FID_WEIGHTS_FILE} (pytorch-fid's FID Inception, github.com/mseitzer/pytorch-fid release 'fid_weights', "
       f"{FID_WEIGHTS_URL}). Download one and pass its path with --inception-weights PATH (config key "
       f"`inception_weights`), or put it in {_torch_hub_dir()}.")
+
+
+def missing_fid_weights_message(looked_at: str) -> str:
+  """The one line said when the standard FID's weights are absent: the file, its source, where to put it."""
+  return (f"FID not computed: the FID Inception weights {FID_WEIGHTS_FILE} were not found ({looked_at}). "
+          f"Download {FID_WEIGHTS_URL} into {_torch_hub_dir()} or pass the file with --fid-weights PATH "
+          f"(config key `eval.fid_weights`).")
+
+
+def find_fid_weights(path: Optional[str] = None) -> str:
+  """The weights file of the standard FID: ``path`` if given, else pytorch-fid's file in the torch hub cache.
+
+  Raises:
+    FileNotFoundError: with ``missing_fid_weights_message`` when no file is found.
+  """
+  if path:
+    if os.path.isfile(path):
+      return path
+    if os.path.exists(path):
+      raise InceptionWeightsError(f"FID Inception weights {path!r} is not a regular file; pass the .pth file itself "
+                                  f"(--fid-weights PATH, config key `eval.fid_weights`)")
+    raise errors.MissingInputError(missing_fid_weights_message(f"no file at {path!r}"))
+  candidate = os.path.join(_torch_hub_dir(), FID_WEIGHTS_FILE)
+  if os.path.isfile(candidate):
+    return candidate
+  raise errors.MissingInputError(missing_fid_weights_message(f"none in {_torch_hub_dir()}"))
 
 
 def _torch_hub_dir() -> str:

@@ -16,6 +16,12 @@ function works.
 fits (``feature_statistics``) of Inception pool features it is FID (``fid_from_features``, over all
 images at once, as pytorch-fid computes it), on those of ``digits_metric``'s small digit
 classifier the digits metric.
+
+Names (``fid_name``): ``fid`` is only the standard FID, the number pytorch-fid, clean-fid and
+torchmetrics report: the 2015 FID Inception (weights flavour "fid", pytorch-fid's
+``pt_inception-2015-12-05-6726825d.pth``) at 299 px. FID with other settings is named by them,
+``fid_<weights>_<side>px``: ``fid_torchvision_75px`` (torchvision's ImageNet Inception at 75 px),
+``fid_inception2015_75px`` (the FID Inception at 75 px). See docs/metrics.md.
 """
 
 from typing import Callable, Optional
@@ -27,6 +33,25 @@ import numpy as np
 from ddim_jax import errors
 
 FeatureFn = Callable[[jax.Array], jax.Array]
+
+# The standard FID's Inception: the weights flavour (inception.FLAVOURS) and the input side.
+STANDARD_FID_FLAVOUR = "fid"
+STANDARD_FID_IMAGE_SIZE = 299
+# How a FID at other settings names its weights flavour (``fid_name``).
+FLAVOUR_NAMES = {"torchvision": "torchvision", "fid": "inception2015"}
+
+
+def fid_name(flavour: str, image_size: int) -> str:
+  """The metric name of FID with the Inception of weights ``flavour`` at ``image_size`` px.
+
+  ``"fid"`` for the standard settings (flavour "fid" at 299 px, pytorch-fid's), else
+  ``fid_<weights>_<side>px``, e.g. ``fid_torchvision_75px``, ``fid_inception2015_75px``.
+  """
+  if flavour not in FLAVOUR_NAMES:
+    raise errors.ConfigError(f"unknown Inception flavour {flavour!r}; choose one of {tuple(FLAVOUR_NAMES)}")
+  if (flavour, int(image_size)) == (STANDARD_FID_FLAVOUR, STANDARD_FID_IMAGE_SIZE):
+    return "fid"
+  return f"fid_{FLAVOUR_NAMES[flavour]}_{int(image_size)}px"
 
 
 def polynomial_kernel(a: jax.Array, b: jax.Array) -> jax.Array:

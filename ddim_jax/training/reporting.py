@@ -45,14 +45,22 @@ SummaryWriter = _tensorboardx.SummaryWriter
 tensorboard_hparams = _tensorboardx.summary.hparams
 
 from ddim_jax import files
-from ddim_jax.inference import evaluation
-from ddim_jax.infra import checkpointing, object_store, run_record
+from ddim_jax.infra import object_store, run_record
 from ddim_jax.infra.run_dir import RunDir
 from ddim_jax.training import feed as feed_lib
 
 
-# TensorBoard tags of the metrics that are not training metrics (the rest go to train/<name>).
-TENSORBOARD_TAGS = {checkpointing.BEST_METRIC: "val/kid", evaluation.FID_METRIC: "val/fid"}
+# Validation metrics are val_<name> (val_kid = checkpointing.BEST_METRIC, val_fid = evaluation.FID_METRIC,
+# the standard FID; FID at other settings val_fid_torchvision_75px, ...): TensorBoard tag val/<name>;
+# the rest are training metrics, train/<name>.
+VALIDATION_PREFIX = "val_"
+
+
+def tensorboard_tag(name: str) -> str:
+  """The TensorBoard tag of a metric: ``val_kid`` -> ``val/kid``, ``val_fid`` -> ``val/fid``, ``loss`` -> ``train/loss``."""
+  if name.startswith(VALIDATION_PREFIX):
+    return "val/" + name[len(VALIDATION_PREFIX):]
+  return f"train/{name}"
 
 
 def _record_step(line: str) -> int | None:
@@ -117,12 +125,12 @@ class MetricWriter:
       self._tb = SummaryWriter(local.folder(RunDir.TENSORBOARD), purge_step=int(start_step) + 1)
 
   def write(self, step: int, metrics: dict) -> None:
-    """Appends one record {step, **metrics}; TensorBoard tags ``train/<name>``, KID as ``val/kid``."""
+    """Appends one record {step, **metrics}; TensorBoard tags ``train/<name>``, ``val_<name>`` as ``val/<name>``."""
     if not self.enabled:
       return
     self._jsonl.append(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
     for name, value in metrics.items():
-      self._tb.add_scalar(TENSORBOARD_TAGS.get(name, f"train/{name}"), float(value), int(step))
+      self._tb.add_scalar(tensorboard_tag(name), float(value), int(step))
 
   def write_image(self, tag: str, step: int, image: np.ndarray) -> None:
     """A (H, W, 3) uint8 image (a sample grid) to TensorBoard's images tab."""
@@ -240,7 +248,7 @@ class ProgressReport:
     self._first = self._first or (now, step)
     rate = (step - first_step) / max(now - first_time, 1e-9)
     eta = (self.num_steps - step) / rate if rate > 0 else 0.0
-    extra = "".join(f" {k} {float(metrics[k]):.5f}" for k in TENSORBOARD_TAGS if k in metrics)
+    extra = "".join(f" {k} {float(v):.5f}" for k, v in metrics.items() if k.startswith(VALIDATION_PREFIX))
     print(f"step {step}/{self.num_steps} loss {float(metrics['loss']):.4f}{extra} "
           f"{metrics['images_per_second']:.0f} img/s elapsed {_duration(elapsed)} eta {_duration(eta)}", flush=True)
 
