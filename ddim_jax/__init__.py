@@ -11,7 +11,7 @@ The folders are the layers, bottom up (``tests/test_layout.py`` holds the import
   inference/       pipeline (restore, sharded sampling), evaluation, figures, grids (PNG files)
   training/        trainer (the loop), feed (its input on the devices), validation (config checks),
                    reporting (metrics files, progress, profiler, banner)
-  arguments, cli   the ``ddim-jax`` command
+  arguments, cli   the ``ddim-jax`` command (``__main__``: ``python -m ddim_jax``)
 
 The PyTorch twin lives in ``ddim_torch_ref`` with the same module names.
 """

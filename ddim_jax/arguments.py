@@ -1,14 +1,19 @@
 """The command line's argument types and checks: argparse ``type=`` functions (argparse prints
 ``ddim-jax CMD: error: argument --x: ...`` and exits 2), output paths, the environment, and the
-one-line form of an error. ``ddim_jax.cli`` parses with them; they live here so that the command's
-module holds only the parser, the subcommands and printing.
+one-line form of an error; and the form of the output: the help's defaults, the ``--json`` record
+(alone on stdout with ``--json -``), a weight file's metadata decoded. ``ddim_jax.cli`` parses and
+prints with them; they live here so that the command's module holds only the parser, the
+subcommands and printing.
 """
 
 import argparse
 import contextlib
+import json
 import math
 import os
+import re
 import stat
+import sys
 
 from ddim_jax import errors, files
 
@@ -175,3 +180,61 @@ def cpu_devices_override(args, overrides) -> list[str]:
   ``--config.cpu_devices`` wins)."""
   value = getattr(args, "cpu_devices", None)
   return ([f"--config.cpu_devices={value}"] if value is not None else []) + list(overrides)
+
+
+# The output of the commands: the help's defaults, the --json record, human text beside it.
+
+
+class DefaultOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """argparse's defaults formatter, each default said once: not appended where the help says it
+  already ("(default: ..." or "(default ..." in the text), nor for a default of None or False (an
+  option that is off, or whose help says what happens without it)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if re.search(r"\(default[:\s]", text) or action.default is None or action.default is False:
+      return text
+    return super()._get_help_string(action)
+
+
+def emit_record(args, record: dict) -> None:
+  """A command's machine-readable record, the one way every ``--json`` option gives it: ``--json -``
+  prints it to stdout, where it is the only output (``human_text_to_stderr``, around every command,
+  sends the other lines to stderr); ``--json PATH`` writes the file (indented JSON, keys sorted) and
+  says so."""
+  if not args.json:
+    return
+  text = json.dumps(record, indent=2, sort_keys=True)
+  if args.json == "-":
+    print(text, file=getattr(args, "record_stream", None) or sys.stdout, flush=True)
+    return
+  with writing("--json", args.json):
+    files.ensure_parent(args.json, "--json")
+    files.replace_text(args.json, text + "\n", "--json")
+  print(f"wrote {args.json}")
+
+
+@contextlib.contextmanager
+def human_text_to_stderr(args):
+  """With ``--json -``, stdout holds the record alone: every other line a command (or a library it
+  calls) prints goes to stderr while it runs, and ``args.record_stream`` keeps the stdout of before
+  for ``emit_record``."""
+  if getattr(args, "json", None) != "-":
+    yield
+    return
+  args.record_stream = sys.stdout
+  with contextlib.redirect_stdout(sys.stderr):
+    yield
+
+
+def decoded_metadata_value(text: str):
+  """A weight file's metadata value (always a string in safetensors) as what it holds: JSON (a number,
+  the ``data`` object) parsed, comma-separated integers (``widths``) as a list, any other text as it is."""
+  try:
+    return json.loads(text)
+  except ValueError:
+    pass
+  parts = text.split(",")
+  if len(parts) > 1 and all(p.strip().lstrip("-").isdigit() for p in parts):
+    return [int(p) for p in parts]
+  return text

@@ -38,7 +38,8 @@ from ddim_jax.infra import compilation_cache, preemption
 from ddim_jax.arguments import (positive_int, nonnegative_int, seed_int, step_count, upscale_int, frame_count,
                                 cache_image_size, eta_float, step_counts, cpu_devices_arg, check_output, writing,
                                 check_environment, one_line, join_override_values,
-                                cpu_devices_override)
+                                cpu_devices_override, emit_record, human_text_to_stderr, DefaultOnceHelpFormatter,
+                                decoded_metadata_value)
 
 # evaluation.DIGITS_METRIC_IMAGES, for the help text without importing JAX (a test holds them equal).
 DIGITS_METRIC_IMAGES = 500
@@ -62,10 +63,11 @@ def cmd_train(args, overrides) -> int:
   """ddim-jax train: trains a config preset or file in a workdir (resuming from its checkpoints)."""
   from ddim_jax import configs
   from ddim_jax.infra import object_store
-  # A bucket workdir that cannot be reached is one line within seconds, before JAX and the storage libraries start.
+  # An unknown key or a bad value, then a bucket workdir that cannot be reached: one line within a second or
+  # seconds, before JAX and the storage libraries start (the configs are ml_collections only).
+  config = configs.load_config(args.config, cpu_devices_override(args, overrides))
   object_store.check_access(args.workdir)
   from ddim_jax.training import trainer
-  config = configs.load_config(args.config, cpu_devices_override(args, overrides))
   trainer.train_and_evaluate(config, args.workdir, distributed=True if args.distributed else None,
                              config_source=shlex.join([args.config, *overrides]), fresh=args.fresh)
   return 0
@@ -85,9 +87,9 @@ def cmd_export(args) -> int:
 def cmd_demo(args, overrides) -> int:
   """ddim-jax demo: trains the demo preset on the bundled digits, then writes a sample grid and weights."""
   from ddim_jax import configs
+  config = configs.load_config("demo", cpu_devices_override(args, overrides))  # before JAX starts
   from ddim_jax.quality import digits_metric
   from ddim_jax.training import demo
-  config = configs.load_config("demo", cpu_devices_override(args, overrides))
   result = demo.run_demo(config, args.workdir, config_source=shlex.join(["demo", *overrides]), fresh=args.fresh)
   if result.scores is not None:
     print(f"digits metric of {result.num_images} EMA samples against the {result.num_reference} validation digits "
@@ -172,7 +174,7 @@ def cmd_figures(args, overrides) -> int:
 
 def cmd_invert(args, overrides) -> int:
   """ddim-jax invert: DDIM inversion image -> noise -> image, reconstruction error per step count."""
-  from ddim_jax.inference import evaluation, grids, inversion
+  from ddim_jax.inference import grids, inversion
   check_output("--json", args.json)
   check_output("--out", args.out)
   result = inversion.invert_model(args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides,
@@ -184,10 +186,7 @@ def cmd_invert(args, overrides) -> int:
   for steps, value in result.mse.items():
     paper = DDIM_PAPER_RECONSTRUCTION.get(steps)
     print(f"{steps:>6} {value:>10.6f} {'' if paper is None else paper:>22}")
-  if args.json:
-    with writing("--json", args.json):
-      text = evaluation.write_json(args.json, result.record())
-    print(text if args.json == "-" else f"wrote {args.json}")
+  emit_record(args, result.record())
   if args.out:
     with writing("--out", args.out):
       grids.save_rows(result.rows, args.out, upscale=grids.default_upscale(result.image_size, args.upscale))
@@ -220,55 +219,62 @@ def cmd_evaluate(args, overrides) -> int:
       args.workdir, args.weights, args.config, args.cpu_devices, args.step, overrides, steps_list=args.steps,
       metric=args.metric,
       num_images=args.num_images, batch_size=args.batch_size, inception_weights=args.inception_weights,
-      image_size=args.image_size, seed=args.seed)
+      image_size=args.image_size, fid=args.fid, fid_weights=args.fid_weights, fid_image_size=args.fid_image_size,
+      seed=args.seed)
   if isinstance(result, evaluation.DigitsEvaluation):
     return cmd_evaluate_digits(args, result)
-  print(f"KID and FID of {result.description} against {result.num_images} validation images (batches of "
-        f"{result.batch_size} split over {result.devices} device{'s' * (result.devices > 1)}, Inception at "
-        f"{result.image_size} px, {os.path.basename(result.inception_weights)}):")
-  print(f"{'steps':>6} {'KID':>10} {'FID':>10}")
-  for steps, value in result.kid.items():
-    print(f"{steps:>6} {value:>10.5f} {result.fid[steps]:>10.3f}")
-  if args.json:
-    with writing("--json", args.json):
-      text = evaluation.write_json(args.json, result.record())
-    print(text if args.json == "-" else f"wrote {args.json}")
+  print("\n".join(result.table_lines()))
+  if result.fid_note:  # FID not computed (where to get its weights), or not the standard one
+    print(result.fid_note, file=sys.stderr)
+  emit_record(args, result.record())
   return 0
 
 
 def cmd_evaluate_digits(args, result) -> int:
   """ddim-jax evaluate on the bundled digits: prints the digits metric per step count, then its calibration points."""
-  from ddim_jax.inference import evaluation
   from ddim_jax.quality import digits_metric
   print(f"digits metric of {result.description}: {result.num_images} samples (seed {result.seed}) against the "
         f"{result.num_reference} validation digits, features of {os.path.basename(result.feature_weights)}:")
   print("\n".join(digits_metric.table_lines(result.scores, "steps")))
   print(f"calibration ({result.num_images} images each; real digits from the training split):")
   print("\n".join(digits_metric.table_lines(result.calibration)))
-  if args.json:
-    with writing("--json", args.json):
-      text = evaluation.write_json(args.json, result.record())
-    print(text if args.json == "-" else f"wrote {args.json}")
+  emit_record(args, result.record())
   return 0
 
 
 def cmd_info(args) -> int:
-  """ddim-jax info: metadata and tensor count of a weight file."""
+  """ddim-jax info: what a weight file holds (its metadata decoded, parameter counts, normaliser)."""
   import numpy as np
   from ddim_jax.core import models
   from ddim_jax.interop import weight_files
+  check_output("--json", args.json)
   _, variables, normalizer, metadata = weight_files.load_weights(args.weights)
-  print(weight_files.metadata_json(metadata))
-  print(f"parameters: {models.count_parameters(variables['params']):,}  "
-        f"batch statistics: {models.count_parameters(variables.get('batch_stats', {})):,}")
-  print(f"normalizer mean {np.round(normalizer['mean'], 4).tolist()} variance "
-        f"{np.round(normalizer['variance'], 4).tolist()}")
+  record = {
+      "weights": args.weights,
+      "metadata": {key: decoded_metadata_value(value) for key, value in sorted(metadata.items())},
+      "parameters": models.count_parameters(variables["params"]),
+      "batch_statistics": models.count_parameters(variables.get("batch_stats", {})),
+      "normalizer": {k: np.asarray(normalizer[k], np.float64).tolist() for k in ("mean", "variance")},
+  }
+  width = max(len(key) for key in [*record["metadata"], "normalizer variance"])
+  print(f"{args.weights}: a ddim-jax weight file")
+  for key, value in record["metadata"].items():
+    if isinstance(value, dict):
+      value = ", ".join(f"{k}={v}" for k, v in value.items())
+    elif isinstance(value, list):
+      value = ",".join(map(str, value))
+    print(f"  {key:{width}s}  {value}")
+  print(f"  {'parameters':{width}s}  {record['parameters']:,} trainable, {record['batch_statistics']:,} batch "
+        f"statistics")
+  for key in ("mean", "variance"):
+    print(f"  {'normalizer ' + key:{width}s}  {', '.join(f'{v:.4f}' for v in record['normalizer'][key])}")
+  emit_record(args, record)
   return 0
 
 
 def cmd_parity(args) -> int:
   """ddim-jax parity: the model through JAX and the torch twin; exit 0 within the bounds, 1 outside."""
-  from ddim_jax.inference import evaluation, pipeline
+  from ddim_jax.inference import pipeline
   from ddim_jax.interop import parity_check
   check_output("--json", args.json)
   import importlib.util
@@ -299,10 +305,7 @@ def cmd_parity(args) -> int:
       print(f"  {row.name:48s} {row.max_abs:11.2e} {row.max_rel:10.2e} {'ok' if row.ok else 'OUTSIDE'}")
     first = result.first_divergence
     print(f"first module past the bound: {first.name}" if first else "no module past the bound")
-  if args.json:
-    with writing("--json", args.json):
-      text = evaluation.write_json(args.json, result.record())
-    print(text if args.json == "-" else f"wrote {args.json}")
+  emit_record(args, result.record())
   bounds = "float32 and bfloat16 bounds" if bf16 else "float32 bounds"
   print("verdict: " + (f"within the {bounds}" if result.passed else f"OUTSIDE the {bounds} (exit 1)"))
   return 0 if result.passed else 1
@@ -396,7 +399,9 @@ def add_noise_arguments(p) -> None:
 
 
 def add_demo_parser(sub) -> None:
-  p = sub.add_parser("demo", help="the offline demo: train on the bundled digits, sample")
+  p = sub.add_parser("demo", help="the offline demo: train on the bundled digits, sample",
+                     epilog="Override any key of the demo preset with --config.a.b=value, e.g. "
+                            "--config.train.num_steps=200")
   p.add_argument("--workdir", default="outputs/demo",
                  help="where the demo trains and writes its samples, weights and metrics")
   add_fresh_arguments(p)
@@ -496,7 +501,18 @@ def add_interpolate_parser(sub) -> None:
 
 
 def add_evaluate_parser(sub) -> None:
-  p = sub.add_parser("evaluate", help="KID (digits: the digits metric) against the validation split per step count")
+  p = sub.add_parser(
+      "evaluate", help="KID and FID (digits: the digits metric) against the validation split per step count",
+      description="KID of EMA samples against the validation split per step count, as the Keras example computes "
+                  "it (its Inception weights at --image-size, 75 px), and FID beside it: the standard FID, the 2015 "
+                  "FID Inception (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, --fid-weights) at 299 px "
+                  "with pytorch-fid's bilinear resize, a Gaussian fit over all the images. That number, reported "
+                  "as 'fid', is comparable with pytorch-fid / clean-fid / torchmetrics FIDs only with those "
+                  "standard weights, and only at equal image counts and resolution (FID of a few hundred 64x64 "
+                  "images is not a published FID of 50,000 images); other weights or --fid-image-size are "
+                  "reported under their settings' name (e.g. fid_torchvision_75px). Without the FID weights file "
+                  "KID is reported alone and one line says where to get it. For the bundled digits: the digits "
+                  "metric (no Inception). Details: docs/evaluation.md.")
   add_source_arguments(p)
   p.add_argument("--steps", type=step_counts, default="5,10,20,50", help="comma-separated step counts")
   p.add_argument("--metric", default="auto", choices=("auto", "kid", "digits"),
@@ -506,9 +522,20 @@ def add_evaluate_parser(sub) -> None:
                       f"{DIGITS_METRIC_IMAGES})")
   p.add_argument("--batch-size", type=positive_int, default=64, help="images per KID batch (Keras 64, R 128)")
   p.add_argument("--inception-weights", default=None,
-                 help="torchvision's inception_v3_google-0cc3c7bd.pth or pytorch-fid's pt_inception-2015-12-05-"
-                      "6726825d.pth (default: the torch hub cache)")
-  p.add_argument("--image-size", type=int, default=75, choices=(75, 299), help="Inception input: 75 Keras, 299 R")
+                 help="KID's Inception weights: torchvision's inception_v3_google-0cc3c7bd.pth or pytorch-fid's "
+                      "pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+  p.add_argument("--image-size", type=int, default=75, choices=(75, 299),
+                 help="KID's Inception input: 75 Keras, 299 R")
+  p.add_argument("--fid-weights", default=None,
+                 help="FID's Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the standard "
+                      "FID; https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                      "pt_inception-2015-12-05-6726825d.pth). Default: that file in the torch hub cache "
+                      "($TORCH_HOME/hub/checkpoints, ~/.cache/torch/hub/checkpoints); not there: no FID")
+  p.add_argument("--fid-image-size", type=int, default=299,
+                 help="FID's Inception input side; 299 is the standard FID, another side is reported as "
+                      "fid_<weights>_<side>px")
+  p.add_argument("--no-fid", dest="fid", action="store_false",
+                 help="KID alone (default: with FID, whose 299 px Inception costs ~16x KID's 75 px per image)")
   p.add_argument("--seed", type=seed_int, default=0, help="seed of the samples' noises")
   p.add_argument("--json", default=None, help="write the results as JSON to this path ('-': stdout)")
   p.set_defaults(fn=cmd_evaluate, takes_overrides=True)
@@ -517,6 +544,9 @@ def add_evaluate_parser(sub) -> None:
 def add_info_parser(sub) -> None:
   p = sub.add_parser("info", help="what a weight file holds")
   p.add_argument("--weights", required=True, help="a .safetensors weight file")
+  p.add_argument("--json", default=None,
+                 help="also write what it holds as JSON to this path ('-': stdout, then the only output), the "
+                      "metadata decoded (numbers, the data object, widths as a list)")
   p.set_defaults(fn=cmd_info)
 
 
@@ -528,8 +558,9 @@ def add_parity_parser(sub) -> None:
   p.add_argument("--batch-size", type=positive_int, default=4, help="images of each comparison")
   p.add_argument("--seed", type=seed_int, default=1, help="seed of the NumPy inputs and noises")
   p.add_argument("--precision", default="highest", choices=("highest", "default", "bf16"),
-                 help="JAX's float32 matmul/convolution precision (default: TF32 on GPUs, bf16 passes on TPUs); "
-                      "bf16: also JAX in bfloat16 and torch under autocast(bfloat16), against float32 and each other")
+                 help="JAX's float32 matmul/convolution precision ('default': JAX's own, TF32 on GPUs, bf16 passes "
+                      "on TPUs); bf16: also JAX in bfloat16 and torch under autocast(bfloat16), against float32 and "
+                      "each other")
   p.add_argument("--layers", action="store_true",
                  help="also compare every module's output and name the first past the bound")
   p.add_argument("--keras", default=None, metavar="FILE.weights.h5",
@@ -595,8 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   for add_parser in SUBCOMMAND_PARSERS:
     add_parser(sub)
-  for p in sub.choices.values():  # every option's help line ends with its default
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+  for p in sub.choices.values():  # every option's help line ends with its default (once)
+    p.formatter_class = DefaultOnceHelpFormatter
   for p in [parser, *sub.choices.values()]:  # before or after the subcommand
     p.add_argument("--debug", action="store_true", default=False if p is parser else argparse.SUPPRESS,
                    help=f"show tracebacks of expected errors too (or set {errors.DEBUG_ENV}=1)")
@@ -620,9 +651,9 @@ def main(argv=None) -> int:
   try:
     # Python's own SIGINT handler lost most Ctrl-Cs to JAX's gc callback and broke imports with them
     # (preemption.raise_keyboard_interrupt); installed before JAX is imported.
-    with preemption.ctrl_c_raises_reliably():
+    with preemption.ctrl_c_raises_reliably(), human_text_to_stderr(args):
       check_environment()
-      compilation_cache.enable()
+      compilation_cache.enable()  # JAX-free: the commands refuse bad input before JAX starts
       return args.fn(args, extra) if getattr(args, "takes_overrides", False) else args.fn(args)
   except EXPECTED_ERRORS as e:
     if debug:

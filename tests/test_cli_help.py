@@ -1,11 +1,14 @@
-"""`ddim-jax --help`: every subcommand's options each have a help line with its default, and the help
-answers without importing JAX or torch (its time is a benchmark line: scripts/benchmark.py --cli-help)."""
+"""`ddim-jax --help`: every subcommand's options each have a help line with its default (said once), and
+the help answers without importing JAX or torch (its time is a benchmark line: scripts/benchmark.py
+--cli-help); `python -m ddim_jax` is the same command."""
 
+import importlib.metadata
 import subprocess
 import sys
 
 import pytest
 
+import ddim_jax
 from ddim_jax import cli
 from ddim_jax.inference import evaluation
 from train_helpers import REPO, subprocess_env
@@ -29,6 +32,40 @@ def test_every_option_has_a_help_line():
   for name, p in choices.items():
     text = p.format_help()  # renders (a stray % in a help string would raise here)
     assert "(default:" in text or name == "info", name
+
+
+def test_every_default_is_said_once():
+  """Where the help says the default itself, argparse's "(default: ...)" is not added; None and False
+  (an option that is off) are never printed as defaults."""
+  for name, p in _subparsers().items():
+    formatter = p._get_formatter()  # pylint: disable=protected-access
+    for action in p._actions:  # pylint: disable=protected-access
+      if not action.help:
+        continue
+      text = " ".join(formatter._expand_help(action).split())  # pylint: disable=protected-access
+      assert text.count("(default:") <= 1, (name, action.option_strings, text)
+      assert "(default: None)" not in text and "(default: False)" not in text, (name, action.option_strings, text)
+    rendered = " ".join(p.format_help().split())
+    assert "(default: None)" not in rendered and "(default: False)" not in rendered, name
+  evaluate = " ".join(_subparsers()["evaluate"].format_help().split())
+  assert evaluate.count("(default: the torch hub cache)") == 1
+
+
+def test_train_and_demo_help_name_the_config_overrides():
+  for name in ("train", "demo"):
+    assert "--config.a.b=value" in " ".join(_subparsers()[name].format_help().split()), name
+
+
+@pytest.mark.slow
+def test_python_m_ddim_jax_is_the_command():
+  version = subprocess.run([sys.executable, "-m", "ddim_jax", "--version"], env=subprocess_env(1), cwd=REPO,
+                           capture_output=True, text=True, timeout=120, check=False)
+  assert (version.returncode, version.stdout.strip()) == (0, f"ddim-jax {ddim_jax.__version__}"), version.stderr
+  assert ddim_jax.__version__ == importlib.metadata.version("ddim-jax")
+  # A command runs through it (one line and exit 2 for a missing weight file).
+  missing = subprocess.run([sys.executable, "-m", "ddim_jax", "info", "--weights", "no_such.safetensors"],
+                           env=subprocess_env(1), cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert missing.returncode == 2 and missing.stderr.startswith("ddim-jax info: error: "), missing.stderr[-2000:]
 
 
 @pytest.mark.slow

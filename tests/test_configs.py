@@ -6,11 +6,14 @@ Keras example "Denoising Diffusion Implicit Models" by A. Béres
 Diffusion with torch" by D. Falbel and S. Keydana
 (https://blogs.rstudio.com/ai/posts/2023-04-13-denoising-diffusion/, code in
 github.com/dfalbel/denoising-diffusion). The demo preset is this project's own (README, "Config
-presets"). Also here: unknown presets and keys, and the ``cpu_devices`` setting.
+presets"). Also here: unknown presets and keys (refused before JAX is imported), and the
+``cpu_devices`` setting.
 """
 
 import os
 import math
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -19,6 +22,7 @@ import ddim_jax
 from ddim_jax import arguments, cli, configs
 from ddim_jax.core import models, step as step_lib
 from ddim_jax.infra import parallel
+from train_helpers import REPO, subprocess_env
 
 # Oxford Flowers 102: 8189 images, 80% for training in both originals (6551), each repeated 5 times.
 TRAIN_IMAGES = int(0.8 * 8189)
@@ -181,3 +185,31 @@ def test_clipping_and_accumulation_values_are_checked():
                                                           "--config.train.grad_accum_steps=4"]), 2)
   with pytest.raises(errors.ConfigError, match="train.grad_clip_norm"):
     validation.validate_config(configs.load_config("demo", ["--config.train.grad_clip_norm=-1"]), 1)
+
+
+# An unknown key or a bad value on the command line: refused (one line, exit 2) before anything imports
+# JAX; the preset and the overrides are ml_collections only.
+REFUSAL_CODE = ("import sys\n"
+                "from ddim_jax import cli\n"
+                "status = cli.main(sys.argv[1:])\n"
+                "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax', "
+                "'orbax', 'torch', 'tensorflow'))\n"
+                "print(heavy[:5])\n"
+                "sys.exit(status)\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--workdir", "{workdir}", "--config.train.no_such_key=1"], "unknown config key 'train.no_such_key'"),
+    (["train", "--workdir", "{workdir}", "--config", "default", "--config.model.widths=abc"],
+     "bad config override --config.model.widths=abc"),
+    (["demo", "--workdir", "{workdir}", "--config.nope.x", "1"], "unknown config key 'nope'"),
+])
+def test_a_bad_override_is_refused_before_jax_is_imported(argv, message, tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run([sys.executable, "-c", REFUSAL_CODE, *(a.format(workdir=workdir) for a in argv)],
+                          env=subprocess_env(1), cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stdout.strip() == "[]"  # no JAX (nor flax, optax, orbax, torch, TensorFlow) imported
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"ddim-jax {argv[0]}: error: ") and message in lines[0], lines
+  assert not workdir.exists()

@@ -304,6 +304,7 @@ LAYERS = {
     # cli also reads the package's __version__ (``ddim-jax --version``).
     "cli": _BASE | {"ddim_jax", "configs", "core", "data", "infra", "quality", "interop", "inference", "training",
                     "arguments"},
+    "__main__": {"cli"},  # `python -m ddim_jax`: the command line, nothing else
 }
 
 
