@@ -31,6 +31,13 @@ if not os.environ.get("DDIM_JAX_TEST_COMPILATION_CACHE"):
   os.environ["DDIM_JAX_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="ddim_jax_test_xla_")
   os.environ["DDIM_JAX_TEST_COMPILATION_CACHE_OWNER"] = str(os.getpid())
 os.environ.setdefault("DDIM_JAX_COMPILATION_CACHE", os.environ["DDIM_JAX_TEST_COMPILATION_CACHE"])
+# An empty torch hub cache for the session (the workers and every subprocess): a developer's real
+# Inception files there (the standard FID's among them) must not change what the tests compute or
+# how long they take; the tests that need weights write their own random ones.
+if not os.environ.get("DDIM_JAX_TEST_TORCH_HOME"):
+  import tempfile
+  os.environ["DDIM_JAX_TEST_TORCH_HOME"] = tempfile.mkdtemp(prefix="ddim_jax_test_torch_home_")
+os.environ["TORCH_HOME"] = os.environ["DDIM_JAX_TEST_TORCH_HOME"]
 from ddim_jax.infra import compilation_cache  # noqa: E402  (no jax import)
 if compilation_cache.cache_dir() is not None:  # DDIM_JAX_COMPILATION_CACHE=off turns it off here too
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache.cache_dir())
@@ -40,10 +47,11 @@ import pytest  # noqa: E402  (after the environment set-up above)
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
-  """The process that made the session's compilation cache removes it."""
+  """The process that made the session's compilation cache (and empty torch hub) removes them."""
   if os.environ.get("DDIM_JAX_TEST_COMPILATION_CACHE_OWNER") == str(os.getpid()):
     import shutil
     shutil.rmtree(os.environ["DDIM_JAX_TEST_COMPILATION_CACHE"], ignore_errors=True)
+    shutil.rmtree(os.environ["DDIM_JAX_TEST_TORCH_HOME"], ignore_errors=True)
 
 
 # The tests that take a minute or more on 2 cores (several processes, bucket servers; measured):
@@ -170,13 +178,13 @@ def two_process_reference(tmp_path_factory):
   Returns:
     ``.workdir``, ``.cache_dir`` and ``.stdout`` (of process 0 and process 1).
   """
-  from train_helpers import TWO_PROCESS_RUN, free_port, train_command, two_processes
+  from train_helpers import TWO_PROCESS_RUN, train_command, two_processes
 
   def train(root):
-    procs = two_processes(train_command(root / "run", root / "data_cache", **TWO_PROCESS_RUN), free_port())
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
-      assert p.returncode == 0, err[-3000:]
+    procs = two_processes(train_command(root / "run", root / "data_cache", **TWO_PROCESS_RUN))
+    outputs = procs.communicate(timeout=600)
+    assert [p.returncode for p in procs] == [0, 0], procs.report()
+    for i, (out, _) in enumerate(outputs):
       (root / f"stdout_{i}.txt").write_text(out)
 
   root = _once_per_session(_session_dir(tmp_path_factory) / "two_process_reference", train)

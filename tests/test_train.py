@@ -19,7 +19,7 @@ from ddim_jax.inference import grids
 from ddim_jax.infra import parallel
 from ddim_jax.interop import parity, parity_fixtures, weight_files
 from ddim_jax.training import trainer
-from train_helpers import (TWO_PROCESS_RUN, assert_same_state, final_state, final_weights, free_port, run,
+from train_helpers import (TWO_PROCESS_RUN, TWO_PROCESS_START_S, assert_same_state, final_state, final_weights, run,
                            subprocess_env, tiny_config, tiny_overrides, train_command, two_processes, wait_until)
 
 
@@ -340,10 +340,9 @@ def test_multi_host_two_processes_equal_one_process(tmp_path, cache_dir):
   single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
   result = run(train_command(single_dir, cache_dir, **extra), subprocess_env(4))
   assert result.returncode == 0, result.stderr[-3000:]
-  procs = two_processes(train_command(multi_dir, cache_dir, **extra), free_port())
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  procs = two_processes(train_command(multi_dir, cache_dir, **extra))
+  procs.communicate(timeout=600)
+  assert [p.returncode for p in procs] == [0, 0], procs.report()
   (single_step, single, _), (multi_step, multi, _) = final_state(single_dir), final_state(multi_dir)
   assert single_step == multi_step == 4
   # Every leaf: raw and EMA weights, BatchNorm statistics, AdamW moments (nu to 1e-4 relative).
@@ -372,12 +371,11 @@ def test_two_processes_prepare_the_data_once(tmp_path, two_process_reference):
   assert len([d for d in os.listdir(cache) if not d.startswith(".")]) == 1
 
   procs = two_processes(train_command(tmp_path / "bad", tmp_path / "cache", **{"data.dataset": "folder",
-                                                                   "data.folder": str(tmp_path / "missing")}),
-                        free_port())
-  outputs = [p.communicate(timeout=600) for p in procs]
-  assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outputs]
-  assert "does not exist (config.data.folder)" in outputs[0][1]
-  assert "process 0 did not finish the data cache" in outputs[1][1] and "Traceback" not in outputs[1][1]
+                                                                   "data.folder": str(tmp_path / "missing")}))
+  outputs = procs.communicate(timeout=600)
+  assert [p.returncode for p in procs] == [2, 2], procs.report()
+  assert "does not exist (config.data.folder)" in outputs[0][1], procs.report()
+  assert "process 0 did not finish the data cache" in outputs[1][1] and "Traceback" not in outputs[1][1], procs.report()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,19 +435,18 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   """
   workdir = tmp_path / "run"
   cmd = train_command(workdir, cache_dir, **TWO_PROCESS_RUN)
-  procs = two_processes(cmd, free_port())
-  assert wait_until(lambda: _training_under_way(workdir), procs[0]), "training never started"
+  procs = two_processes(cmd)
+  assert wait_until(lambda: _training_under_way(workdir), procs[0], timeout=TWO_PROCESS_START_S), \
+      f"training never started\n{procs.report()}"
   procs[1].send_signal(signal.SIGTERM)
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  outputs = procs.communicate(timeout=600)
+  assert [p.returncode for p in procs] == [0, 0], procs.report()
   steps = _checkpoint_steps(workdir)
-  assert steps and 0 < steps[-1] < 100, steps  # mid-run
-  assert f"preemption notice: saved step {steps[-1]}, exiting cleanly" in outputs[0][0], outputs[0][0][-2000:]
-  procs = two_processes(cmd, free_port())
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+  assert steps and 0 < steps[-1] < 100, (steps, procs.report())  # mid-run
+  assert f"preemption notice: saved step {steps[-1]}, exiting cleanly" in outputs[0][0], procs.report()
+  procs = two_processes(cmd)
+  procs.communicate(timeout=600)
+  assert [p.returncode for p in procs] == [0, 0], procs.report()
   assert_same_state(final_state(workdir), final_state(two_process_reference.workdir))
 
 

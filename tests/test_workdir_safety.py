@@ -21,7 +21,7 @@ import pytest
 from ddim_jax import cli
 from ddim_jax.infra import checkpointing, workdir as workdir_lib, workdir_lock
 from ddim_jax.infra.run_dir import RunDir
-from train_helpers import free_port, run, subprocess_env, tiny_overrides, train_command, two_processes, wait_until
+from train_helpers import run, subprocess_env, tiny_overrides, train_command, two_processes, wait_until
 
 
 def snapshot(root) -> dict:
@@ -247,12 +247,12 @@ def test_a_locked_workdir_refuses_both_processes_of_a_two_process_run(tmp_path, 
       text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
-    procs = two_processes(train_command(workdir, cache_dir), free_port())
-    for p in procs:
-      _, err = p.communicate(timeout=300)
-      assert p.returncode == 2, err[-3000:]
-      assert f"in use by another trainer: pid {holder.pid} on host" in err, err[-3000:]
-      assert "Traceback" not in err
+    procs = two_processes(train_command(workdir, cache_dir))
+    outputs = procs.communicate(timeout=300)
+    assert [p.returncode for p in procs] == [2, 2], procs.report()
+    for _, err in outputs:
+      assert f"in use by another trainer: pid {holder.pid} on host" in err, procs.report()
+      assert "Traceback" not in err, procs.report()
   finally:
     holder.kill()
     holder.wait()

@@ -33,6 +33,11 @@ TWO_PROCESS_RUN = {"train.num_steps": 100, "train.checkpoint_every": 20, "train.
                    "train.steps_per_call": 2}
 
 
+# How long a two-process test waits for training to be under way (two start-ups, the gloo connections,
+# the first compilation; minutes on a loaded 2-core machine).
+TWO_PROCESS_START_S = 600
+
+
 # The bucket workdir test's run (tests/test_bucket_workdir.py): a sample grid and a checkpoint every 2
 # steps; the first run stops at 4, the resumed one at 8.
 BUCKET_RUN = {"train.sample_every": "4", "train.checkpoint_every": "2", "train.log_every": "2"}
@@ -104,10 +109,42 @@ def run(cmd, env, timeout=600):
 
 
 def free_port() -> int:
-  """A free TCP port on 127.0.0.1 (coordinators, storage emulators)."""
+  """A free TCP port on 127.0.0.1 (storage emulators and other servers that bind it themselves).
+
+  Free when asked, not reserved: another process may take it before the server binds it (an outgoing
+  connection's ephemeral port, say). A jax.distributed coordinator gets a reserved one
+  (``reserved_port``, what ``two_processes`` does).
+  """
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def reserved_port(port: int | None = None) -> tuple[int, socket.socket | None]:
+  """(port, socket holding it): a TCP port that a jax.distributed coordinator can bind and nothing else can.
+
+  The socket is bound with ``SO_REUSEPORT`` and never listens: gRPC's server (the coordination
+  service, bound to ``[::]:port`` with ``SO_REUSEPORT``) binds the port beside it, while the kernel
+  hands the port to no other ``bind(0)`` or outgoing connection while the socket is open (a port
+  picked free and released could be taken before the coordinator's bind: process 0 then dies with
+  gRPC's "Failed to add port to server"). Close the socket once the processes have ended.
+  ``port``: reserve this one if it is still free, else a new one (socket None: nothing reserved).
+  """
+  for want in ((port, 0) if port else (0,)):
+    # Dual-stack [::] like the coordinator's bind; 127.0.0.1 where the host has no IPv6.
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "127.0.0.1")):
+      try:
+        s = socket.socket(family, socket.SOCK_STREAM)
+      except OSError:
+        continue
+      try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, want))
+      except OSError:
+        s.close()
+        continue
+      return s.getsockname()[1], s
+  return port or free_port(), None
 
 
 def assert_same_state(got, want):
@@ -137,33 +174,107 @@ class FileOutputProcess(subprocess.Popen):
   """A process whose stdout and stderr go to temporary files, not pipes: the two processes of one
   distributed run are waited for one after the other, and a pipe the test is not reading yet fills
   at 64 KiB, blocks its writer and with it both processes at their next collective. ``communicate``
-  waits, then returns the two files' text."""
+  waits, then returns the two files' text; ``output`` reads them at any time (also after
+  ``communicate``), ``tail`` their last lines for an assertion message."""
 
   def __init__(self, cmd, **kwargs):
     self._files = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+    self._texts = None
     super().__init__(cmd, stdout=self._files[0], stderr=self._files[1], text=True, **kwargs)
+
+  def output(self) -> tuple[str, str]:
+    """(stdout, stderr) so far. ``os.pread``: the child writes through the same file offset, which a
+    seek here would move."""
+    if self._texts is not None:
+      return self._texts
+    texts = []
+    for f in self._files:
+      f.flush()
+      size = os.fstat(f.fileno()).st_size
+      texts.append(os.pread(f.fileno(), size, 0).decode("utf-8", "replace"))
+    return tuple(texts)
 
   def communicate(self, input=None, timeout=None):  # pylint: disable=redefined-builtin
     del input
     self.wait(timeout)
-    texts = []
-    for f in self._files:
-      f.seek(0)
-      texts.append(f.read())
-      f.close()
-    return tuple(texts)
+    if self._texts is None:
+      self._texts = self.output()
+      for f in self._files:
+        f.close()
+    return self._texts
+
+  def tail(self, lines: int = 60) -> str:
+    """The last ``lines`` lines of stdout and of stderr, headed by the exit status."""
+    out, err = self.output()
+    status = "running" if self.poll() is None else f"exit status {self.returncode}"
+    parts = [f"({status})"]
+    for name, text in (("stdout", out), ("stderr", err)):
+      kept = text.splitlines()[-lines:]
+      parts.append(f"{name}, last {len(kept)} of {len(text.splitlines())} lines:\n" + "\n".join(kept))
+    return "\n".join(parts)
 
 
-def two_processes(cmd, port, env=None):
+# What gRPC prints when the coordinator cannot bind its port (process 0 then dies, the others wait).
+PORT_TAKEN = "Failed to add port to server"
+
+
+class TwoProcesses(list):
+  """Processes 0 and 1 of one jax.distributed run (a list of ``FileOutputProcess``): ``report()`` is
+  both processes' output tails, for the assertion message of every check on them."""
+
+  port: int = 0
+  note: str = ""
+  _reservation: socket.socket | None = None
+
+  def report(self, lines: int = 60) -> str:
+    parts = [f"two processes, coordinator 127.0.0.1:{self.port}" + (f" ({self.note})" if self.note else "")]
+    for pid, proc in enumerate(self):
+      text = proc.tail(lines)
+      if pid == 0 and PORT_TAKEN in proc.output()[1]:
+        text += f"\n[process 0 could not bind the coordinator's port {self.port}: another socket holds it]"
+      parts.append(f"===== process {pid} {text}")
+    return "\n".join(parts)
+
+  def communicate(self, timeout=600) -> list[tuple[str, str]]:
+    """Waits for both (each within ``timeout``), then frees the port; (stdout, stderr) of each. A
+    process still running after ``timeout`` is killed (with the other) and the error shows both."""
+    try:
+      outputs = []
+      for proc in self:
+        try:
+          outputs.append(proc.communicate(timeout=timeout))
+        except subprocess.TimeoutExpired as e:
+          for p in self:
+            p.kill()
+          raise AssertionError(f"still running after {timeout} s\n{self.report()}") from e
+      return outputs
+    finally:
+      self.release_port()
+
+  def release_port(self) -> None:
+    if self._reservation is not None and all(p.poll() is not None for p in self):
+      self._reservation.close()
+      self._reservation = None
+
+
+def two_processes(cmd, port=None, env=None) -> TwoProcesses:
   """Starts ``cmd`` as processes 0 and 1 of a jax.distributed run (2 CPU devices each) on 127.0.0.1.
 
-  ``env``: extra environment variables (a bucket's endpoint settings, ...). Their output goes to
-  files (``FileOutputProcess``).
+  ``port``: the coordinator's (None: a new one). It is reserved while the processes run
+  (``reserved_port``; a port taken since it was picked is replaced by a new one, which ``note``
+  says). ``env``: extra environment variables (a bucket's endpoint settings, ...). Their output
+  goes to files (``FileOutputProcess``); ``report()`` gives both tails.
   """
-  procs = []
+  reserved, reservation = reserved_port(port)
+  procs = TwoProcesses()
+  procs.port, procs._reservation = reserved, reservation  # pylint: disable=protected-access
+  if port and reserved != port:
+    procs.note = f"port {port} was taken before the start; reserved {reserved} instead"
+  elif reservation is None:
+    procs.note = "port not reserved"
   for pid in range(2):
     env_pid = {**subprocess_env(2), **(env or {})}
-    env_pid.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    env_pid.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{reserved}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
     procs.append(FileOutputProcess(cmd, env=env_pid))
   return procs
 

@@ -228,6 +228,48 @@ _PROCESS_ZERO_FIRST_CALLS = itertools.count()
 PROCESS_ZERO_FIRST_TIMEOUT_MS = 24 * 3600 * 1000
 
 
+def wait_for_other_processes(what: str, timeout_ms: int | None = None) -> None:
+  """Returns once every process of the run has called it (a barrier of the coordination service).
+
+  No device collective: the first collective of a new set of devices sets up its gloo (CPU) context
+  through the coordination service's key-value store with a fixed 30 s wait, so a process that
+  reaches it more than 30 s before another fails ("Gloo context initialization failed:
+  DEADLINE_EXCEEDED: GetKeyValue() timed out"). One process: returns at once. Every process must
+  make the same calls in the same order (they are numbered).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  timeout_ms = COMPILE_BARRIER_TIMEOUT_MS if timeout_ms is None else timeout_ms
+  distributed.global_state.client.wait_at_barrier(f"ddim_jax/{what}/{next(_BARRIER_CALLS)}", int(timeout_ms))
+
+
+_BARRIER_CALLS = itertools.count()
+# How long the processes wait for each other to compile a training function (a big model's first
+# compilation takes minutes on a loaded host; a process that died is reported by the coordination
+# service long before).
+COMPILE_BARRIER_TIMEOUT_MS = 3600 * 1000
+
+
+def _compiled_together(jitted, what: str):
+  """``jitted`` (a jit or pmap function) whose first call compiles it, waits for the other processes
+  to have compiled theirs (``wait_for_other_processes``), then runs: the processes of a run compile
+  at different speeds (one loads the program from the compilation cache, another compiles it under
+  load), and the step's collectives must not be where they meet."""
+  if jax.process_count() == 1:
+    return jitted
+  met = []
+
+  def call(*args):
+    if not met:
+      jitted.lower(*args).compile()  # the executable that the call below finds in jit's cache
+      wait_for_other_processes(what)
+      met.append(True)
+    return jitted(*args)
+
+  return call
+
+
 def create_mesh(devices=None) -> Mesh:
   """A 1-D mesh named "data" over ``devices`` (default: every device of every process)."""
   devices = jax.devices() if devices is None else devices
@@ -316,8 +358,10 @@ def make_train_fn(step_fn, mesh: Mesh, mode: str = "shard_map", steps_per_call: 
     # check_vma=False: per-device (pmap) semantics, where the gradient of the local loss is local
     # and the explicit pmean makes it global; with VMA typing, JAX would already psum the
     # gradient of the replicated parameters and the pmean would not average.
-    sharded = jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), images_spec, P(), P()) + ((P(),) * with_data),
-                                    out_specs=(P(), P()), check_vma=False), donate_argnums=(0,))
+    sharded = _compiled_together(
+        jax.jit(jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), images_spec, P(), P()) + ((P(),) * with_data),
+                              out_specs=(P(), P()), check_vma=False), donate_argnums=(0,)),
+        "compiled the training step")
 
     def shard_map_fn(state, images, normalizer, base_key, *data):
       if not isinstance(images, jax.Array):
@@ -326,8 +370,8 @@ def make_train_fn(step_fn, mesh: Mesh, mode: str = "shard_map", steps_per_call: 
 
     return shard_map_fn
 
-  pmapped = jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0, None, None), out_axes=(None, None),
-                     devices=mesh.devices.tolist())
+  pmapped = _compiled_together(jax.pmap(step_fn, axis_name=AXIS, in_axes=(None, 0, None, None), out_axes=(None, None),
+                                        devices=mesh.devices.tolist()), "compiled the training step")
   # pmap takes this process's slice of the batch with a leading axis over its local devices.
   num_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
