@@ -92,6 +92,8 @@ def parse_args(argv=None):
                  help="measure ddim_jax.training.trainer.train_and_evaluate on the demo preset against the bare step")
   p.add_argument("--host-time", action="store_true",
                  help="only the loop's host time per step with the device work stubbed out (also part of --loop)")
+  p.add_argument("--flops-only", action="store_true",
+                 help="only the FLOPs per image of both variants at --image-size (counted, nothing run)")
   p.add_argument("--cli-help", action="store_true",
                  help="only the time of `ddim-jax --help` and `ddim-jax train --help` (fresh processes, median of "
                       "--repeats)")
@@ -777,12 +779,40 @@ def cli_help_seconds(repeats: int = 5) -> dict:
   return out
 
 
+def flops_counts(image_size: int, sample_steps: int) -> dict:
+  """FLOPs per image of both variants' forward, training step and sampler, counted from the jaxpr
+  (nothing compiled or run: the counts are the same on every backend)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ddim_jax.core import models, sampling, step as step_lib  # pylint: disable=import-outside-toplevel
+  from ddim_jax.infra import flops  # pylint: disable=import-outside-toplevel
+  out = {"mode": "flops", "image_size": image_size, "sample_steps": sample_steps, "flops_method": FLOPS_METHOD,
+         "variants": {}}
+  for variant in ("keras", "r"):
+    model = models.create_model(variant)
+    step_config = step_lib.StepConfig()
+    state = jax.eval_shape(lambda key, model=model: step_lib.create_train_state(model, step_config, key, image_size),
+                           jax.random.key(0))
+    ema = state.variables(ema=True)
+    out["variants"][variant] = {
+        "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "forward_flops_per_image": flops.forward_flops(model, ema, image_size),
+        "flops_per_image": flops.train_step_flops(step_lib.train_step, state, model, step_config, image_size, 1),
+        "sample_flops_per_image": flops.sample_flops(sampling.generate, model, ema, image_size, 1, sample_steps)}
+  return out
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.worker:
     run_worker(args)
     return
-  if args.cli_help:
+  if args.flops_only:
+    result = flops_counts(args.image_size, args.sample_steps)
+    table = "\n".join(f"{v}: {c['forward_flops_per_image'] / 1e9:.3f} GFLOP per forward, "
+                      f"{c['flops_per_image'] / 1e9:.3f} per training image, {c['sample_flops_per_image'] / 1e9:.2f} per "
+                      f"{args.sample_steps}-step sample at {args.image_size}x{args.image_size}"
+                      for v, c in result["variants"].items())
+  elif args.cli_help:
     result = {"mode": "cli_help", "repeats": args.repeats, "seconds": cli_help_seconds(args.repeats)}
     table = "\n".join(f"{command}: {seconds:.3f} s (median of {args.repeats})"
                       for command, seconds in result["seconds"].items())

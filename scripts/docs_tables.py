@@ -94,6 +94,35 @@ def render_parity(results: list) -> str:
   return "\n".join(lines) + "\n\n" + " ".join(notes)
 
 
+def render_parity_detail(results: list) -> str:
+  """docs/parity.md: each variant's max abs (and relative) differences, then the training steps."""
+  rows = [("noise prediction, BN eval, 64x64", "forward_max_abs", "forward_max_rel", "1e-5"),
+          ("noise prediction, BN train, 64x64", "forward_bn_train_max_abs", "forward_bn_train_max_rel", "1e-5"),
+          ("BN running statistics after a train pass", "bn_running_stats_max_abs", None, "1e-5"),
+          ("trajectory, eta = 0, every state", "trajectory_max_abs", "trajectory_max_rel", "1e-4"),
+          ("trajectory, eta = 1, every state", "trajectory_eta1_max_abs", "trajectory_eta1_max_rel", "1e-4"),
+          ("trajectory, eta = 0, final images", "trajectory_final_max_abs", None, "1e-4")]
+  variants = [r["variant"] for r in results]
+  lines = ["| comparison | " + " | ".join(f"{v} max abs (rel)" for v in variants) + " | bound |",
+           "|---|" + "---|" * len(variants) + "---|"]
+  for label, abs_key, rel_key, bound in rows:
+    cells = [_sci(r[abs_key]) + (f" ({_sci(r[rel_key])})" if rel_key else "") for r in results]
+    lines.append(f"| {label} | " + " | ".join(cells) + f" | {bound} |")
+  text = "\n".join(lines)
+  if all("train_steps" in r for r in results):
+    r0 = results[0]
+    lines = ["", f"| {r0['train_image_size']}x{r0['train_image_size']}, widths "
+             f"{'/'.join(map(str, r0['train_widths']))}, {r0['train_steps']} steps | parameters | loss, step 1 | "
+             f"loss, max over steps | params | BN stats | EMA |", "|---|---:|---|---|---|---|---|"]
+    for r in results:
+      left_out = f" ({r['train_ill_conditioned']} left out *)" if r["train_ill_conditioned"] else ""
+      lines.append(f"| {r['variant']} | {r['train_num_parameters']:,}{left_out} | {_sci(r['train_loss_abs_1'])} | "
+                   f"{_sci(r['train_loss_max_abs'])} | {_sci(r['train_params_rel'])} | "
+                   f"{_sci(r['train_batch_stats_rel'])} | {_sci(r['train_ema_rel'])} |")
+    text += "\n".join(lines)
+  return text
+
+
 def render_benchmark(results: list) -> str:
   """README's JAX-vs-torch ratios (one benchmark.py file)."""
   (r,) = results
@@ -193,8 +222,52 @@ def render_suite(results: list) -> str:
   return "\n".join(lines)
 
 
-RENDERERS = {"parity": render_parity, "benchmark": render_benchmark, "benchmark-rates": render_benchmark_rates,
-             "loop": render_loop, "data": render_data, "cli-help": render_cli_help, "suite": render_suite}
+def render_demo(results: list) -> str:
+  """README: ``ddim-jax demo``'s wall time (compilation cache empty, then warm) and its digits metric."""
+  lines = ["| `ddim-jax demo` on | compilation cache | wall time | digits metric, model (lower is better) | final loss |",
+           "|---|---|---:|---:|---:|"]
+  for r in results:
+    kind = r["provenance"]["device"].removeprefix("CPU: ")
+    for name, label in (("empty_cache", "empty (first run)"), ("warm_cache", "warm (any later run)")):
+      run = r["runs"][name]
+      model = next(v for k, v in run["digits_metric"].items() if k.startswith("model"))
+      lines.append(f"| {kind} | {label} | {_minutes(run['wall_seconds'])} | {model:.2f} | {run['final_loss']:.4f} |")
+  return "\n".join(lines)
+
+
+def render_digits(results: list) -> str:
+  """docs/evaluation.md: the demo model's digits metric per step count, then the calibration points
+  (``demo_timing.py``'s ``evaluate`` record)."""
+  (r,) = results
+  e = r["evaluate"]
+  steps = [str(s) for s in e["steps"]]
+  lines = ["| steps | " + " | ".join(steps) + " |", "|---|" + "---:|" * len(steps),
+           "| Frechet distance | " + " | ".join(f"{e['frechet_distance'][s]:.2f}" for s in steps) + " |",
+           "| coverage | " + " | ".join(f"{e['coverage'][s]:.1f}" for s in steps) + " |",
+           "", f"| calibration, {e['num_images']} images | Frechet distance | coverage | predicted classes 0..9 |",
+           "|---|---:|---:|---|"]
+  for c in e["calibration"]:
+    lines.append(f"| {c['name']} | {c['frechet_distance']:.2f} | {c['coverage']:.1f} | "
+                 f"{' '.join(str(n) for n in c['histogram'])} |")
+  return "\n".join(lines) + (f"\n\n{e['num_images']} samples per step count against the {e['reference_images']} "
+                             f"validation digits, noise seed {e['seed']}, checkpoint step {e['checkpoint_step']}.")
+
+
+def render_flops(results: list) -> str:
+  """docs/flops.md: FLOPs per image of each variant (``benchmark.py --flops-only``)."""
+  (r,) = results
+  n, steps = r["image_size"], r["sample_steps"]
+  lines = [f"| {n}x{n} | parameters | GFLOP per forward | per training image | per {steps}-step sample |",
+           "|---|---:|---:|---:|---:|"]
+  for variant, c in r["variants"].items():
+    lines.append(f"| `{variant}` | {c['parameters']:,} | {c['forward_flops_per_image'] / 1e9:.3f} | "
+                 f"{c['flops_per_image'] / 1e9:.3f} | {c['sample_flops_per_image'] / 1e9:.2f} |")
+  return "\n".join(lines)
+
+
+RENDERERS = {"parity": render_parity, "parity-detail": render_parity_detail, "benchmark": render_benchmark, "benchmark-rates": render_benchmark_rates,
+             "loop": render_loop, "data": render_data, "cli-help": render_cli_help, "suite": render_suite, "demo": render_demo,
+             "flops": render_flops, "digits": render_digits}
 
 
 def render_block(renderer: str, paths: list, repo: str = REPO) -> str:
