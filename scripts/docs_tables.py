@@ -63,7 +63,17 @@ def _fmt(x, digits: int = 1) -> str:
 
 
 def _sci(x) -> str:
-  return "-" if x is None else f"{x:.1e}"
+  """1.4e-6 (not 1.4e-06); 0 as 0."""
+  if x is None:
+    return "-"
+  if x == 0:
+    return "0"
+  mantissa, exponent = f"{x:.1e}".split("e")
+  return f"{mantissa}e{int(exponent)}"
+
+
+def _bound(x: float) -> str:
+  return _sci(x).replace(".0e", "e")
 
 
 def render_parity(results: list) -> str:
@@ -83,7 +93,7 @@ def render_parity(results: list) -> str:
   for label, key, bound in rows:
     if all(key not in r for r in results):
       continue
-    lines.append(f"| {label} | " + " | ".join(_sci(r.get(key)) for r in results) + f" | {bound:.0e} |")
+    lines.append(f"| {label} | " + " | ".join(_sci(r.get(key)) for r in results) + f" | {_bound(bound)} |")
   r0 = results[0]
   notes = [f"Trajectories: {r0['trajectory_steps']} steps at 16x16 of a model trained {r0['fixture']['steps']} "
            f"steps in the torch twin; forward at {r0['image_size']}x{r0['image_size']}, batch 8."]
@@ -119,7 +129,7 @@ def render_parity_detail(results: list) -> str:
       lines.append(f"| {r['variant']} | {r['train_num_parameters']:,}{left_out} | {_sci(r['train_loss_abs_1'])} | "
                    f"{_sci(r['train_loss_max_abs'])} | {_sci(r['train_params_rel'])} | "
                    f"{_sci(r['train_batch_stats_rel'])} | {_sci(r['train_ema_rel'])} |")
-    text += "\n".join(lines)
+    text += "\n\n" + "\n".join(lines[1:])
   return text
 
 
@@ -159,10 +169,11 @@ def render_benchmark_rates(results: list) -> str:
       + ", ".join(f"{x:.1f}" for x in r.get("jax_train_img_s_all") or []) + ", torch eager "
       + ", ".join(f"{x:.1f}" for x in r.get("torch_eager_train_img_s_all") or [])
       for r in results for c in [r["config"]])
-  flops = "; ".join(
-      f"{r['config']['image_size']}x{r['config']['image_size']}: {r['forward_flops_per_image'] / 1e9:.3f} GFLOP per "
-      f"forward, {r['flops_per_image'] / 1e9:.3f} per training image, {r['sample_flops_per_image'] / 1e9:.2f} per "
-      f"{r['config']['sample_steps']}-step sample" for r in results if r.get("flops_per_image"))
+  flops = "; ".join(dict.fromkeys(  # once per configuration (the counts do not depend on the devices)
+      f"{r['config']['variant']}, {r['config']['image_size']}x{r['config']['image_size']}: "
+      f"{r['forward_flops_per_image'] / 1e9:.3f} GFLOP per forward, {r['flops_per_image'] / 1e9:.3f} per training "
+      f"image, {r['sample_flops_per_image'] / 1e9:.2f} per {r['config']['sample_steps']}-step sample"
+      for r in results if r.get("flops_per_image")))
   return "\n".join(lines) + f"\n\nPer repeat (img/s): {per_repeat}.\n\nFLOPs (jaxpr count): {flops}."
 
 
@@ -183,7 +194,7 @@ def render_loop(results: list) -> str:
                        ("host_ms", "uint8 batches uploaded ahead by a thread, 1 step per call"),
                        ("device_k_ms", f"the set on the devices, {h['steps_per_call']} steps per call (`default`)")):
       lines.append(f"| {label} | {h[key]:.3f} |")
-    text += "\n" + "\n".join(lines)
+    text += "\n\n" + "\n".join(lines[1:])
   return text
 
 

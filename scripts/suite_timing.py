@@ -65,6 +65,11 @@ def run_once(python: str, env: dict, log_path: str) -> dict:
           **parse_summary(output), "failures": failures[:20]}
 
 
+def write(path: str, record: dict) -> None:
+  files.ensure_parent(path, "--out")
+  files.replace_text(path, json.dumps(record, indent=1) + "\n", "--out")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   p.add_argument("--out", required=True, help="the results file to write (JSON)")
@@ -88,6 +93,7 @@ def main(argv=None) -> int:
       log = f"{args.out}.run{i + 1}.log"
       result = run_once(args.python, env, log)
       record["runs"].append(result)
+      write(args.out, record)  # after every run: a long series stopped midway keeps what it measured
       if result["rc"] == 0:
         os.remove(log)  # kept only where a run failed: its output says why
       print(f"run {i + 1}/{args.runs}: rc {result['rc']}, {result.get('passed', 0)} passed, "
@@ -97,8 +103,7 @@ def main(argv=None) -> int:
     for hog in hogs:
       hog.kill()
       hog.wait()
-  files.ensure_parent(args.out, "--out")
-  files.replace_text(args.out, json.dumps(record, indent=1) + "\n", "--out")
+  write(args.out, record)
   return 0 if all(r["rc"] == 0 for r in record["runs"]) else 1
 
 
