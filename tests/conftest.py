@@ -4,6 +4,7 @@ The environment must be set before JAX is imported anywhere, hence module level.
 """
 
 import os
+import signal
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -44,6 +45,12 @@ if compilation_cache.cache_dir() is not None:  # DDIM_JAX_COMPILATION_CACHE=off 
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(compilation_cache.MIN_COMPILE_SECONDS))
 
 import pytest  # noqa: E402  (after the environment set-up above)
+
+# A suite started in the background by a non-interactive shell (`make test &`, some CI runners)
+# inherits SIGINT ignored, and every command it starts would too (an ignored signal stays ignored
+# across exec, and the commands rightly leave it so): the Ctrl-C tests need Python's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
