@@ -667,5 +667,22 @@ def main(argv=None) -> int:
     return 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
+def entry() -> None:
+  """The ``ddim-jax`` program (console script, ``python -m ddim_jax``): ``main``, then exit.
+
+  After a Ctrl-C (status 130) the process leaves at once (``os._exit``) instead of tearing the
+  interpreter down: an interrupted jitted computation may still run on XLA's threads, and finalising
+  under it crashed the process (SIGSEGV after its one line, seen under load). Nothing is lost: every
+  output is written whole or not at all (replaced by a rename), and a trainer has saved and closed
+  its run before it returns 130.
+  """
+  status = main()
+  if status == 130:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)  # pylint: disable=protected-access
+  sys.exit(status)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

@@ -259,3 +259,18 @@ def test_sigint_to_sample_is_one_line_and_130(tmp_path, delay):
   assert proc.returncode == 130, err[-3000:]
   assert _lines(err) == ["ddim-jax sample: interrupted"], err[-3000:]
   assert not out.exists()
+
+
+def test_the_program_leaves_at_once_after_a_ctrl_c(monkeypatch):
+  """Status 130 exits through os._exit (no interpreter teardown under a computation XLA may still run:
+  a SIGSEGV after the one line, seen under load); any other status through sys.exit."""
+  exits = []
+  monkeypatch.setattr(cli.os, "_exit", lambda status: exits.append(status))
+  monkeypatch.setattr(cli, "main", lambda: 130)
+  with pytest.raises(SystemExit) as leaving:  # the patched os._exit returns; sys.exit follows
+    cli.entry()
+  assert exits == [130] and leaving.value.code == 130
+  monkeypatch.setattr(cli, "main", lambda: 2)
+  with pytest.raises(SystemExit) as leaving:
+    cli.entry()
+  assert exits == [130] and leaving.value.code == 2
