@@ -221,7 +221,8 @@ def _minutes(seconds: float) -> str:
 
 def render_suite(results: list) -> str:
   """README and docs/testing.md: the suite's runs, per processor kind and load."""
-  lines = ["| machine | beside the suite | runs | passed each | wall time each | CPU time each |", "|---|---|---:|---|---|---|"]
+  lines = ["| machine | beside the suite | runs | passed each | wall time each | CPU time each | failed |",
+           "|---|---|---:|---|---|---|---|"]
   for r in results:
     runs = r["runs"]
     kind = r["provenance"]["device"].removeprefix("CPU: ")
@@ -229,7 +230,8 @@ def render_suite(results: list) -> str:
     passed = ", ".join(f"{x.get('passed', 0)}/{x.get('passed', 0) + x.get('failed', 0) + x.get('errors', 0)}"
                        for x in runs)
     lines.append(f"| {kind} | {load} | {len(runs)} | {passed} | {', '.join(_minutes(x['wall_seconds']) for x in runs)} "
-                 f"| {', '.join(_minutes(x['cpu_seconds']) for x in runs)} |")
+                 f"| {', '.join(_minutes(x['cpu_seconds']) for x in runs)} "
+                 f"| {'; '.join(f.split(' - ')[0].removeprefix('FAILED ') for x in runs for f in x['failures']) or '-'} |")
   return "\n".join(lines)
 
 
