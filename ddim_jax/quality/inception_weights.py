@@ -65,16 +65,22 @@ def find_fid_weights(path: Optional[str] = None) -> str:
     FileNotFoundError: with ``missing_fid_weights_message`` when no file is found.
   """
   if path:
-    if os.path.isfile(path):
-      return path
-    if os.path.exists(path):
-      raise InceptionWeightsError(f"FID Inception weights {path!r} is not a regular file; pass the .pth file itself "
-                                  f"(--fid-weights PATH, config key `eval.fid_weights`)")
-    raise errors.MissingInputError(missing_fid_weights_message(f"no file at {path!r}"))
+    return _given_file(path, "FID Inception weights", "--fid-weights PATH, config key `eval.fid_weights`",
+                       missing_fid_weights_message)
   candidate = os.path.join(_torch_hub_dir(), FID_WEIGHTS_FILE)
   if os.path.isfile(candidate):
     return candidate
   raise errors.MissingInputError(missing_fid_weights_message(f"none in {_torch_hub_dir()}"))
+
+
+def _given_file(path: str, what: str, how: str, missing_message) -> str:
+  """``path`` when it is a regular file; else the error naming it (``missing_message(looked_at)`` when
+  nothing is there)."""
+  if os.path.isfile(path):
+    return path
+  if os.path.exists(path):
+    raise InceptionWeightsError(f"{what} {path!r} is not a regular file; pass the .pth file itself ({how})")
+  raise errors.MissingInputError(missing_message(f"no file at {path!r}"))
 
 
 def _torch_hub_dir() -> str:
@@ -91,12 +97,8 @@ def find_inception_weights(path: Optional[str] = None) -> str:
     FileNotFoundError: with ``missing_weights_message`` when no file is found.
   """
   if path:
-    if os.path.isfile(path):
-      return path
-    if os.path.exists(path):
-      raise InceptionWeightsError(f"InceptionV3 weights {path!r} is not a regular file; pass the .pth file itself "
-                                  f"(--inception-weights PATH, config key `inception_weights`)")
-    raise errors.MissingInputError(missing_weights_message(f"no file at {path!r}"))
+    return _given_file(path, "InceptionV3 weights", "--inception-weights PATH, config key `inception_weights`",
+                       missing_weights_message)
   for name in (TORCHVISION_WEIGHTS_FILE, FID_WEIGHTS_FILE):
     candidate = os.path.join(_torch_hub_dir(), name)
     if os.path.isfile(candidate):
