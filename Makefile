@@ -30,8 +30,11 @@ $(VENV)/.installed-demo: pyproject.toml | $(PY)
 # torchvision release pins one torch release; resolved together, pip picks the torchvision that
 # matches TORCH_SPEC's torch. A second command could instead pick the newest torchvision and
 # replace the torch just installed with the one it pins (or a CUDA build of it).
+# k-diffusion (the published DPM-Solver++ the tests compare with) without its dependencies: they
+# pull a CUDA torchvision, CLIP, wandb and more that its samplers never use (tests/test_solvers.py).
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q "$(TORCH_REQUIREMENT)" $(TORCH_PIP_OPTIONS) -e ".[torch,dev]"
+	$(PIP) install -q --no-deps "k-diffusion==0.1.1.post1"
 	touch $@
 
 # TensorFlow + TFDS: only needed to PREPARE TFDS datasets (and by the tests of that path).

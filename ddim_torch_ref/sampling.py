@@ -1,4 +1,5 @@
-"""DDIM sampling in PyTorch, the twin of ``ddim_jax/core/sampling.py`` (same names, same formulas, NCHW).
+"""DDIM and DPM-Solver++(2M) sampling in PyTorch, the twin of ``ddim_jax/core/sampling.py`` (same names,
+same formulas, NCHW).
 
 See the JAX module for the notation block. Random draws are passed in (``step_noises``) or come
 from an explicit ``torch.Generator``; nothing here touches the global RNG.
@@ -9,7 +10,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ddim_torch_ref import schedules
+from ddim_torch_ref import schedules, solvers
 
 TARGETS = schedules.TARGETS
 DEFAULT_SPEC = schedules.DiffusionSpec()
@@ -69,24 +70,21 @@ def ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_ra
   return next_signal_rates * pred_images + direction * pred_noises + sigmas * step_noises
 
 
-def time_grid(steps: int):
-  """(diffusion_times, next_diffusion_times): 1 - i/S and 1 - (i+1)/S, float64 rounded to float32."""
-  if steps < 1:
-    raise ValueError(f"steps must be >= 1 (network evaluations), got {steps}")
-  i = np.arange(steps, dtype=np.float64)
-  return (1.0 - i / steps).astype(np.float32), (1.0 - (i + 1) / steps).astype(np.float32)
-
-
-def step_rates(steps, spec=DEFAULT_SPEC):
-  """(noise_rates, signal_rates, next_noise_rates, next_signal_rates), each (S,) float32, float64-evaluated."""
-  times, next_times = time_grid(steps)
+def step_rates(steps, spec=DEFAULT_SPEC, sampler=solvers.DDIM):
+  """(noise_rates, signal_rates, next_noise_rates, next_signal_rates), each (S,) float32, at ``sampler``'s times."""
+  times, next_times = solvers.sampling_times(steps, sampler, spec)
   return (*spec.rate_table(times), *spec.rate_table(next_times))
+
+
+def dpmpp_2m_step(noisy_images, pred_images, previous_pred_images, a, b, c, d):
+  """One DPM-Solver++(2M) update, x' = a x + b (c x0 + d x0_prev) (``solvers.dpmpp_2m_coefficients``)."""
+  return a * noisy_images + b * (c * pred_images + d * previous_pred_images)
 
 
 @torch.no_grad()
 def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, spec=DEFAULT_SPEC, eta=0.0,
-                      step_noises=None, generator=None, return_trajectory=False):
-  """Runs ``steps`` DDIM steps from ``initial_noise`` (t = 1); see the JAX twin for the arguments.
+                      step_noises=None, generator=None, return_trajectory=False, sampler=solvers.DDIM):
+  """Runs ``steps`` steps of ``sampler`` (DDIM by default) from ``initial_noise`` (t = 1); see the JAX twin.
 
   ``step_noises`` is (S, B, C, H, W); without it, eta > 0 draws from ``generator``.
   Returns the same dict as the JAX twin (NCHW arrays).
@@ -95,10 +93,12 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, spec=D
     raise ValueError(f"eta must be >= 0, got {eta}")
   if eta > 0 and step_noises is None and generator is None:
     raise ValueError("eta > 0 needs step_noises or a torch.Generator")
+  sampler.check(spec, eta)
   batch = initial_noise.shape[0]
-  rates = step_rates(steps, spec)
+  rates = step_rates(steps, spec, sampler)
+  coefficients = solvers.dpmpp_2m_coefficients(*rates) if sampler.name == "dpmpp_2m" else None
   target = spec.target
-  noisy_images = initial_noise
+  noisy_images, pred_images = initial_noise, torch.zeros_like(initial_noise)
   noisy_trajectory, pred_trajectory = [initial_noise], []
 
   def full(value):
@@ -107,13 +107,18 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, spec=D
   for i in range(steps):
     noise_rates, signal_rates, next_noise_rates, next_signal_rates = (full(r[i]) for r in rates)
     output = network_fn(noisy_images, network_variances(noise_rates, signal_rates, target))
+    previous_pred_images = pred_images
     pred_noises, pred_images = denoise(output, noisy_images, noise_rates, signal_rates, target)
-    z = None
-    if eta > 0:
-      z = step_noises[i] if step_noises is not None else torch.randn(
-          initial_noise.shape, generator=generator, device=initial_noise.device)
-    noisy_images = ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates,
-                             next_signal_rates, eta, z)
+    if coefficients is not None:
+      noisy_images = dpmpp_2m_step(noisy_images, pred_images, previous_pred_images,
+                                   *(full(v[i]) for v in coefficients))
+    else:
+      z = None
+      if eta > 0:
+        z = step_noises[i] if step_noises is not None else torch.randn(
+            initial_noise.shape, generator=generator, device=initial_noise.device)
+      noisy_images = ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates,
+                               next_signal_rates, eta, z)
     if return_trajectory:
       noisy_trajectory.append(noisy_images)
       pred_trajectory.append(pred_images)
@@ -126,13 +131,13 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *, spec=D
 
 @torch.no_grad()
 def generate(model, initial_noise, normalizer=None, step_noises=None, generator=None, *, steps=20, spec=DEFAULT_SPEC,
-             eta=0.0, return_trajectory=False):
+             eta=0.0, return_trajectory=False, sampler=solvers.DDIM):
   """Samples with a ``ddim_torch_ref`` UNet in eval mode; the twin of ``ddim_jax.core.sampling.generate``."""
   was_training = model.training
   model.eval()
   try:
     out = reverse_diffusion(model, initial_noise, steps, spec=spec, eta=eta, step_noises=step_noises,
-                            generator=generator, return_trajectory=return_trajectory)
+                            generator=generator, return_trajectory=return_trajectory, sampler=sampler)
   finally:
     model.train(was_training)
   if normalizer is not None:

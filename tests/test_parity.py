@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddim_jax.core import models
+from ddim_jax.core import models, solvers
 from ddim_jax.interop import parity, parity_fixtures, weight_files
 
 
@@ -48,6 +48,18 @@ def test_trajectory_parity(trained, steps, eta):
   with parity.precision("highest"):
     result = parity.trajectory_parity(model, variables, 16, steps, eta)
   # Bounded trajectories: the states of a trained model stay O(1-10), unlike a random U-Net's.
+  assert result["state_max_abs"] < 50, result
+  assert result["max_abs"] <= 1e-4, result
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("grid", solvers.TIME_GRIDS)
+@pytest.mark.slow
+def test_dpmpp_2m_trajectory_parity(trained, steps, grid):
+  """DPM-Solver++(2M) in both twins, both variants: every state of the trajectory within the DDIM bound."""
+  model, variables, _ = trained
+  with parity.precision("highest"):
+    result = parity.trajectory_parity(model, variables, 16, steps, sampler=solvers.Sampler("dpmpp_2m", grid))
   assert result["state_max_abs"] < 50, result
   assert result["max_abs"] <= 1e-4, result
 

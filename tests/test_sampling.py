@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_jax.core import sampling, schedules
+from ddim_jax.core import sampling, schedules, solvers
 from ddim_torch_ref import sampling as torch_sampling
 
 RNG = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def test_exact_denoiser_recovers_the_image_in_both_twins(eta):
 
 
 def test_trajectory_shapes_final_state_and_time_grid():
-  times, next_times = sampling.time_grid(4)
+  times, next_times = solvers.sampling_times(4)
   np.testing.assert_allclose(times, [1.0, 0.75, 0.5, 0.25])
   np.testing.assert_allclose(next_times, [0.75, 0.5, 0.25, 0.0])
   x0 = jnp.full((1, 4, 4, 3), 0.3)
@@ -88,7 +88,7 @@ def test_trajectory_shapes_final_state_and_time_grid():
   eps = (np.asarray(out["noisy_trajectory"][-2]) - s_last * 0.3) / n_last
   np.testing.assert_allclose(np.asarray(out["noisy_trajectory"][-1]), s0 * 0.3 + n0 * eps, atol=1e-5)
   with pytest.raises(ValueError, match="steps"):
-    sampling.time_grid(0)
+    solvers.sampling_times(0)
 
 
 def test_denormalize_inverts_normalize_and_clips():

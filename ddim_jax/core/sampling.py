@@ -1,4 +1,4 @@
-"""DDIM sampling: one step for any eta, reverse diffusion under one ``jit`` (``lax.scan``).
+"""Sampling: DDIM for any eta and DPM-Solver++(2M) (``solvers``), reverse diffusion under one ``jit`` (``lax.scan``).
 
 Notation (Keras names; DDIM paper, Song et al. 2021, with alpha_t = signal_rate^2):
 
@@ -10,8 +10,10 @@ Notation (Keras names; DDIM paper, Song et al. 2021, with alpha_t = signal_rate^
 
 eta = 0 is deterministic DDIM (the Keras sampler), eta = 1 is DDPM-like. ``steps`` counts network
 evaluations (Keras semantics: times 1, 1 - 1/S, ..., 1/S; R's ``diffusion_steps`` = S + 1). The
-output is the pred_images of the LAST evaluation (the final re-mix at t = 0 is discarded). The
-twin is ``ddim_torch_ref/sampling.py``.
+output is the pred_images of the LAST evaluation (the final re-mix at t = 0 is discarded).
+``solvers`` holds the other sampler (DPM-Solver++(2M)) and the time grids (uniform in t, or in
+log-SNR). Inversion and interpolation are DDIM on the uniform grid. The twin is
+``ddim_torch_ref/sampling.py``.
 """
 
 import functools
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddim_jax import errors
-from ddim_jax.core import schedules
+from ddim_jax.core import schedules, solvers
 
 TARGETS = schedules.TARGETS
 DEFAULT_SPEC = schedules.DiffusionSpec()
@@ -92,30 +94,26 @@ def ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_ra
   return next_signal_rates * pred_images + direction * pred_noises + sigmas * step_noises
 
 
-def time_grid(steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """(diffusion_times, next_diffusion_times) of the S network evaluations: 1 - i/S and 1 - (i+1)/S.
-
-  Formed in float64 NumPy and rounded to float32 so that both twins use the same times.
-  """
-  if steps < 1:
-    raise errors.ConfigError(f"steps must be >= 1 (network evaluations), got {steps}")
-  i = np.arange(steps, dtype=np.float64)
-  return (1.0 - i / steps).astype(np.float32), (1.0 - (i + 1) / steps).astype(np.float32)
-
-
-def step_rates(steps: int, spec: schedules.DiffusionSpec = DEFAULT_SPEC) -> tuple[np.ndarray, ...]:
+def step_rates(steps: int, spec: schedules.DiffusionSpec = DEFAULT_SPEC,
+               sampler: solvers.Sampler = solvers.DDIM) -> tuple[np.ndarray, ...]:
   """(noise_rates, signal_rates, next_noise_rates, next_signal_rates), each (S,) float32, of the S steps.
 
-  Evaluated by ``schedules.rate_table`` in float64 NumPy: both twins use bit-identical rates.
+  At the times of ``sampler``'s grid (``solvers.sampling_times``), evaluated by
+  ``schedules.rate_table`` in float64 NumPy: both twins use bit-identical rates.
   """
-  times, next_times = time_grid(steps)
+  times, next_times = solvers.sampling_times(steps, sampler, spec)
   return (*spec.rate_table(times), *spec.rate_table(next_times))
+
+
+def dpmpp_2m_step(noisy_images, pred_images, previous_pred_images, a, b, c, d):
+  """One DPM-Solver++(2M) update, x' = a x + b (c x0 + d x0_prev) (``solvers.dpmpp_2m_coefficients``)."""
+  return a * noisy_images + b * (c * pred_images + d * previous_pred_images)
 
 
 def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *,
                       spec: schedules.DiffusionSpec = DEFAULT_SPEC, eta: float = 0.0, step_noises=None, key=None,
-                      return_trajectory: bool = False):
-  """Runs ``steps`` DDIM steps from ``initial_noise`` (t = 1) with ``lax.scan``.
+                      return_trajectory: bool = False, sampler: solvers.Sampler = solvers.DDIM):
+  """Runs ``steps`` steps of ``sampler`` (DDIM by default) from ``initial_noise`` (t = 1) with ``lax.scan``.
 
   Call it inside ``jit`` (``generate`` does). Random draws for eta > 0 come from ``step_noises``
   if given (parity tests feed the same NumPy draws to both twins), otherwise from ``key``.
@@ -125,10 +123,11 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *,
     initial_noise: (B, H, W, C) standard normal.
     steps: number of network evaluations S.
     spec: the diffusion (schedule, signal-rate bounds, prediction target: 'noise' (Keras) or 'image').
-    eta: DDIM eta (a Python float).
+    eta: DDIM eta (a Python float); other samplers are deterministic (eta 0).
     step_noises: optional (S, B, H, W, C) draws z for eta > 0.
     key: PRNG key used when eta > 0 and step_noises is None.
     return_trajectory: also return every noisy image and every predicted image.
+    sampler: ``solvers.Sampler`` (DDIM or DPM-Solver++(2M), uniform or log-SNR time grid).
 
   Returns:
     dict with 'pred_images' (B, H, W, C) of the last evaluation (normalised space) and, if asked,
@@ -139,22 +138,30 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *,
     raise errors.ConfigError(f"eta must be >= 0, got {eta}")
   if eta > 0 and step_noises is None and key is None:
     raise ValueError("eta > 0 needs step_noises or a PRNG key")
+  sampler.check(spec, eta)
   batch = initial_noise.shape[0]
   if eta > 0 and step_noises is None:
     step_noises = jax.random.normal(key, (steps,) + initial_noise.shape, initial_noise.dtype)
-  rates = tuple(jnp.asarray(r) for r in step_rates(steps, spec))
-  xs = (rates, step_noises if eta > 0 else jnp.zeros((steps,)))
+  rate_values = step_rates(steps, spec, sampler)
+  rates = tuple(jnp.asarray(r) for r in rate_values)
+  # DPM-Solver++(2M)'s (a, b, c, d) per step; DDIM needs none (zeros keep one scan signature).
+  coefficients = (tuple(jnp.asarray(v) for v in solvers.dpmpp_2m_coefficients(*rate_values))
+                  if sampler.name == "dpmpp_2m" else jnp.zeros((steps,)))
+  xs = (rates, step_noises if eta > 0 else jnp.zeros((steps,)), coefficients)
   target = spec.target
 
   def body(carry, x):
-    noisy_images, _ = carry
-    step_rate_values, z = x
+    noisy_images, previous_pred_images = carry
+    step_rate_values, z, step_coefficients = x
     noise_rates, signal_rates, next_noise_rates, next_signal_rates = (
         jnp.full((batch, 1, 1, 1), r, jnp.float32) for r in step_rate_values)
     output = network_fn(noisy_images, network_variances(noise_rates, signal_rates, target))
     pred_noises, pred_images = denoise(output, noisy_images, noise_rates, signal_rates, target)
-    next_noisy_images = ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates,
-                                  next_signal_rates, eta, z if eta > 0 else None)
+    if sampler.name == "dpmpp_2m":
+      next_noisy_images = dpmpp_2m_step(noisy_images, pred_images, previous_pred_images, *step_coefficients)
+    else:
+      next_noisy_images = ddim_step(pred_noises, pred_images, noise_rates, signal_rates, next_noise_rates,
+                                    next_signal_rates, eta, z if eta > 0 else None)
     trajectory = (next_noisy_images, pred_images) if return_trajectory else None
     return (next_noisy_images, pred_images), trajectory
 
@@ -167,9 +174,10 @@ def reverse_diffusion(network_fn: Callable, initial_noise, steps: int, *,
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "spec", "eta", "return_trajectory"))
+@functools.partial(jax.jit, static_argnames=("model", "steps", "spec", "eta", "return_trajectory", "sampler"))
 def generate(model, variables, initial_noise, normalizer=None, step_noises=None, key=None, *, steps: int = 20,
-             spec: schedules.DiffusionSpec = DEFAULT_SPEC, eta: float = 0.0, return_trajectory: bool = False):
+             spec: schedules.DiffusionSpec = DEFAULT_SPEC, eta: float = 0.0, return_trajectory: bool = False,
+             sampler: solvers.Sampler = solvers.DDIM):
   """Samples images with a ddim_jax UNet (BatchNorm in inference mode), all under one jit.
 
   Args:
@@ -177,14 +185,14 @@ def generate(model, variables, initial_noise, normalizer=None, step_noises=None,
     variables: its {'params', 'batch_stats'} (usually the EMA ones).
     initial_noise: (B, H, W, C) standard normal.
     normalizer: {'mean', 'variance'}; when given, 'images' holds denormalised, clipped images.
-    step_noises, key, steps, spec, eta, return_trajectory: see ``reverse_diffusion``.
+    step_noises, key, steps, spec, eta, return_trajectory, sampler: see ``reverse_diffusion``.
 
   Returns:
     ``reverse_diffusion``'s dict, plus 'images' in [0, 1] when ``normalizer`` is given.
   """
   network_fn = lambda x, v: model.apply(variables, x, v, train=False)
   out = reverse_diffusion(network_fn, initial_noise, steps, spec=spec, eta=eta, step_noises=step_noises, key=key,
-                          return_trajectory=return_trajectory)
+                          return_trajectory=return_trajectory, sampler=sampler)
   if normalizer is not None:
     out["images"] = denormalize(out["pred_images"], normalizer)
   return out

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax.core import models, sampling, schedules, step as step_lib
+from ddim_jax.core import models, sampling, schedules, solvers, step as step_lib
 from ddim_jax.interop import weight_files
 
 PRECISIONS = ("default", "highest")
@@ -224,30 +224,33 @@ def forward_parity(model, variables, image_size: int, batch: int = 8, seed: int 
   }
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "etas"))
-def _trajectories(model, variables, initial_noise, step_noises, steps: int, etas: tuple):
+@functools.partial(jax.jit, static_argnames=("model", "steps", "etas", "sampler"))
+def _trajectories(model, variables, initial_noise, step_noises, steps: int, etas: tuple,
+                  sampler: solvers.Sampler = solvers.DDIM):
   """``sampling.generate`` with every trajectory, for each eta of ``etas``: one program, one compile."""
   return tuple(sampling.generate(model, variables, initial_noise, step_noises=step_noises if eta > 0 else None,
-                                 steps=steps, eta=eta, return_trajectory=True) for eta in etas)
+                                 steps=steps, eta=eta, return_trajectory=True, sampler=sampler) for eta in etas)
 
 
 def trajectory_parities(model, variables, image_size: int, steps: int, etas=(0.0, 1.0), batch: int = 4,
-                        seed: int = 2, timer=no_timer) -> dict:
+                        seed: int = 2, timer=no_timer, sampler: solvers.Sampler = solvers.DDIM) -> dict:
   """``trajectory_parity`` for several etas, from the same initial noise and step draws: {eta: result}.
 
   The JAX trajectories of all etas are one compiled program (``generate`` takes eta as a static
-  argument, so separate calls would compile once per eta).
+  argument, so separate calls would compile once per eta). ``sampler``: DDIM (any eta) or
+  DPM-Solver++(2M) (eta 0 only), on its time grid, the same in both twins.
   """
   import torch  # pylint: disable=import-outside-toplevel
   from ddim_torch_ref import sampling as torch_sampling  # pylint: disable=import-outside-toplevel
+  from ddim_torch_ref import solvers as torch_solvers  # pylint: disable=import-outside-toplevel
   etas = tuple(float(eta) for eta in etas)
   rng = np.random.default_rng(seed)
   shape = (batch, image_size, image_size, model.channels)
   initial_noise = rng.standard_normal(shape).astype(np.float32)
   step_noises = rng.standard_normal((steps,) + shape).astype(np.float32) if max(etas) > 0 else None
   inputs = dict(variables=variables, initial_noise=initial_noise, step_noises=step_noises)
-  run = _executable(_trajectories, "JAX compile: trajectories", timer, dict(model=model, steps=steps, etas=etas),
-                    **inputs)
+  run = _executable(_trajectories, "JAX compile: trajectories", timer,
+                    dict(model=model, steps=steps, etas=etas, sampler=sampler), **inputs)
   with timer("JAX run: trajectories"):
     outs = jax.tree.map(np.asarray, run(**inputs))
   twin = torch_twin(model, variables).eval()
@@ -256,7 +259,8 @@ def trajectory_parities(model, variables, image_size: int, steps: int, etas=(0.0
     with timer("torch run: trajectories"):
       ref = torch_sampling.reverse_diffusion(
           twin, torch.from_numpy(nchw(initial_noise)), steps, eta=eta,
-          step_noises=torch.from_numpy(nchw(step_noises)) if eta > 0 else None, return_trajectory=True)
+          step_noises=torch.from_numpy(nchw(step_noises)) if eta > 0 else None, return_trajectory=True,
+          sampler=torch_solvers.Sampler(sampler.name, sampler.time_grid))
     diffs, scales = [], []
     for key in ("noisy_trajectory", "pred_trajectory"):
       a, b = out[key], nhwc(ref[key].numpy())
@@ -269,8 +273,8 @@ def trajectory_parities(model, variables, image_size: int, steps: int, etas=(0.0
 
 
 def trajectory_parity(model, variables, image_size: int, steps: int, eta: float = 0.0, batch: int = 4,
-                      seed: int = 2, timer=no_timer) -> dict:
-  """Max differences over EVERY state of a DDIM trajectory of the twins from the same noise.
+                      seed: int = 2, timer=no_timer, sampler: solvers.Sampler = solvers.DDIM) -> dict:
+  """Max differences over EVERY state of a trajectory of the twins (DDIM or ``sampler``) from the same noise.
 
   For eta > 0 the per-step draws are made in NumPy and injected into both.
 
@@ -278,7 +282,7 @@ def trajectory_parity(model, variables, image_size: int, steps: int, eta: float 
     dict with max_abs / max_rel over all noisy and predicted images of the trajectory, final_max_abs
     (the last predicted images) and state_max_abs (the scale of the states).
   """
-  return trajectory_parities(model, variables, image_size, steps, (eta,), batch, seed, timer)[float(eta)]
+  return trajectory_parities(model, variables, image_size, steps, (eta,), batch, seed, timer, sampler)[float(eta)]
 
 
 def _relative_tree_diff(jax_state: dict, torch_state: dict, masks: dict | None = None) -> tuple[float, str]:
