@@ -113,14 +113,17 @@ def cmd_sample(args) -> int:
     check_output(option, path)
   check_output("--out-dir", args.out_dir, folder=True)
   source = pipeline.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
+  sampler = source.choose_sampler(args.sampler, args.time_grid)
+  sampler.check(source.spec, args.eta)
   noise = pipeline.initial_noise(args.seed, args.num_images, source.image_shape, args.noise_file, args.numpy_noise)
-  images = source.sample(args.num_images, args.steps, args.eta, args.seed, args.batch_size, initial_noise=noise)
+  images = source.sample(args.num_images, args.steps, args.eta, args.seed, args.batch_size, initial_noise=noise,
+                         sampler=sampler)
   with writing("--out", args.out):
     grids.save_grid(images, args.out, rows=args.rows,
                         upscale=grids.default_upscale(source.image_size, args.upscale))
   devices = sharded.devices_for(min(args.batch_size, args.num_images))
-  print(f"wrote {args.out} ({len(images)} images of {source.description}, {args.steps} steps, eta={args.eta}, "
-        f"batches split over {devices} device{'s' * (devices > 1)})")
+  print(f"wrote {args.out} ({len(images)} images of {source.description}, {sampler.describe()}, {args.steps} steps, "
+        f"eta={args.eta}, batches split over {devices} device{'s' * (devices > 1)})")
   if args.array_out:
     files.ensure_parent(args.array_out, "--array-out")
     files.replace_file(args.array_out, lambda f: np.save(f, images), "--array-out")
@@ -134,7 +137,8 @@ def cmd_sample(args) -> int:
     # The strip starts from the grid's first noises, so that it ends in the grid's first images.
     first = noise[:k] if noise is not None else source.first_noise(args.seed, k, args.num_images, args.batch_size)
     rows = figures.trajectory_rows(source.model, source.variables, source.normalizer, first, args.steps, eta=args.eta,
-                                   key=jax.random.key(args.seed + 1) if args.eta > 0 else None, spec=source.spec)
+                                   key=jax.random.key(args.seed + 1) if args.eta > 0 else None, spec=source.spec,
+                                   sampler=sampler)
     with writing("--trajectory", args.trajectory):
       grids.save_rows(rows, args.trajectory, upscale=grids.default_upscale(source.image_size, args.upscale))
     print(f"wrote {args.trajectory} ({k} samples: rows of noisy images and predicted images)")
@@ -166,9 +170,10 @@ def cmd_figures(args, overrides) -> int:
   grids.save_rows(figures.reverse_figure_rows(source.model, source.variables, source.normalizer, image, args.seed,
                                                   source.spec), reverse, upscale=upscale)
   samples = os.path.join(args.out_dir, "samples.png")
-  grids.save_grid(source.sample(36, args.steps, 0.0, args.seed, 64), samples, rows=6, upscale=upscale)
-  print(f"wrote {forward} (forward process, rows cosine/linear), {reverse} (reverse process), {samples} "
-        f"(6x6 samples, {args.steps} steps) from {source.description}")
+  sampler = source.choose_sampler(args.sampler, args.time_grid)
+  grids.save_grid(source.sample(36, args.steps, 0.0, args.seed, 64, sampler=sampler), samples, rows=6, upscale=upscale)
+  print(f"wrote {forward} (forward process, rows cosine/linear), {reverse} (reverse process, DDIM), {samples} "
+        f"(6x6 samples, {sampler.describe()}, {args.steps} steps) from {source.description}")
   return 0
 
 
@@ -220,7 +225,7 @@ def cmd_evaluate(args, overrides) -> int:
       metric=args.metric,
       num_images=args.num_images, batch_size=args.batch_size, inception_weights=args.inception_weights,
       image_size=args.image_size, fid=args.fid, fid_weights=args.fid_weights, fid_image_size=args.fid_image_size,
-      seed=args.seed)
+      seed=args.seed, sampler=args.sampler, time_grid=args.time_grid)
   if isinstance(result, evaluation.DigitsEvaluation):
     return cmd_evaluate_digits(args, result)
   print("\n".join(result.table_lines()))
@@ -233,7 +238,8 @@ def cmd_evaluate(args, overrides) -> int:
 def cmd_evaluate_digits(args, result) -> int:
   """ddim-jax evaluate on the bundled digits: prints the digits metric per step count, then its calibration points."""
   from ddim_jax.quality import digits_metric
-  print(f"digits metric of {result.description}: {result.num_images} samples (seed {result.seed}) against the "
+  print(f"digits metric of {result.description}: {result.num_images} {result.sampler.describe()} samples (seed "
+        f"{result.seed}) against the "
         f"{result.num_reference} validation digits, features of {os.path.basename(result.feature_weights)}:")
   print("\n".join(digits_metric.table_lines(result.scores, "steps")))
   print(f"calibration ({result.num_images} images each; real digits from the training split):")
@@ -398,6 +404,22 @@ def add_noise_arguments(p) -> None:
   group.add_argument("--noise-file", help="initial noise from a .npy file, (N, H, W, C) float32")
 
 
+SAMPLERS = ("ddim", "dpmpp_2m")  # ddim_jax.core.solvers' (not imported here: it imports JAX; a test compares)
+TIME_GRIDS = ("uniform", "logsnr")
+
+
+def add_sampler_arguments(p, what: str = "the samples") -> None:
+  """--sampler and --time-grid of the sampling commands (default: the model's run's, ``config.sample``)."""
+  p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                 help=f"the sampler of {what}: ddim (Keras, R; any --eta where the command has it) or dpmpp_2m "
+                      "(DPM-Solver++(2M): second order, deterministic; fewer steps for the same quality, "
+                      "docs/sampling.md). Default: the one the model's run used (its config.sample.sampler, which a "
+                      "weight file records), else ddim")
+  p.add_argument("--time-grid", default=None, choices=TIME_GRIDS,
+                 help="the sampler's times: uniform in t (Keras) or uniform in log-SNR (cosine schedule only). "
+                      "Default: the model's run's, else uniform")
+
+
 def add_demo_parser(sub) -> None:
   p = sub.add_parser("demo", help="the offline demo: train on the bundled digits, sample",
                      epilog="Override any key of the demo preset with --config.a.b=value, e.g. "
@@ -445,7 +467,8 @@ def add_sample_parser(sub) -> None:
   p.add_argument("--out", default="samples.png", help="the PNG grid to write")
   p.add_argument("--num-images", type=positive_int, default=36, help="images to sample")
   p.add_argument("--steps", type=step_count, default=20, help="network evaluations (Keras semantics)")
-  p.add_argument("--eta", type=eta_float, default=0.0, help="0: deterministic DDIM, 1: DDPM-like")
+  p.add_argument("--eta", type=eta_float, default=0.0, help="0: deterministic DDIM, 1: DDPM-like (ddim only)")
+  add_sampler_arguments(p)
   add_noise_arguments(p)
   p.add_argument("--rows", type=positive_int, default=None, help="grid rows (default: about square)")
   p.add_argument("--batch-size", type=positive_int, default=64,
@@ -465,6 +488,7 @@ def add_figures_parser(sub) -> None:
   add_source_arguments(p)
   p.add_argument("--out-dir", required=True, help="the folder of forward.png, reverse.png and samples.png")
   p.add_argument("--steps", type=step_count, default=20, help="sampler steps of the 6x6 grid")
+  add_sampler_arguments(p, "the 6x6 grid (the reverse-process figure is DDIM's, as the blog's)")
   p.add_argument("--seed", type=seed_int, default=0, help="seed of the noises")
   p.add_argument("--image-index", type=nonnegative_int, default=0, help="which training image the process figures show")
   p.add_argument("--upscale", type=upscale_int, default=None, help="pixel upscaling (default: tiles of about 64 px)")
@@ -489,12 +513,13 @@ def add_invert_parser(sub) -> None:
 
 
 def add_interpolate_parser(sub) -> None:
-  p = sub.add_parser("interpolate", help="samples along a spherical interpolation of two noises, as a strip")
+  p = sub.add_parser("interpolate", help="samples along a spherical interpolation of two noises, as a strip (DDIM: "
+                                         "the noise-to-image map that inversion and interpolation assume)")
   add_source_arguments(p, config_help=False)
   p.add_argument("--out", default="interpolation.png", help="the PNG strip to write")
   p.add_argument("--num-frames", type=frame_count, default=9, help="frames per row, the two ends included")
   p.add_argument("--pairs", type=positive_int, default=1, help="noise pairs (one strip row each)")
-  p.add_argument("--steps", type=step_count, default=20, help="sampler steps")
+  p.add_argument("--steps", type=step_count, default=20, help="DDIM steps")
   add_noise_arguments(p)
   p.add_argument("--upscale", type=upscale_int, default=None, help="pixel upscaling (default: tiles of about 64 px)")
   p.set_defaults(fn=cmd_interpolate)
@@ -515,6 +540,7 @@ def add_evaluate_parser(sub) -> None:
                   "metric (no Inception). Details: docs/evaluation.md.")
   add_source_arguments(p)
   p.add_argument("--steps", type=step_counts, default="5,10,20,50", help="comma-separated step counts")
+  add_sampler_arguments(p)
   p.add_argument("--metric", default="auto", choices=("auto", "kid", "digits"),
                  help="auto: the digits metric (no Inception weights) for the bundled digits, else KID")
   p.add_argument("--num-images", type=positive_int, default=None,

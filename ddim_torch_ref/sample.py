@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from ddim_torch_ref import sampling, schedules, weight_files
+from ddim_torch_ref import sampling, schedules, solvers, weight_files
 
 
 def numpy_noise(seed: int, shape) -> np.ndarray:
@@ -33,7 +33,7 @@ def numpy_step_noise_generator(seed: int) -> np.random.Generator:
 
 
 def sample_images(model, normalizer, initial_noise: np.ndarray, steps: int, eta: float = 0.0, seed: int = 0,
-                  batch_size: int = 64, spec=sampling.DEFAULT_SPEC) -> np.ndarray:
+                  batch_size: int = 64, spec=sampling.DEFAULT_SPEC, sampler=solvers.DDIM) -> np.ndarray:
   """Generates images from NHWC NumPy noise in batches; returns (N, H, W, C) float32 in [0, 1].
 
   For eta > 0 the per-step draws of each batch, (steps, B, H, W, C), come in batch order from
@@ -48,7 +48,7 @@ def sample_images(model, normalizer, initial_noise: np.ndarray, steps: int, eta:
       draws = step_rng.standard_normal((steps,) + noise.shape, dtype=np.float32)
       step_noises = torch.from_numpy(draws).permute(0, 1, 4, 2, 3).contiguous()
     result = sampling.generate(model, torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous(), normalizer,
-                               step_noises=step_noises, steps=steps, eta=eta, spec=spec)
+                               step_noises=step_noises, steps=steps, eta=eta, spec=spec, sampler=sampler)
     out.append(result["images"].permute(0, 2, 3, 1).numpy())
   return np.concatenate(out)
 
@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--out", default="samples_torch.png")
   parser.add_argument("--num-images", type=positive_int, default=36)
   parser.add_argument("--steps", type=positive_int, default=20, help="network evaluations (Keras semantics)")
-  parser.add_argument("--eta", type=_number(float, 0.0, "a finite number >= 0"), default=0.0)
+  parser.add_argument("--eta", type=_number(float, 0.0, "a finite number >= 0"), default=0.0, help="ddim only")
+  parser.add_argument("--sampler", default=None, choices=solvers.SAMPLERS,
+                      help="ddim or dpmpp_2m (default: the one the weight file records, else ddim), as ddim-jax sample")
+  parser.add_argument("--time-grid", default=None, choices=solvers.TIME_GRIDS,
+                      help="uniform or logsnr (default: the weight file's, else uniform)")
   parser.add_argument("--seed", type=_number(int, 0, "a seed >= 0"), default=0)
   parser.add_argument("--numpy-noise", action="store_true",
                       help="accepted for symmetry with ddim-jax: the noise is always drawn in NumPy here")
@@ -116,6 +120,10 @@ def main(argv=None) -> int:
   try:
     model, normalizer, metadata = weight_files.load_weights(args.weights)  # every metadata key validated
     size, channels = weight_files.image_size_from_metadata(metadata), int(metadata["channels"])
+    spec = schedules.DiffusionSpec.from_metadata(metadata)
+    sampler = solvers.Sampler(args.sampler or metadata.get("sampler", "ddim"),
+                              args.time_grid or metadata.get("time_grid", "uniform"))
+    sampler.check(spec, args.eta)
     if args.noise_file:
       noise = load_noise_file(args.noise_file, args.num_images, (size, size, channels))
   except ValueError as e:
@@ -123,8 +131,7 @@ def main(argv=None) -> int:
     return 2
   if not args.noise_file:
     noise = numpy_noise(args.seed, (args.num_images, size, size, channels))
-  images = sample_images(model, normalizer, noise, args.steps, args.eta, args.seed, args.batch_size,
-                         schedules.DiffusionSpec.from_metadata(metadata))
+  images = sample_images(model, normalizer, noise, args.steps, args.eta, args.seed, args.batch_size, spec, sampler)
   try:
     grids.save_grid(images, args.out, rows=args.rows, upscale=grids.default_upscale(size, args.upscale))
     if args.array_out:
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
   except ValueError as e:  # ddim_jax.files' one-line errors (a link, a FIFO, a full disk at the output)
     print(f"ddim_torch_ref.sample: error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {args.out} ({len(images)} images, {args.steps} steps, eta={args.eta}, torch)")
+  print(f"wrote {args.out} ({len(images)} images, {sampler.describe()}, {args.steps} steps, eta={args.eta}, torch)")
   return 0
 
 

@@ -35,6 +35,10 @@ class Sampler:
     if self.time_grid == "logsnr" and spec.schedule != "cosine":
       raise ValueError(f"the logsnr time grid needs the cosine schedule; this model's schedule is {spec.schedule!r}")
 
+  def describe(self) -> str:
+    """For messages: ``ddim`` or ``dpmpp_2m``, with `` (logsnr grid)`` off the uniform grid."""
+    return self.name + ("" if self.time_grid == "uniform" else f" ({self.time_grid} grid)")
+
 
 DDIM = Sampler()
 

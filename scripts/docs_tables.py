@@ -278,9 +278,31 @@ def render_flops(results: list) -> str:
   return "\n".join(lines)
 
 
+def render_samplers(results: list) -> str:
+  """docs/sampling.md and README: the digits metric (mean +- sd over seeds) and ms per image of each
+  sampler per step count (``sampler_table.py``)."""
+  (r,) = results
+  steps = sorted({row["steps"] for row in r["rows"]})
+  lines = ["| sampler | time grid | " + " | ".join(f"{s} steps" for s in steps) + " |",
+           "|---|---|" + "---:|" * len(steps)]
+  for name, grid in dict.fromkeys((row["sampler"], row["time_grid"]) for row in r["rows"]):
+    cells = []
+    for s in steps:
+      row = next(x for x in r["rows"] if (x["sampler"], x["time_grid"], x["steps"]) == (name, grid, s))
+      cells.append(f"{row['frechet_mean']:.2f} ± {row['frechet_sd']:.2f} ({row['ms_per_image']:.2f} ms)")
+    lines.append(f"| `{name}` | {grid} | " + " | ".join(cells) + " |")
+  real = r["calibration"].get("real digits")
+  return "\n".join(lines) + (
+      f"\n\nDigits metric (Frechet distance, lower is better) of {r['num_images']} samples, mean ± sd over noise "
+      f"seeds {', '.join(map(str, r['seeds']))}; in brackets the sampling time per image (median over the seeds, "
+      f"batches of {r['batch_size']} on {r['devices']} JAX CPU device{'s' * (r['devices'] > 1)}, compilation "
+      f"excluded). Real digits score {real:.2f} on this scale. Model: checkpoint step {r['checkpoint_step']} of "
+      f"the demo.")
+
+
 RENDERERS = {"parity": render_parity, "parity-detail": render_parity_detail, "benchmark": render_benchmark, "benchmark-rates": render_benchmark_rates,
              "loop": render_loop, "data": render_data, "cli-help": render_cli_help, "suite": render_suite, "demo": render_demo,
-             "flops": render_flops, "digits": render_digits}
+             "flops": render_flops, "digits": render_digits, "samplers": render_samplers}
 
 
 def render_block(renderer: str, paths: list, repo: str = REPO) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddim_jax import cli
+from ddim_jax import cli, configs
 from ddim_jax.inference import evaluation, pipeline
 from ddim_jax.infra import checkpointing
 from ddim_jax.interop import weight_files
@@ -25,7 +25,10 @@ from train_helpers import run, subprocess_env, tiny_config, tiny_overrides
 def test_demo_train_export_sample_end_to_end(tmp_path):
   """`ddim-jax demo` (shortened), then `export` (EMA and raw) and `sample` from the exported file."""
   workdir = tmp_path / "demo"
-  overrides = tiny_overrides(tmp_path / "cache", **{"train.num_steps": 4, "train.sample_every": 2})
+  preset = configs.load_config("demo").sample  # its sampler: recorded by export, the default of `sample`
+  overrides = tiny_overrides(tmp_path / "cache", **{"train.num_steps": 4, "train.sample_every": 2,
+                                                    "sample.sampler": preset.sampler,
+                                                    "sample.time_grid": preset.time_grid})
   result = run([sys.executable, "-m", "ddim_jax.cli", "demo", "--workdir", str(workdir), *overrides],
                subprocess_env(1))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -41,6 +44,7 @@ def test_demo_train_export_sample_end_to_end(tmp_path):
   raw = weight_files.read_weight_file(str(tmp_path / "w1.safetensors"))
   assert ema[1]["weights"] == "ema" and raw[1]["weights"] == "raw" and ema[1]["step"] == "4"
   assert json.loads(ema[1]["data"])["dataset"] == "digits"  # the file knows its data
+  assert (ema[1]["sampler"], ema[1]["time_grid"]) == ("dpmpp_2m", "logsnr")  # and the demo preset's sampler
   assert json.loads(weight_files.read_weight_file(str(workdir / "demo.safetensors"))[1]["data"])["dataset"] == "digits"
   assert any(np.any(ema[0][k] != raw[0][k]) for k in ema[0])  # the EMA is not the raw weights
   # `sample` of the exported file, with demo's numbers (4 images, 3 steps, seed 0), writes demo's grid: the

@@ -15,11 +15,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_overrides(cache_dir, **extra) -> list[str]:
   """``--config.*`` overrides that make the demo preset a seconds-long CPU run (16x16, widths 8/16,
-  the Keras learning rate: what the tests were written against, whatever the demo's own recipe)."""
+  the Keras learning rate, DDIM on the uniform grid: what the tests were written against, whatever the
+  demo's own recipe)."""
   values = {
       "model.widths": "(8,16)", "model.block_depth": "1", "train.batch_size": "8", "train.num_steps": "8",
       "train.checkpoint_every": "2", "train.log_every": "2", "train.sample_every": "0",
       "data.cache_dir": str(cache_dir), "sample.num_images": "4", "sample.steps": "3",
+      "sample.sampler": "ddim", "sample.time_grid": "uniform",
       "model.image_size": "16", "train.learning_rate": "1e-3",
   }
   values.update({k: str(v) for k, v in extra.items()})

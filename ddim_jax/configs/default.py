@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = ml_collections.ConfigDict()
   config.sample.steps = 20
   config.sample.num_images = 18
+  # The sampler of every image training makes (sample grids, KID, the demo's samples and metric):
+  # "ddim" (Keras, R) or "dpmpp_2m" (DPM-Solver++(2M)), on a "uniform" (Keras) or "logsnr" time grid.
+  config.sample.sampler = "ddim"
+  config.sample.time_grid = "uniform"
 
   config.eval = ml_collections.ConfigDict()
   # KID's InceptionV3: a torch state dict (torchvision's or pytorch-fid's .pth); None: the torch hub cache.

@@ -67,7 +67,8 @@ class Sampler:
                                "--sampler ddim")
     if self.time_grid == "logsnr" and spec.schedule != "cosine":
       raise errors.ConfigError(f"the logsnr time grid needs the cosine schedule (its log-SNR has a closed-form "
-                               f"inverse); this model's schedule is {spec.schedule!r}: use --time-grid uniform")
+                               f"inverse); this model's schedule is {spec.schedule!r}: use the uniform grid (--time-grid "
+                               "uniform, config.sample.time_grid)")
 
   def describe(self) -> str:
     """For messages: ``ddim`` or ``dpmpp_2m``, with `` (logsnr grid)`` off the uniform grid."""

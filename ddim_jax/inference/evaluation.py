@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ddim_jax import data, errors, files
-from ddim_jax.core import rng, sampling, schedules
+from ddim_jax.core import rng, sampling, schedules, solvers
 from ddim_jax.inference import pipeline, sharded
 from ddim_jax.infra import checkpointing
 from ddim_jax.quality import digits_metric, inception, inception_weights, metrics
@@ -239,7 +239,8 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
                       spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC, mesh=None,
                       fid: bool = True, real_features: np.ndarray | None = None,
                       fid_feature_fn: FeatureFn | None = None,
-                      real_fid_features: np.ndarray | None = None) -> dict[int, dict[str, float]]:
+                      real_fid_features: np.ndarray | None = None,
+                      sampler: solvers.Sampler = solvers.DDIM) -> dict[int, dict[str, float]]:
   """KID (and FID) of EMA samples against ``real_images`` for each step count (same batches, same noises).
 
   KID is the mean over paired batches (Keras); FID compares the Gaussian fits of all the real and
@@ -263,6 +264,7 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
       known; computed here otherwise.
     fid_feature_fn: FID's images -> features (None: KID's ``feature_fn``).
     real_fid_features: ``fid_feature_fn``'s features of the real whole batches, when known.
+    sampler: the sampler of the generated images (DDIM, Keras' KID, by default).
 
   Returns:
     {steps: {"kid": KID, "fid": FID (when ``fid``; of ``fid_feature_fn``'s features, whatever its
@@ -293,11 +295,12 @@ def quality_for_steps(model, variables, normalizer: Mapping[str, Any], real_imag
   for steps in steps_list:
     accumulator = metrics.KIDAccumulator()
     generated_features, generated_fid_features = [], []
-    bar = tqdm(range(num_batches), desc=f"KID ({steps} steps, {mesh.size} devices)",
+    bar = tqdm(range(num_batches), desc=f"KID ({sampler.describe()}, {steps} steps, {mesh.size} devices)",
                disable=None if progress else True)  # None: only on a terminal (no carriage returns in logs)
     for i in bar:
       noise = jax.random.normal(jax.random.fold_in(key, i), shape)
-      generated = sharded.generate(model, variables, noise, normalizer, steps=int(steps), spec=spec, mesh=mesh)
+      generated = sharded.generate(model, variables, noise, normalizer, steps=int(steps), spec=spec, mesh=mesh,
+                                   sampler=sampler)
       generated_features.append(sharded.map_rows(feature_fn, generated, mesh))
       accumulator.update(real_features[i], generated_features[-1])
       if separate_fid:
@@ -328,7 +331,8 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
 
   KID is on when ``config.train.kid_every > 0`` and an Inception weights file is found
   (``config.eval.inception_weights`` or the torch hub cache); without one a single warning says
-  how to get it and training goes on without KID (and FID). Settings: ``config.eval.kid_steps`` (Keras 5),
+  how to get it and training goes on without KID (and FID). Settings: ``config.eval.kid_steps`` (Keras 5)
+  of ``config.sample.sampler`` on ``config.sample.time_grid`` (DDIM, uniform: Keras'),
   ``kid_image_size`` (75 Keras, 299 R), ``num_kid_images`` (None: the whole validation split),
   ``kid_batch_size`` (64). The same noises are used at every evaluation. ``mesh``: the training
   mesh, over which each KID batch is split (see ``kid_for_steps``). The real images' features are
@@ -357,6 +361,7 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
   batch_size = int(eval_config.get("kid_batch_size", 64))
   steps = int(eval_config.get("kid_steps", 5))
   spec = schedules.DiffusionSpec.from_config(config)
+  sampler = solvers.Sampler.from_config(config.sample)
   seed = int(config.seed) + rng.KID_NOISE
 
   fid = None
@@ -394,7 +399,7 @@ def make_training_kid(config, model, val_images, mesh=None) -> Callable | None:
     values = quality_for_steps(model, variables, normalizer, reals, feature_fn, [steps], batch_size=batch,
                                seed=seed, spec=spec, mesh=mesh, fid=fid is not None,
                                real_features=reference["kid"], fid_feature_fn=fid_feature_fn,
-                               real_fid_features=reference.get("fid"))[steps]
+                               real_fid_features=reference.get("fid"), sampler=sampler)[steps]
     return {checkpointing.BEST_METRIC: values["kid"], **({training_fid_metric(fid): values["fid"]} if fid else {})}
 
   return evaluate
@@ -422,6 +427,7 @@ class KidEvaluation:
     checkpoint_step: the training step of the weights, when known.
     seed: the seed of the generated batches' noises.
     seconds: of the measurement (after loading the model).
+    sampler: the sampler of the generated images.
   """
   description: str
   kid: dict[int, float]
@@ -436,6 +442,7 @@ class KidEvaluation:
   checkpoint_step: int | None
   seed: int
   seconds: float
+  sampler: solvers.Sampler = solvers.DDIM
 
   @property
   def fid_name(self) -> str | None:
@@ -447,8 +454,9 @@ class KidEvaluation:
     standard FID), each with its settings."""
     record = {"kid": {str(k): v for k, v in self.kid.items()},
               "kid_settings": {**self.kid_settings.record(), "batch_size": self.batch_size},
-              "steps": self.steps, "num_images": self.num_images, "batch_size": self.batch_size,
-              "checkpoint_step": self.checkpoint_step, "seed": self.seed, "seconds": self.seconds}
+              "steps": self.steps, **self.sampler.record(), "num_images": self.num_images,
+              "batch_size": self.batch_size, "checkpoint_step": self.checkpoint_step, "seed": self.seed,
+              "seconds": self.seconds}
     if self.fid_settings is not None:
       record[self.fid_name] = {str(k): v for k, v in self.fid.items()}
       record["fid_settings"] = {**self.fid_settings.record(), "name": self.fid_name,
@@ -462,8 +470,9 @@ class KidEvaluation:
     k, f = self.kid_settings, self.fid_settings
     fid_text = ("" if f is None else
                 f"; {'FID' if f.fid_name == 'fid' else f.fid_name}: {os.path.basename(f.weights)} at {f.image_size} px")
-    heading = (f"KID{' and FID' if f is not None else ''} of {self.description} against {self.num_images} validation "
-               f"images (batches of {self.batch_size} split over {self.devices} device{'s' * (self.devices > 1)}; "
+    heading = (f"KID{' and FID' if f is not None else ''} of {self.description} ({self.sampler.describe()} samples) "
+               f"against {self.num_images} validation images (batches of {self.batch_size} split over {self.devices} "
+               f"device{'s' * (self.devices > 1)}; "
                f"KID: {os.path.basename(k.weights)} at {k.image_size} px{fid_text}):")
     fid_column = "" if f is None else f" {'FID' if f.fid_name == 'fid' else f.fid_name:>10}"
     lines = [heading, f"{'steps':>6} {'KID':>10}{fid_column}"]
@@ -487,6 +496,7 @@ class DigitsEvaluation:
     checkpoint_step: the training step of the weights, when known.
     seed: the seed of the samples.
     seconds: of the measurement (after loading the model).
+    sampler: the sampler of the samples.
   """
   description: str
   scores: dict[int, Any]
@@ -498,10 +508,11 @@ class DigitsEvaluation:
   checkpoint_step: int | None
   seed: int
   seconds: float
+  sampler: solvers.Sampler = solvers.DDIM
 
   def record(self) -> dict:
     """The JSON record of ``evaluate --json``."""
-    return {"metric": "digits", "steps": self.steps, "num_images": self.num_images,
+    return {"metric": "digits", "steps": self.steps, **self.sampler.record(), "num_images": self.num_images,
             "reference_images": self.num_reference,
             **{key: {str(k): getattr(v, key) for k, v in self.scores.items()}
                for key in ("frechet_distance", "coverage")},
@@ -518,7 +529,8 @@ def evaluate_model(workdir: str | None = None, weights: str | None = None, confi
                    batch_size: int = 64, inception_weights: str | None = None, image_size: int = 75,
                    fid: bool = True, fid_weights: str | None = None,
                    fid_image_size: int = metrics.STANDARD_FID_IMAGE_SIZE,
-                   seed: int = 0) -> "KidEvaluation | DigitsEvaluation":
+                   seed: int = 0, sampler: str | None = None,
+                   time_grid: str | None = None) -> "KidEvaluation | DigitsEvaluation":
   """``ddim-jax evaluate``: the model of a workdir or weight file (``pipeline.load_model``), measured.
 
   Args:
@@ -533,6 +545,8 @@ def evaluate_model(workdir: str | None = None, weights: str | None = None, confi
     fid_weights: FID's Inception weights (None: pytorch-fid's file in the torch hub cache; absent: no FID).
     fid_image_size: FID's Inception input side (299: the standard FID).
     seed: the seed of the samples' noises.
+    sampler, time_grid: the sampler of the samples ("ddim" or "dpmpp_2m") and its time grid ("uniform" or
+      "logsnr"); None: the model's (``InferenceModel.choose_sampler``).
 
   Returns:
     A ``KidEvaluation`` or a ``DigitsEvaluation``.
@@ -540,23 +554,27 @@ def evaluate_model(workdir: str | None = None, weights: str | None = None, confi
   if num_images is not None and num_images < 2:
     raise errors.ConfigError(f"--num-images {num_images}: the metrics compare sets of at least 2 images")
   source = pipeline.load_model(workdir, weights, config, cpu_devices, step, overrides)
+  chosen = source.choose_sampler(sampler, time_grid)
   if metric == "digits" or (metric == "auto" and digits_metric.is_digits(source.data_config)):
-    return evaluate_digits(source, steps_list, num_images=num_images, batch_size=batch_size, seed=seed)
+    return evaluate_digits(source, steps_list, num_images=num_images, batch_size=batch_size, seed=seed,
+                           sampler=chosen)
   return evaluate_kid(source, steps_list, num_images=num_images, batch_size=batch_size,
                       inception_weights=inception_weights, image_size=image_size, fid=fid, fid_weights=fid_weights,
-                      fid_image_size=fid_image_size, seed=seed)
+                      fid_image_size=fid_image_size, seed=seed, sampler=chosen)
 
 
 def evaluate_kid(source: "pipeline.InferenceModel", steps_list: Sequence[int], *, num_images: int | None = None,
                  batch_size: int = 64, inception_weights: str | None = None, image_size: int = 75,
                  fid: bool = True, fid_weights: str | None = None,
-                 fid_image_size: int = metrics.STANDARD_FID_IMAGE_SIZE, seed: int = 0) -> KidEvaluation:
+                 fid_image_size: int = metrics.STANDARD_FID_IMAGE_SIZE, seed: int = 0,
+                 sampler: solvers.Sampler = solvers.DDIM) -> KidEvaluation:
   """KID and FID of ``source``'s EMA samples against its validation images, per step count
   (``quality_for_steps``): KID with ``inception_weights`` at ``image_size``, FID with its own
   Inception (``fid_settings``: the standard FID's by default; skipped, with a note, when its default
   file is absent)."""
   if batch_size < 2:
     raise errors.ConfigError(f"--batch-size {batch_size}: KID needs batches of at least 2 images")
+  sampler.check(source.spec)
   if fid_image_size < inception.MIN_IMAGE_SIZE:
     raise errors.ConfigError(f"--fid-image-size {fid_image_size}: InceptionV3 needs >= {inception.MIN_IMAGE_SIZE}")
   weights = resolve_inception_weights(inception_weights)
@@ -585,22 +603,23 @@ def evaluate_kid(source: "pipeline.InferenceModel", steps_list: Sequence[int], *
   results = quality_for_steps(source.model, source.variables, source.normalizer, reals, feature_fn, steps_list,
                               batch_size=batch, seed=seed, progress=True, spec=source.spec, real_features=features,
                               fid=fid_inception is not None, fid_feature_fn=fid_feature_fn,
-                              real_fid_features=fid_features)
+                              real_fid_features=fid_features, sampler=sampler)
   return KidEvaluation(source.description, {s: v["kid"] for s, v in results.items()},
                        {s: v["fid"] for s, v in results.items() if "fid" in v}, list(steps_list), used, batch,
                        sharded.devices_for(batch), kid_settings, fid_inception, note, source.step, seed,
-                       time.time() - start)
+                       time.time() - start, sampler)
 
 
 def evaluate_digits(source: "pipeline.InferenceModel", steps_list: Sequence[int], *, num_images: int | None = None,
-                    batch_size: int = 64, seed: int = 0) -> DigitsEvaluation:
+                    batch_size: int = 64, seed: int = 0, sampler: solvers.Sampler = solvers.DDIM) -> DigitsEvaluation:
   """The digits metric of ``source``'s EMA samples per step count, then its calibration points."""
   if not digits_metric.is_digits(source.data_config):
     raise errors.ConfigError("--metric digits needs a model of the bundled digits (config.data.dataset='digits')")
   num = num_images or DIGITS_METRIC_IMAGES
   start = time.time()
   metric = digits_metric.DigitsMetric.for_data(source.data_config, source.image_size)
-  results = {steps: metric.score(source.sample(num, steps, 0.0, seed, batch_size)) for steps in steps_list}
+  results = {steps: metric.score(source.sample(num, steps, 0.0, seed, batch_size, sampler=sampler))
+             for steps in steps_list}
   calibration = metric.calibration(num)
   return DigitsEvaluation(source.description, results, calibration, list(steps_list), num, metric.num_reference,
-                          metric.weights, source.step, seed, time.time() - start)
+                          metric.weights, source.step, seed, time.time() - start, sampler)

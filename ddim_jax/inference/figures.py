@@ -9,7 +9,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from ddim_jax.core import sampling, schedules
+from ddim_jax.core import sampling, schedules, solvers
 from ddim_jax.inference import grids, pipeline, sharded
 
 
@@ -65,15 +65,17 @@ def reverse_figure_rows(model, variables, normalizer, image, seed: int,
 
 
 def trajectory_rows(model, variables, normalizer, initial_noise, steps: int, max_columns: int = 20, eta: float = 0.0,
-                    key=None, spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC) -> list[np.ndarray]:
-  """Rows of the noise-to-image figure: per sample, the noisy images the network sees, then its predictions.
+                    key=None, spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC,
+                    sampler: solvers.Sampler = solvers.DDIM) -> list[np.ndarray]:
+  """Rows of the noise-to-image figure: per sample, the noisy images the network sees, then its predictions
+  (of ``sampler``: DDIM by default, or DPM-Solver++(2M)).
 
   Returns:
     2 * B rows of (K, H, W, C) images in [0, 1], K = min(steps, max_columns) evenly spaced steps
     (always the first and the last): noisy images are shown through ``denormalize`` (clipped).
   """
   out = sampling.generate(model, variables, jnp.asarray(initial_noise), normalizer, key=key, steps=steps, spec=spec,
-                          eta=eta, return_trajectory=True)
+                          eta=eta, return_trajectory=True, sampler=sampler)
   columns = grids.pick_columns(steps, max_columns)
 
   def shown(trajectory):  # (S, B, H, W, C) -> the chosen columns, denormalised (a 4-D call: no rank promotion)

@@ -26,7 +26,7 @@ from etils import epath
 from tqdm import tqdm
 
 from ddim_jax import configs, data, errors, files
-from ddim_jax.core import models, sampling, schedules, step as step_lib
+from ddim_jax.core import models, sampling, schedules, solvers, step as step_lib
 from ddim_jax.inference import sharded
 from ddim_jax.infra import checkpointing, object_store, parallel
 from ddim_jax.interop import weight_files
@@ -119,7 +119,7 @@ def interpolation_noise(seed: int, num: int, image_shape, noise_file: str | None
 
 def sample_images(model, variables, normalizer, num_images: int, image_size: int, steps: int, eta: float, seed: int,
                   batch_size: int, spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC,
-                  initial_noise=None) -> np.ndarray:
+                  initial_noise=None, sampler: solvers.Sampler = solvers.DDIM) -> np.ndarray:
   """Generates ``num_images`` images in batches (with a progress bar); returns (N, H, W, C) in [0, 1].
 
   Without ``initial_noise`` each batch's noise (and eta > 0 draws) come from ``batch_keys``; with
@@ -127,12 +127,14 @@ def sample_images(model, variables, normalizer, num_images: int, image_size: int
   ``numpy_step_noise_generator(seed)``, so that the torch twin can reproduce the run.
 
   Each batch is split over this process's devices (``sharded.generate``: the most that divide it),
-  giving the images of one device (tested to 1e-6).
+  giving the images of one device (tested to 1e-6). ``sampler``: DDIM (default) or DPM-Solver++(2M).
   """
+  sampler.check(spec, eta)
   step_rng = numpy_step_noise_generator(seed) if initial_noise is not None else None
   out = []
   devices = sharded.devices_for(min(batch_size, num_images))
-  with tqdm(total=num_images, desc=f"sampling ({steps} steps, {devices} device{'s' * (devices > 1)})", unit="img",
+  with tqdm(total=num_images, desc=f"sampling ({sampler.describe()}, {steps} steps, {devices} device{'s' * (devices > 1)})",
+            unit="img",
             disable=True if num_images <= batch_size else None) as bar:  # None: off when stderr is no terminal
     for start in range(0, num_images, batch_size):
       n = min(batch_size, num_images - start)
@@ -145,7 +147,8 @@ def sample_images(model, variables, normalizer, num_images: int, image_size: int
       else:
         noise = jax.random.normal(noise_key, (n, image_size, image_size, model.channels))
       out.append(sharded.generate(model, variables, noise, normalizer, steps=steps, spec=spec, eta=eta,
-                                  step_noises=step_noises, key=step_key if eta > 0 and step_noises is None else None))
+                                  step_noises=step_noises, key=step_key if eta > 0 and step_noises is None else None,
+                                  sampler=sampler))
       bar.update(n)
   return np.concatenate(out)
 
@@ -258,7 +261,8 @@ def export_weights(workdir: str, out: str, raw: bool = False, step: str | int | 
   model, variables, normalizer, config, chosen, how = restore_checkpoint_described(workdir, ema=not raw, step=step)
   weight_files.save_weights(out, model, variables, normalizer, int(config.model.image_size),
                             schedules.DiffusionSpec.from_config(config), data=config.data,
-                            weights="raw" if raw else "ema", step=chosen)
+                            weights="raw" if raw else "ema", step=chosen,
+                            **solvers.Sampler.from_config(config.sample).record())
   return chosen, how
 
 
@@ -334,6 +338,8 @@ class InferenceModel:
       resolved on first use, since sampling needs no data); read it as ``data_config``.
     description: for messages.
     step: the training step of the weights, when known.
+    sampler: the sampler of its run's sample grids and KID (``config.sample``, or what a weight file
+      records): the commands' default.
   """
   model: Any
   variables: Any
@@ -343,6 +349,7 @@ class InferenceModel:
   data_source: Any
   description: str
   step: int | None = None
+  sampler: solvers.Sampler = solvers.DDIM
 
   @property
   def data_config(self) -> ml_collections.ConfigDict:
@@ -359,7 +366,7 @@ class InferenceModel:
     configs.apply_overrides(config, data_overrides(overrides))
     chosen = "" if how == f"step {step}" else f", {how}"
     return cls(model, variables, normalizer, int(config.model.image_size), schedules.DiffusionSpec.from_config(config),
-               config.data, f"{workdir} step {step} (EMA{chosen})", step)
+               config.data, f"{workdir} step {step} (EMA{chosen})", step, solvers.Sampler.from_config(config.sample))
 
   @classmethod
   def from_weights(cls, path: str, config: str | None = None, overrides: Sequence[str] = ()) -> "InferenceModel":
@@ -372,7 +379,8 @@ class InferenceModel:
     return cls(model, variables, normalizer, weight_files.image_size_from_metadata(metadata),
                schedules.DiffusionSpec.from_metadata(metadata),
                functools.partial(data_config_of_weights, path, recorded, config, overrides),
-               f"{path} ({metadata.get('weights', 'unknown')} weights)", weight_files.step_from_metadata(metadata))
+               f"{path} ({metadata.get('weights', 'unknown')} weights)", weight_files.step_from_metadata(metadata),
+               weight_files.sampler_from_metadata(metadata))
 
   @property
   def channels(self) -> int:
@@ -398,11 +406,17 @@ class InferenceModel:
     """
     return batch_noise(seed, 0, (min(batch_size, num_images),) + self.image_shape)[:num]
 
+  def choose_sampler(self, name: str | None = None, time_grid: str | None = None) -> solvers.Sampler:
+    """The sampler ``name`` on ``time_grid``, each ``self.sampler``'s when None (the model's run's)."""
+    sampler = solvers.Sampler(name or self.sampler.name, time_grid or self.sampler.time_grid)
+    sampler.check(self.spec)
+    return sampler
+
   def sample(self, num_images: int, steps: int, eta: float = 0.0, seed: int = 0, batch_size: int = 64,
-             initial_noise=None) -> np.ndarray:
-    """``sample_images`` with this model."""
+             initial_noise=None, sampler: solvers.Sampler = solvers.DDIM) -> np.ndarray:
+    """``sample_images`` with this model (``sampler``: DDIM by default, or DPM-Solver++(2M))."""
     return sample_images(self.model, self.variables, self.normalizer, num_images, self.image_size, steps, eta, seed,
-                         batch_size, self.spec, initial_noise=initial_noise)
+                         batch_size, self.spec, initial_noise=initial_noise, sampler=sampler)
 
   def interpolate(self, pairs: int, num_frames: int, steps: int, seed: int = 0, noise_file: str | None = None,
                   use_numpy: bool = False) -> list[np.ndarray]:

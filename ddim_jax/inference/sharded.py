@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from jax.sharding import Mesh
 
-from ddim_jax.core import sampling, schedules
+from ddim_jax.core import sampling, schedules, solvers
 from ddim_jax.infra import parallel
 
 
@@ -46,17 +46,18 @@ def map_rows(fn: Callable[[Any], Any], x, mesh: Mesh | None = None) -> np.ndarra
 
 def generate(model, variables, noise, normalizer: Mapping[str, Any], *, steps: int,
              spec: schedules.DiffusionSpec = sampling.DEFAULT_SPEC, eta: float = 0.0, step_noises=None, key=None,
-             mesh: Mesh | None = None) -> np.ndarray:
+             mesh: Mesh | None = None, sampler: solvers.Sampler = solvers.DDIM) -> np.ndarray:
   """``sampling.generate``'s images in [0, 1] of the initial ``noise`` (B, H, W, C), its rows split over devices.
 
   ``step_noises`` (S, B, H, W, C) or ``key`` give the eta > 0 draws (see ``sampling.reverse_diffusion``);
-  ``mesh``: a caller's mesh, used when its size divides B (``mesh_for``).
+  ``mesh``: a caller's mesh, used when its size divides B (``mesh_for``); ``sampler``: DDIM (default)
+  or DPM-Solver++(2M), on its time grid.
   """
   mesh = mesh_for(len(noise), mesh)
   if step_noises is not None:
     step_noises = parallel.shard_rows(step_noises, mesh, axis=1)
   out = sampling.generate(model, variables, parallel.shard_rows(noise, mesh), normalizer, step_noises=step_noises,
-                          key=key, steps=steps, spec=spec, eta=eta)
+                          key=key, steps=steps, spec=spec, eta=eta, sampler=sampler)
   return parallel.gather_rows(out["images"])
 
 

@@ -14,7 +14,8 @@ OIHW kernels, float32) plus the data normaliser as ``normalizer.mean`` and ``nor
 (per-channel, shape (C,)). Its string metadata records ``format`` (= 'ddim-jax-weights'),
 ``format_version``, ``variant``, ``widths`` (comma-separated), ``block_depth``, ``embedding_dims``,
 ``channels``, ``image_size`` and, when known, ``schedule``, ``min_signal_rate``,
-``max_signal_rate``, ``target``, ``weights`` ('ema' or 'raw'), ``step`` and ``data`` (JSON: the
+``max_signal_rate``, ``target``, ``weights`` ('ema' or 'raw'), ``step``, ``sampler`` and ``time_grid``
+(the sampler of the run's sample grids and KID, ``config.sample``; the samplers' default) and ``data`` (JSON: the
 ``config.data`` keys that say which images the model was trained on, ``DATA_KEYS``; the commands that
 need real images read them). ``ddim_torch_ref.weight_files`` reads and writes the same file without JAX.
 
@@ -33,7 +34,7 @@ from safetensors import numpy as safetensors_numpy
 from safetensors.numpy import load_file
 
 from ddim_jax import errors, files
-from ddim_jax.core import models, schedules
+from ddim_jax.core import models, schedules, solvers
 
 FORMAT = "ddim-jax-weights"
 FORMAT_VERSION = "1"
@@ -236,6 +237,14 @@ def step_from_metadata(metadata: Mapping[str, str]) -> int | None:
   return _metadata_int(metadata, "step", 0, 2 ** 62) if "step" in metadata else None
 
 
+def sampler_from_metadata(metadata: Mapping[str, str]) -> solvers.Sampler:
+  """The sampler a weight file records (its run's ``config.sample``), DDIM on the uniform grid when it records none."""
+  try:
+    return solvers.Sampler(metadata.get("sampler", "ddim"), metadata.get("time_grid", "uniform"))
+  except errors.Error as e:
+    raise WeightFileError(f"metadata {e}") from None
+
+
 def check_metadata(metadata: Mapping[str, str]) -> None:
   """Validates every metadata key the readers use (``WeightFileError`` naming the key and what is allowed)."""
   if metadata.get("format") != FORMAT:
@@ -248,6 +257,7 @@ def check_metadata(metadata: Mapping[str, str]) -> None:
   image_size_from_metadata(metadata)
   step_from_metadata(metadata)
   data_from_metadata(metadata)
+  sampler_from_metadata(metadata)
   if metadata.get("weights", "ema") not in WEIGHT_KINDS:
     raise WeightFileError(f"metadata weights={metadata['weights']!r} is invalid: must be one of {WEIGHT_KINDS}")
   try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from ddim_jax.core import schedules
+from ddim_jax.core import schedules, solvers
 from ddim_jax.inference import grids, pipeline
 from ddim_jax.infra.run_dir import RunDir
 from ddim_jax.interop import weight_files
@@ -33,7 +33,7 @@ class DemoResult:
     seed, steps: the restored config's seed and sampler steps (those of the samples and the scores).
     num_images: samples scored by the digits metric (``config.eval.num_quality_images``).
     num_reference: the metric's reference (validation) digits.
-    scores: "model (S steps)" then the calibration points -> ``DigitsScore``; None when the data
+    scores: "model (SAMPLER, S steps)" then the calibration points -> ``DigitsScore``; None when the data
       are not the bundled digits (no metric).
   """
   grid: str
@@ -68,10 +68,12 @@ def run_demo(config, workdir: str, config_source: str | None = None, fresh: bool
   run_dir = RunDir(workdir)
   weights = run_dir.path(RunDir.DEMO_WEIGHTS)
   spec = schedules.DiffusionSpec.from_config(config)
+  sampler = solvers.Sampler.from_config(config.sample)
   weight_files.save_weights(weights, model, variables, normalizer, int(config.model.image_size), spec,
-                            data=config.data, weights="ema", step=step)
+                            data=config.data, weights="ema", step=step, **sampler.record())
   images = pipeline.sample_images(model, variables, normalizer, int(config.sample.num_images),
-                                  int(config.model.image_size), int(config.sample.steps), 0.0, config.seed, 64, spec)
+                                  int(config.model.image_size), int(config.sample.steps), 0.0, config.seed, 64, spec,
+                                  sampler=sampler)
   out = grids.save_grid(images, run_dir.path(RunDir.DEMO_GRID),
                         upscale=grids.default_upscale(int(config.model.image_size)))
   result = DemoResult(out, weights, run_dir.metrics, step, 0.0, config.seed,
@@ -79,8 +81,9 @@ def run_demo(config, workdir: str, config_source: str | None = None, fresh: bool
   if digits_metric.is_digits(config.data):
     num, steps = int(config.eval.num_quality_images), int(config.sample.steps)
     metric = digits_metric.DigitsMetric.for_data(config.data, int(config.model.image_size))
-    scores = {f"model ({steps} steps)": metric.score(pipeline.sample_images(
-        model, variables, normalizer, num, int(config.model.image_size), steps, 0.0, config.seed, 64, spec))}
+    scores = {f"model ({sampler.describe()}, {steps} steps)": metric.score(pipeline.sample_images(
+        model, variables, normalizer, num, int(config.model.image_size), steps, 0.0, config.seed, 64, spec,
+        sampler=sampler))}
     scores.update(metric.calibration(num))
     result.num_images, result.num_reference, result.scores = num, metric.num_reference, scores
   result.seconds = time.time() - start

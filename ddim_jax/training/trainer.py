@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from ddim_jax import data, errors
-from ddim_jax.core import models, rng, schedules, step as step_lib
+from ddim_jax.core import models, rng, schedules, solvers, step as step_lib
 from ddim_jax.inference import evaluation, grids, sharded
 from ddim_jax.infra import checkpointing, parallel, preemption, run_record
 from ddim_jax.infra import workdir as workdir_lib
@@ -60,7 +60,8 @@ def write_sample_grid(model, variables, normalizer, config, step: int, path: str
   mesh = sharded.mesh_for(n, mesh)
   images = sharded.generate(model, sharded.replicate(_to_host(variables), mesh), noise,
                             sharded.replicate(_to_host(normalizer), mesh), steps=int(config.sample.steps),
-                            spec=schedules.DiffusionSpec.from_config(config), mesh=mesh)
+                            spec=schedules.DiffusionSpec.from_config(config), mesh=mesh,
+                            sampler=solvers.Sampler.from_config(config.sample))
   grid = grids.make_grid(images, upscale=grids.default_upscale(size))
   if jax.process_index() == 0:
     grids.save_png(grid, path)

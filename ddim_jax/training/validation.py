@@ -11,7 +11,7 @@ import warnings
 from etils import epath
 
 from ddim_jax import errors
-from ddim_jax.core import models, sampling, schedules, step as step_lib
+from ddim_jax.core import models, sampling, schedules, solvers, step as step_lib
 from ddim_jax.infra import checkpointing, parallel, run_record
 from ddim_jax.quality import inception
 from ddim_jax.training import feed as feed_lib
@@ -61,6 +61,11 @@ def validate_config(config, num_devices: int) -> None:
                          config.diffusion.max_signal_rate)
   models.check_image_size(models.create_model(**config.model), int(config.model.image_size))
   require(int(config.sample.steps) >= 1, "sample.steps", config.sample.steps, "must be >= 1")
+  require(config.sample.get("sampler", "ddim") in solvers.SAMPLERS, "sample.sampler", config.sample.get("sampler"),
+          f"choose one of {solvers.SAMPLERS}")
+  require(config.sample.get("time_grid", "uniform") in solvers.TIME_GRIDS, "sample.time_grid",
+          config.sample.get("time_grid"), f"choose one of {solvers.TIME_GRIDS}")
+  solvers.Sampler.from_config(config.sample).check(schedules.DiffusionSpec.from_config(config))
   parse_profile_steps(t.get("profile_steps", ""))
   _validate_counts(config, require)
 
