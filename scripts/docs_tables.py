@@ -226,6 +226,8 @@ def render_suite(results: list) -> str:
   for r in results:
     runs = r["runs"]
     kind = r["provenance"]["device"].removeprefix("CPU: ")
+    if r.get("avx2_cap"):
+      kind += ", capped at AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2)"
     load = f"{r['hogs']} CPU hog(s)" if r["hogs"] else "nothing"
     passed = ", ".join(f"{x.get('passed', 0)}/{x.get('passed', 0) + x.get('failed', 0) + x.get('errors', 0)}"
                        for x in runs)
@@ -262,8 +264,11 @@ def render_digits(results: list) -> str:
   for c in e["calibration"]:
     lines.append(f"| {c['name']} | {c['frechet_distance']:.2f} | {c['coverage']:.1f} | "
                  f"{' '.join(str(n) for n in c['histogram'])} |")
-  return "\n".join(lines) + (f"\n\n{e['num_images']} samples per step count against the {e['reference_images']} "
-                             f"validation digits, noise seed {e['seed']}, checkpoint step {e['checkpoint_step']}.")
+  sampler = e.get("sampler", "ddim") + ("" if e.get("time_grid", "uniform") == "uniform" else
+                                         f" on the {e['time_grid']} time grid")
+  return "\n".join(lines) + (f"\n\n{e['num_images']} samples ({sampler}) per step count against the "
+                             f"{e['reference_images']} validation digits, noise seed {e['seed']}, checkpoint step "
+                             f"{e['checkpoint_step']}.")
 
 
 def render_flops(results: list) -> str:
