@@ -234,7 +234,9 @@ def render_suite(results: list) -> str:
     lines.append(f"| {kind} | {load} | {len(runs)} | {passed} | {', '.join(_minutes(x['wall_seconds']) for x in runs)} "
                  f"| {', '.join(_minutes(x['cpu_seconds']) for x in runs)} "
                  f"| {'; '.join(f.split(' - ')[0].removeprefix('FAILED ') for x in runs for f in x['failures']) or '-'} |")
-  return "\n".join(lines)
+  notes = [f"{r['provenance']['device'].removeprefix('CPU: ')}, {len(r['runs'])} run(s): {r['note']}"
+           for r in results if r.get("note")]
+  return "\n".join(lines) + "".join(f"\n\n{note}" for note in notes)
 
 
 def render_demo(results: list) -> str:
@@ -296,13 +298,24 @@ def render_samplers(results: list) -> str:
       row = next(x for x in r["rows"] if (x["sampler"], x["time_grid"], x["steps"]) == (name, grid, s))
       cells.append(f"{row['frechet_mean']:.2f} ± {row['frechet_sd']:.2f} ({row['ms_per_image']:.2f} ms)")
     lines.append(f"| `{name}` | {grid} | " + " | ".join(cells) + " |")
+  base_row = next(x for x in r["rows"] if (x["sampler"], x["time_grid"], x["steps"]) == ("ddim", "uniform", steps[-1]))
+  lines += ["", f"| minus DDIM at {steps[-1]} steps, same noises | " + " | ".join(f"{s} steps" for s in steps) + " |",
+            "|---|" + "---:|" * len(steps)]
+  for name, grid in dict.fromkeys((row["sampler"], row["time_grid"]) for row in r["rows"]):
+    cells = []
+    for s in steps:
+      row = next(x for x in r["rows"] if (x["sampler"], x["time_grid"], x["steps"]) == (name, grid, s))
+      diffs = [a - b for a, b in zip(row["frechet_distance"], base_row["frechet_distance"])]
+      cells.append(f"{sum(diffs) / len(diffs):+.2f} ({min(diffs):+.2f} .. {max(diffs):+.2f})")
+    lines.append(f"| `{name}`, {grid} | " + " | ".join(cells) + " |")
   real = r["calibration"].get("real digits")
   return "\n".join(lines) + (
       f"\n\nDigits metric (Frechet distance, lower is better) of {r['num_images']} samples, mean ± sd over noise "
       f"seeds {', '.join(map(str, r['seeds']))}; in brackets the sampling time per image (median over the seeds, "
       f"batches of {r['batch_size']} on {r['devices']} JAX CPU device{'s' * (r['devices'] > 1)}, compilation "
       f"excluded). Real digits score {real:.2f} on this scale. Model: checkpoint step {r['checkpoint_step']} of "
-      f"the demo.")
+      f"the demo. The second table pairs each seed with DDIM's at {steps[-1]} steps from the same noises: the "
+      f"mean difference (and the range over the seeds); negative is better than DDIM at {steps[-1]} steps.")
 
 
 RENDERERS = {"parity": render_parity, "parity-detail": render_parity_detail, "benchmark": render_benchmark, "benchmark-rates": render_benchmark_rates,
