@@ -226,8 +226,6 @@ def render_suite(results: list) -> str:
   for r in results:
     runs = r["runs"]
     kind = r["provenance"]["device"].removeprefix("CPU: ")
-    if r.get("avx2_cap"):
-      kind += ", capped at AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2)"
     load = f"{r['hogs']} CPU hog(s)" if r["hogs"] else "nothing"
     passed = ", ".join(f"{x.get('passed', 0)}/{x.get('passed', 0) + x.get('failed', 0) + x.get('errors', 0)}"
                        for x in runs)
