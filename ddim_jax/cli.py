@@ -113,8 +113,7 @@ def cmd_sample(args) -> int:
     check_output(option, path)
   check_output("--out-dir", args.out_dir, folder=True)
   source = pipeline.load_model(args.workdir, args.weights, cpu_devices=args.cpu_devices, step=args.step)
-  sampler = source.choose_sampler(args.sampler, args.time_grid)
-  sampler.check(source.spec, args.eta)
+  sampler = source.choose_sampler(args.sampler, args.time_grid)  # eta is checked with it by source.sample
   noise = pipeline.initial_noise(args.seed, args.num_images, source.image_shape, args.noise_file, args.numpy_noise)
   images = source.sample(args.num_images, args.steps, args.eta, args.seed, args.batch_size, initial_noise=noise,
                          sampler=sampler)
@@ -239,8 +238,8 @@ def cmd_evaluate_digits(args, result) -> int:
   """ddim-jax evaluate on the bundled digits: prints the digits metric per step count, then its calibration points."""
   from ddim_jax.quality import digits_metric
   print(f"digits metric of {result.description}: {result.num_images} {result.sampler.describe()} samples (seed "
-        f"{result.seed}) against the "
-        f"{result.num_reference} validation digits, features of {os.path.basename(result.feature_weights)}:")
+        f"{result.seed}) against the {result.num_reference} validation digits, features of "
+        f"{os.path.basename(result.feature_weights)}:")
   print("\n".join(digits_metric.table_lines(result.scores, "steps")))
   print(f"calibration ({result.num_images} images each; real digits from the training split):")
   print("\n".join(digits_metric.table_lines(result.calibration)))
